@@ -1,0 +1,55 @@
+# ONNX-optimized CPU inference for Hugging Face text classifiers. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# export
+MODEL ?=
+NAME ?=
+EXPORT_ARGS ?=
+# serve
+MODEL_DIR ?= onnx_models/minilm-l6-sentiment
+HOST ?= 127.0.0.1
+PORT ?= 8000
+THREADS ?=
+ORT_THREADS ?=
+# test
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev export serve test test-fast clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.serve-installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@ $(VENV)/.serve-installed
+
+install: $(VENV)/.serve-installed ## Install what serving needs (no torch) into .venv
+
+install-dev: $(VENV)/.dev-installed ## Install export and test dependencies (torch CPU, optimum) into .venv
+
+export: $(VENV)/.dev-installed ## Export MODEL (hub id or local folder; default: train the offline sentiment model) to onnx_models/NAME
+	$(BIN)/python -m export $(if $(MODEL),--model "$(MODEL)") $(if $(NAME),--name "$(NAME)") $(EXPORT_ARGS)
+
+serve: $(VENV)/.serve-installed ## Serve MODEL_DIR with Waitress on HOST:PORT (THREADS, ORT_THREADS optional)
+	SERVICE_MODEL_DIR="$(MODEL_DIR)" SERVICE_HOST="$(HOST)" SERVICE_PORT="$(PORT)" \
+	$(if $(THREADS),SERVICE_THREADS="$(THREADS)") $(if $(ORT_THREADS),SERVICE_ORT_THREADS="$(ORT_THREADS)") \
+	$(BIN)/python -m service
+
+test: $(VENV)/.dev-installed ## Run every test, the slow end-to-end recipe test included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.dev-installed ## Run the tests not marked slow
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean: ## Remove the virtualenv and caches (keeps .cache downloads and checkpoints)
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
