@@ -27,10 +27,10 @@ OOD_VALIDATION_SIZE = 500  # per out-of-domain corpus; the rest of it is test da
 
 @dataclass(frozen=True)
 class Example:
-    """One snippet: its text, 1 for POSITIVE / 0 for NEGATIVE / None for unlabelled."""
+    """One input: its text and its label name ("POSITIVE", "NEGATIVE", ...), None if unlabelled."""
 
     text: str
-    label: int | None
+    label: str | None
     domain: str
 
 
@@ -51,7 +51,7 @@ def parse_ground_truth(path: Path, domain: str) -> list[Example]:
         if len(fields) != 3 or not fields[2].strip():
             continue
         score = float(fields[1])
-        label = 1 if score >= LABEL_THRESHOLD else 0 if score <= -LABEL_THRESHOLD else None
+        label = "POSITIVE" if score >= LABEL_THRESHOLD else "NEGATIVE" if score <= -LABEL_THRESHOLD else None
         examples.append(Example(text=fields[2].strip(), label=label, domain=domain))
     return examples
 
@@ -82,14 +82,14 @@ def labelled(examples: Iterable[Example]) -> list[Example]:
 
 
 def read_text_file(path: Path) -> list[Example]:
-    """Read user-supplied validation inputs: one text per line, or 'label<TAB>text' per line."""
+    """Read user-supplied validation inputs: 'text' or 'LABEL<TAB>text' per line (LABEL as in id2label)."""
     examples = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         head, sep, tail = line.partition("\t")
-        if sep and head.strip().lstrip("-").isdigit():
-            examples.append(Example(text=tail, label=int(head), domain=path.stem))
+        if sep and tail.strip():
+            examples.append(Example(text=tail, label=head.strip(), domain=path.stem))
         else:
             examples.append(Example(text=line, label=None, domain=path.stem))
     return examples

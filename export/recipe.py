@@ -115,7 +115,7 @@ def train(params: Hyperparameters, output: Path, splits: Splits) -> None:
             batch = examples[start:start + params.batch_size]
             inputs = tokenizer([e.text for e in batch], padding=True, truncation=True,
                                max_length=params.train_max_length, return_tensors="pt")
-            labels = torch.tensor([e.label for e in batch])
+            labels = torch.tensor([model.config.label2id[e.label] for e in batch])
             loss = model(**inputs, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

