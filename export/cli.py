@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--reduce-range", dest="reduce_range", action="store_true", default=None,
                         help="7-bit weights (default: on for avx2/avx512 without VNNI)")
     parser.add_argument("--exclude-nodes", default="", help="comma-separated ONNX node names kept in fp32")
+    parser.add_argument("--no-search", dest="search", action="store_false",
+                        help="quantize every MatMul; do not keep sensitive ones in fp32 to meet the gate")
     parser.add_argument("--min-agreement", type=float, default=0.99,
                         help="gate: least label agreement of the served model with PyTorch (default 0.99)")
     parser.add_argument("--no-gate", dest="enforce_gate", action="store_false",
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
         parser.error("--min-agreement must lie between 0 and 1")
     quantization = QuantizationSettings(
         mode=args.quantize, target=args.target, per_channel=args.per_channel, reduce_range=args.reduce_range,
-        nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()])
+        nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()], search=args.search)
     return ExportOptions(model=args.model, name=args.name, output_dir=args.output_dir, revision=args.revision,
                          force=args.force, quantization=quantization, min_agreement=args.min_agreement,
                          enforce_gate=args.enforce_gate, validation_file=args.validation_file,

@@ -23,6 +23,7 @@ class QuantizationSettings:
     per_channel: bool = True  # measured here: agrees with fp32 far more often, and is not slower
     reduce_range: bool | None = None  # None: on for AVX2 / AVX-512 without VNNI (VPMADDUBSW saturates)
     nodes_to_exclude: list[str] = field(default_factory=list)
+    search: bool = True  # keep the most sensitive MatMuls in fp32 when int8 misses the agreement gate
 
     def to_dict(self) -> dict:
         return asdict(self)

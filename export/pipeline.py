@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export import manifest
-from export.convert import QuantizationSettings, export_fp32, opset_of, quantize_dynamic
+from export.convert import QuantizationSettings, export_fp32, opset_of
 from export.dataset import Example, load_splits, read_text_file
 from export.resolve import ExportError, Source, check_classifier, resolve
 
@@ -133,19 +133,24 @@ def run(options: ExportOptions) -> Path:
         exported_config = json.loads((fp32.parent / "config.json").read_text(encoding="utf-8"))
 
         stages.next("quantizing to int8" if options.quantization.mode == "dynamic" else "skipping quantization")
+        from export.validate import agreement_meter, evaluate
+
+        sets = validation_sets(options)
+        length = max_length(exported_config, fp32.parent)
         models = {"onnx_fp32": fp32}
         if options.quantization.mode == "dynamic":
-            int8, quant_record = quantize_dynamic(fp32, work / "int8", options.quantization)
+            from export import sensitivity
+
+            meter = agreement_meter(source.path, fp32.parent, sets["validation"], exported_config, length)
+            int8, quant_record, search_log = sensitivity.search(fp32, work / "int8", options.quantization, meter,
+                                                                options.min_agreement)
+            quant_record["sensitivity_search"] = search_log
             models["onnx_int8"] = int8
         else:
             quant_record = {"mode": "none"}
         served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
 
         stages.next("validating against the PyTorch model")
-        from export.validate import evaluate
-
-        sets = validation_sets(options)
-        length = max_length(exported_config, fp32.parent)
         report = evaluate(source.path, fp32.parent, models, sets, exported_config, length)
         agreement = report["sets"]["validation"][f"{served}_vs_pytorch"]["label_agreement"]
         report["gate"] = {"metric": f"label agreement of {served} with PyTorch on the validation set",

@@ -90,15 +90,25 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
     model.save_pretrained(checkpoint)
 
     out = tmp_path / "out"
-    result = run_cli("--model", str(checkpoint), "--output-dir", str(out), "--validation-file", str(validation_file))
+    common = ("--model", str(checkpoint), "--output-dir", str(out), "--validation-file", str(validation_file))
+    result = run_cli(*common, "--no-search")
     _assert_clean_failure(result, "agrees with PyTorch on", "under the gate of 99.00%", "nothing was written")
     assert list(out.iterdir()) == []
 
-    result = run_cli("--model", str(checkpoint), "--output-dir", str(out), "--validation-file",
-                     str(validation_file), "--no-gate")
+    result = run_cli(*common, "--no-search", "--no-gate")
     assert result.returncode == 0, result.stderr
-    gate = json.loads((out / "tie" / "manifest.json").read_text())["validation"]["gate"]
+    manifest = json.loads((out / "tie" / "manifest.json").read_text())
+    gate = manifest["validation"]["gate"]
     assert gate["passed"] is False and gate["enforced"] is False and gate["agreement"] < 0.99
+    assert manifest["quantization"]["sensitivity_search"]["excluded_groups"] == []
+
+    # With the search on, MatMuls are kept in fp32 group by group, and every trial is recorded.
+    result = run_cli(*common, "--name", "searched", "--no-gate")
+    assert result.returncode == 0, result.stderr
+    search = json.loads((out / "searched" / "manifest.json").read_text())["quantization"]["sensitivity_search"]
+    assert search["trials"][0]["excluded_groups"] == "" and search["trials"][0]["agreement"] == gate["agreement"]
+    assert len(search["trials"]) > 1 and search["excluded_groups"]
+    assert search["final_agreement"] > gate["agreement"]
 
 
 def test_an_interrupted_export_leaves_no_folder(checkpoints, tmp_path, validation_file):
