@@ -1,0 +1,100 @@
+"""The HTTP routes: classification, the Inference API contract, health, info, metrics and OpenAPI."""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
+
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.classifier import Prediction
+from service.config import Settings
+from service.metrics import Metrics
+from service.openapi import openapi_document
+from service.schemas import ClassifyRequest, read_body
+
+bp = Blueprint("api", __name__)
+_RUNTIME = ("onnxruntime", "tokenizers", "numpy", "flask", "werkzeug", "waitress", "prometheus-client")
+_REFERENCE = ("torch", "transformers")
+
+
+def _classify(form: Literal["sentiment", "inference_api"]) -> tuple[ClassifyRequest, list[list[Prediction]]]:
+    """Validate the body, classify its texts and record the batch in the metrics."""
+    settings: Settings = current_app.extensions["service.settings"]
+    body = read_body(settings.max_batch, form)
+    started = time.perf_counter()
+    results = current_app.extensions["service.classifier"].classify(
+        body.texts, top_k=body.top_k, function_to_apply=body.function_to_apply)
+    metrics: Metrics = current_app.extensions["service.metrics"]
+    metrics.observe_inference(len(body.texts), time.perf_counter() - started)
+    return body, results
+
+
+@bp.post("/sentiment")
+def sentiment() -> Response:
+    """Classify "text" (one result) or "texts" (a list), as the original service did."""
+    body, results = _classify("sentiment")
+    # without top_k, each text gets the original pipeline's element 0: its top {"label", "score"}
+    answers: list[Any] = results if body.ranked else [ranked[0] for ranked in results]
+    return jsonify(answers if body.batch else answers[0])
+
+
+@bp.post("/")
+def inference_api() -> Response:
+    """Answer the Hugging Face Inference API text-classification contract: one list per input."""
+    _, results = _classify("inference_api")
+    return jsonify(results)
+
+
+@bp.get("/health")
+def health() -> Response:
+    """Say the process is alive."""
+    return jsonify(status="ok")
+
+
+@bp.get("/ready")
+def ready() -> tuple[Response, int]:
+    """Say whether the model is loaded and has answered (warm-up or a first request)."""
+    if current_app.extensions["service.classifier"].ready:
+        return jsonify(status="ready"), 200
+    return jsonify(status="loading", error="model not warmed up yet"), 503
+
+
+@bp.get("/info")
+def info() -> Response:
+    """Describe the model, the runtime versions and the thread and batch limits."""
+    settings: Settings = current_app.extensions["service.settings"]
+    classifier = current_app.extensions["service.classifier"]
+    names = _RUNTIME + (_REFERENCE if classifier.backend == "pytorch" else ())
+    return jsonify(
+        model=classifier.info(),
+        backend=classifier.backend,
+        versions={name: _version(name) for name in names} | {"python": platform.python_version()},
+        threads={"waitress": settings.threads, "ort_intra_op": settings.ort_threads, "ort_inter_op": 1},
+        limits={"max_batch": settings.max_batch, "max_content_length": settings.max_content_length},
+    )
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Return the Prometheus text exposition of this app's registry."""
+    registry = current_app.extensions["service.metrics"].registry
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """Return the OpenAPI 3.1 document of these routes."""
+    settings: Settings = current_app.extensions["service.settings"]
+    return jsonify(openapi_document(settings.max_batch, settings.max_content_length))
+
+
+def _version(distribution: str) -> str | None:
+    """Return an installed distribution's version, or None."""
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None

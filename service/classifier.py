@@ -1,0 +1,285 @@
+"""The ONNX backend: one tokenizer and one ONNX Runtime session for an exported model folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+FUNCTIONS = ("softmax", "sigmoid", "none")
+# Tokenizers without a real limit store int(1e30) as model_max_length.
+_ABSURD_LENGTH = 1_000_000
+# Position embeddings of these models start after the padding index, so two positions are unusable.
+_OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder cannot be served; the message says why in one line."""
+
+
+class InferenceError(RuntimeError):
+    """Running the model failed for a request that passed validation."""
+
+
+class Prediction(TypedDict):
+    """One label and its score."""
+
+    label: str
+    score: float
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Return a JSON object from a file or raise ModelLoadError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path.name} is missing in {path.parent}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def labels_from_config(config: dict[str, Any], path: Path) -> list[str]:
+    """Return the labels in logit order from a config's id2label, or raise ModelLoadError."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        raise ModelLoadError(f"{path} has no id2label mapping")
+    try:
+        by_index = {int(key): str(value) for key, value in id2label.items()}
+    except ValueError:
+        raise ModelLoadError(f"{path}: id2label keys must be integers") from None
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ModelLoadError(f"{path}: id2label keys must be 0..{len(by_index) - 1}")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def default_function(config: dict[str, Any], num_labels: int) -> str:
+    """Return the score function transformers' TextClassificationPipeline would apply."""
+    problem_type = config.get("problem_type")
+    if problem_type == "regression":
+        return "none"
+    if problem_type == "multi_label_classification" or num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def apply_function(logits: np.ndarray, function: str) -> np.ndarray:
+    """Turn logits [batch, labels] into float64 scores with softmax, sigmoid or nothing."""
+    values = np.asarray(logits, dtype=np.float64)
+    if function == "softmax":
+        shifted = np.exp(values - values.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    if function == "sigmoid":
+        # exp(-log(1 + exp(-x))) cannot overflow, unlike 1 / (1 + exp(-x)) for very negative x
+        return np.exp(-np.logaddexp(0.0, -values))
+    if function == "none":
+        return values
+    raise ValueError(f"unknown function_to_apply {function!r}")
+
+
+def rank(scores: np.ndarray, labels: Sequence[str], top_k: int | None) -> list[list[Prediction]]:
+    """Return, per row, labels sorted by score descending, cut to top_k (None: all)."""
+    results = []
+    for row in scores:
+        # stable sort keeps label order on ties, as transformers' list.sort does
+        order = np.argsort(-row, kind="stable")[: top_k if top_k is not None else len(labels)]
+        results.append([Prediction(label=labels[i], score=float(row[i])) for i in order])
+    return results
+
+
+def model_max_length(tokenizer_config: dict[str, Any], config: dict[str, Any]) -> int:
+    """Return min(tokenizer model_max_length, usable position embeddings), ignoring absurd values."""
+    limits = []
+    declared = tokenizer_config.get("model_max_length")
+    if isinstance(declared, (int, float)) and 0 < declared < _ABSURD_LENGTH:
+        limits.append(int(declared))
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions - _OFFSET_POSITIONS.get(str(config.get("model_type")), 0))
+    return min(limits) if limits else 512
+
+
+def verify_manifest(model_dir: Path) -> dict[str, Any]:
+    """Return manifest.json after checking every listed file against its sha256."""
+    manifest = read_json(model_dir / "manifest.json")
+    missing = [key for key in ("name", "files") if key not in manifest]
+    if missing or not isinstance(manifest["files"], dict):
+        raise ModelLoadError(f"{model_dir / 'manifest.json'} lacks {', '.join(missing) or 'a files map'}")
+    for relative, expected in manifest["files"].items():
+        path = model_dir / relative
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is listed in manifest.json but missing")
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != str(expected).lower():
+            raise ModelLoadError(f"{path} does not match its sha256 in manifest.json (corrupt or changed)")
+    return manifest
+
+
+class Classifier:
+    """Tokenize, run and post-process texts with an exported ONNX text classifier."""
+
+    backend = "onnx"
+
+    def __init__(self, model_dir: Path, intra_op_threads: int = 1) -> None:
+        """Load and check the model folder; raise ModelLoadError with one clear line if unusable."""
+        self.model_dir = Path(model_dir)
+        self.manifest = verify_manifest(self.model_dir)
+        self.config = read_json(self.model_dir / "config.json")
+        self.labels = labels_from_config(self.config, self.model_dir / "config.json")
+        self.function = default_function(self.config, len(self.labels))
+        tokenizer_config = read_json(self.model_dir / "tokenizer_config.json")
+        self.max_length = model_max_length(tokenizer_config, self.config)
+        self.name = str(self.manifest.get("name") or self.model_dir.name)
+        self.intra_op_threads = intra_op_threads
+        self._tokenizer_json = self._configured_tokenizer(tokenizer_config).to_str()
+        self._local = threading.local()
+        self.session = self._session(intra_op_threads)
+        self._check_model()
+        self.ready = False
+
+    def _configured_tokenizer(self, tokenizer_config: dict[str, Any]) -> Tokenizer:
+        """Return tokenizer.json with truncation at max_length and padding to the batch's longest."""
+        path = self.model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"tokenizer.json is missing in {self.model_dir} (a fast tokenizer is needed)")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises plain Exception subclasses for bad files
+            raise ModelLoadError(f"{path} is not a valid tokenizer ({type(exc).__name__})") from None
+        tokenizer.enable_truncation(max_length=self.max_length)
+        padding = tokenizer.padding or {}
+        pad_token = padding.get("pad_token") or _token_text(tokenizer_config.get("pad_token"))
+        pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
+        if pad_id is None:
+            # masked positions never reach the logits, so any valid id pads correctly
+            pad_token, pad_id = (pad_token or "[PAD]"), 0
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token,
+                                 pad_type_id=padding.get("pad_type_id", 0),
+                                 direction=padding.get("direction", "right"))
+        return tokenizer
+
+    def _session(self, intra_op_threads: int) -> ort.InferenceSession:
+        """Return the one InferenceSession of this process, shared by all request threads."""
+        path = self.model_dir / "model.onnx"
+        if not path.is_file():
+            raise ModelLoadError(f"model.onnx is missing in {self.model_dir}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Memory patterns are planned per input shape; with every request a new sequence length
+        # they only grow the arena (onnxruntime #11118, #9313).
+        options.enable_mem_pattern = False
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
+                                 f"({type(exc).__name__})") from None
+
+    def _check_model(self) -> None:
+        """Check inputs, the logits width and that every tokenizer id fits the embedding table."""
+        inputs = [i.name for i in self.session.get_inputs()]
+        unknown = sorted(set(inputs) - {"input_ids", "attention_mask", "token_type_ids"})
+        if "input_ids" not in inputs or unknown:
+            raise ModelLoadError(f"model.onnx inputs {inputs} are not those of a text classifier "
+                                 "(input_ids, attention_mask[, token_type_ids])")
+        self.input_names = inputs
+        if "logits" not in [o.name for o in self.session.get_outputs()]:
+            raise ModelLoadError("model.onnx has no 'logits' output")
+        vocab_size = self.config.get("vocab_size")
+        tokens = self.tokenizer().get_vocab_size(with_added_tokens=True)
+        if isinstance(vocab_size, int) and tokens > vocab_size:
+            raise ModelLoadError(f"tokenizer.json has {tokens} tokens but the model's vocab_size is "
+                                 f"{vocab_size}: tokenizer and model do not match")
+        # ORT's Gather rejects out-of-range ids, so the highest id probes the embedding table size.
+        probe = np.array([[0, tokens - 1]], dtype=np.int64)
+        try:
+            (logits,) = self.session.run(["logits"], self._feeds(probe, np.ones_like(probe)))
+        except Exception as exc:
+            raise ModelLoadError(f"model.onnx rejects token id {tokens - 1} of tokenizer.json: "
+                                 f"tokenizer and model do not match ({type(exc).__name__})") from None
+        if logits.shape != (1, len(self.labels)):
+            raise ModelLoadError(f"model.onnx returns logits of shape {list(logits.shape)} but "
+                                 f"config.json id2label has {len(self.labels)} labels")
+
+    def tokenizer(self) -> Tokenizer:
+        """Return this thread's tokenizer (a shared one raises 'Already borrowed', tokenizers #537)."""
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = Tokenizer.from_str(self._tokenizer_json)
+        return tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Return int64 model inputs for texts, truncated and padded to the longest."""
+        encodings = self.tokenizer().encode_batch_fast(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = self._feeds(ids, mask)
+        if "token_type_ids" in feeds:
+            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        return feeds
+
+    def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Return the inputs the graph declares, token types defaulting to zeros."""
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        return {name: feeds[name] for name in self.input_names}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Return the logits [batch, labels] for tokenized inputs."""
+        try:
+            (logits,) = self.session.run(["logits"], feeds)
+        except Exception as exc:  # ORT's exception types are not part of its public API
+            raise InferenceError(f"onnxruntime failed on a batch of shape {list(feeds['input_ids'].shape)}") from exc
+        return logits
+
+    def postprocess(self, logits: np.ndarray, top_k: int | None,
+                    function_to_apply: str | None = None) -> list[list[Prediction]]:
+        """Return ranked predictions per text, as TextClassificationPipeline computes them."""
+        scores = apply_function(logits, function_to_apply or self.function)
+        return rank(scores, self.labels, top_k)
+
+    def classify(self, texts: Sequence[str], top_k: int | None = None,
+                 function_to_apply: str | None = None) -> list[list[Prediction]]:
+        """Return, per text, labels sorted by score (top_k of them, None: all)."""
+        predictions = self.postprocess(self.run(self.tokenize(texts)), top_k, function_to_apply)
+        self.ready = True
+        return predictions
+
+    def warmup(self) -> None:
+        """Run a short and a long batch so the first request does not pay ORT's first-run costs."""
+        self.classify(["warm up"])
+        self.classify(["warm up " * self.max_length] * 2)
+
+    def info(self) -> dict[str, Any]:
+        """Return what /info says about the model."""
+        return {
+            "name": self.name,
+            "labels": list(self.labels),
+            "function_to_apply": self.function,
+            "max_length": self.max_length,
+            "inputs": list(self.input_names),
+            **{key: self.manifest.get(key) for key in ("source", "quantization", "validation", "created_at")},
+        }
+
+
+def _token_text(value: Any) -> str | None:
+    """Return a special token's text whether tokenizer_config stores it as a string or a dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,132 @@
+"""The OpenAPI 3.1 document of the service, kept true to the routes by tests/service/test_openapi.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CONTENT_TYPES = (
+    "Request bodies are parsed as JSON whatever their Content-Type (application/json is best; "
+    "`curl -d` sends application/x-www-form-urlencoded and is accepted). multipart/form-data is "
+    "refused with 415. Texts longer than the model's max_length tokens are truncated, not refused."
+)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    """Return the documented error responses, all with the same {"error": str} body."""
+    reasons = {400: "Invalid JSON or invalid fields", 404: "Unknown path",
+               405: "Wrong method (the Allow header lists the right ones)",
+               413: "Body over max_content_length, or more texts than max_batch",
+               415: "multipart/form-data body", 500: "Inference failed or internal error",
+               503: "Model not warmed up yet"}
+    return {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
+
+
+def openapi_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
+    """Return the OpenAPI document with this instance's limits filled in."""
+    top_k = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
+             "description": "Return this many labels sorted by score (null: all labels)."}
+    texts = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+             "maxItems": max_batch, "description": f"At most {max_batch} non-blank texts."}
+    classify_errors = _errors(400, 413, 415, 500)
+    schemas = {
+        "Prediction": {"type": "object", "required": ["label", "score"], "additionalProperties": False,
+                       "properties": {"label": {"type": "string"}, "score": {"type": "number"}}},
+        "Ranked": {"type": "array", "items": _ref("Prediction"),
+                   "description": "Labels sorted by score, descending."},
+        "SentimentRequest": {
+            "type": "object",
+            "description": "Exactly one of text or texts. " + _CONTENT_TYPES,
+            "properties": {"text": {"type": "string", "minLength": 1}, "texts": texts, "top_k": top_k},
+            "oneOf": [{"required": ["text"]}, {"required": ["texts"]}],
+        },
+        "SentimentResponse": {
+            "description": ("text without top_k: one Prediction (the top label). texts without top_k: "
+                            "a list of Predictions in input order. With top_k: Ranked for text, "
+                            "a list of Ranked for texts."),
+            "anyOf": [_ref("Prediction"), {"type": "array", "items": _ref("Prediction")},
+                      {"type": "array", "items": _ref("Ranked")}],
+        },
+        "InferenceRequest": {
+            "type": "object", "required": ["inputs"],
+            "description": "The Hugging Face Inference API text-classification body. " + _CONTENT_TYPES,
+            "properties": {
+                "inputs": {"anyOf": [{"type": "string", "minLength": 1}, texts]},
+                "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                    "top_k": top_k,
+                    "function_to_apply": {"anyOf": [{"enum": ["softmax", "sigmoid", "none"]},
+                                                    {"type": "null"}],
+                                          "description": "Default: the model's (softmax for >1 label)."},
+                }}]},
+            },
+        },
+        "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
+                              "description": "One Ranked list per input, also for a single string input; "
+                                             "all labels unless top_k is given."},
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+        "Ready": {"type": "object", "required": ["status"],
+                  "properties": {"status": {"enum": ["ready", "loading"]}, "error": {"type": "string"}}},
+        "Info": {
+            "type": "object", "required": ["model", "backend", "versions", "threads", "limits"],
+            "properties": {
+                "model": {"type": "object",
+                          "required": ["name", "labels", "max_length", "function_to_apply"],
+                          "properties": {"name": {"type": "string"},
+                                         "labels": {"type": "array", "items": {"type": "string"}},
+                                         "max_length": {"type": "integer"},
+                                         "function_to_apply": {"enum": ["softmax", "sigmoid", "none"]},
+                                         "inputs": {"type": ["array", "null"], "items": {"type": "string"}},
+                                         "source": {}, "quantization": {}, "validation": {},
+                                         "created_at": {"type": ["string", "null"]}}},
+                "backend": {"enum": ["onnx", "pytorch"]},
+                "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
+                "threads": {"type": "object", "required": ["waitress", "ort_intra_op", "ort_inter_op"],
+                            "additionalProperties": {"type": "integer"}},
+                "limits": {"type": "object", "required": ["max_batch", "max_content_length"],
+                           "additionalProperties": {"type": "integer"}},
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ONNX text classification service", "version": "1",
+                 "description": (f"Every error is JSON {{\"error\": \"...\"}}. Bodies are limited to "
+                                 f"{max_content_length} bytes and {max_batch} texts. {_CONTENT_TYPES}")},
+        "paths": {
+            "/sentiment": {"post": {
+                "summary": "Classify one text or a batch (the original service's contract)",
+                "requestBody": _body("SentimentRequest"),
+                "responses": {"200": _json(_ref("SentimentResponse"), "Predictions"), **classify_errors},
+            }},
+            "/": {"post": {
+                "summary": "Classify with the Hugging Face Inference API contract "
+                           "(InferenceClient.text_classification)",
+                "requestBody": _body("InferenceRequest"),
+                "responses": {"200": _json(_ref("InferenceResponse"), "Ranked predictions per input"),
+                              **classify_errors},
+            }},
+            "/health": {"get": {"summary": "Liveness", "responses": {"200": _json(_ref("Health"), "Alive")}}},
+            "/ready": {"get": {"summary": "Readiness: the model is loaded and has answered",
+                               "responses": {"200": _json(_ref("Ready"), "Ready"), **_errors(503)}}},
+            "/info": {"get": {"summary": "Model, versions, threads and limits",
+                              "responses": {"200": _json(_ref("Info"), "Service description")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document",
+                                      "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document")}}},
+        },
+        "components": {"schemas": schemas},
+    }

@@ -1,0 +1,109 @@
+"""Request validation in one place: a JSON body becomes a ClassifyRequest or an ApiError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flask import request
+from werkzeug.exceptions import BadRequest
+
+from service.classifier import FUNCTIONS
+from service.errors import ApiError
+
+# The body is parsed as JSON whatever its Content-Type, because `curl -d` sends
+# application/x-www-form-urlencoded; only multipart bodies, which can never be JSON, are refused.
+REFUSED_MIMETYPES = ("multipart/form-data",)
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """Typed inputs of one classification request."""
+
+    texts: list[str]
+    batch: bool  # False: one text was sent as a string, answer with one result
+    top_k: int | None  # None: all labels
+    ranked: bool  # False: /sentiment's legacy single {"label", "score"} per text
+    function_to_apply: str | None = None  # None: the model's default
+
+
+def read_body(max_batch: int, form: Literal["sentiment", "inference_api"]) -> ClassifyRequest:
+    """Parse and validate the current request's JSON body for /sentiment or the Inference API route."""
+    if request.mimetype in REFUSED_MIMETYPES:
+        raise ApiError(415, "unsupported media type: send a JSON body (Content-Type: application/json)")
+    try:
+        # force=True: parse whatever the Content-Type; a body over MAX_CONTENT_LENGTH raises 413 here
+        body = request.get_json(force=True)
+    except BadRequest:
+        raise ApiError(400, "invalid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the JSON body must be an object")
+    if form == "sentiment":
+        return _sentiment(body, max_batch)
+    return _inference_api(body, max_batch)
+
+
+def _sentiment(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
+    """Validate {"text": str} or {"texts": [str, ...]}, with optional "top_k"."""
+    if "text" in body and "texts" in body:
+        raise ApiError(400, "send either 'text' or 'texts', not both")
+    ranked = "top_k" in body
+    top_k = _top_k(body.get("top_k")) if ranked else 1
+    if "texts" in body:
+        return ClassifyRequest(_texts(body["texts"], "texts", max_batch), True, top_k, ranked)
+    if "text" not in body:
+        raise ApiError(400, "missing field 'text'")
+    return ClassifyRequest([_text(body["text"], "text")], False, top_k, ranked)
+
+
+def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
+    """Validate the Hugging Face Inference API body {"inputs": str | [str], "parameters": {...}}."""
+    if "inputs" not in body:
+        raise ApiError(400, "missing field 'inputs'")
+    parameters = body.get("parameters")
+    if parameters is None:  # the client sends {} without options; null means the same
+        parameters = {}
+    if not isinstance(parameters, dict):
+        raise ApiError(400, "field 'parameters' must be an object")
+    function = parameters.get("function_to_apply")
+    if function is not None and function not in FUNCTIONS:
+        raise ApiError(400, f"parameter 'function_to_apply' must be one of {', '.join(FUNCTIONS)}")
+    top_k = _top_k(parameters.get("top_k"))
+    inputs = body["inputs"]
+    if not isinstance(inputs, (str, list)):
+        raise ApiError(400, "field 'inputs' must be a string or a list of strings")
+    if isinstance(inputs, list):
+        return ClassifyRequest(_texts(inputs, "inputs", max_batch), True, top_k, True, function)
+    return ClassifyRequest([_text(inputs, "inputs")], False, top_k, True, function)
+
+
+def _text(value: Any, field: str) -> str:
+    """Return a non-blank text."""
+    if not isinstance(value, str):
+        raise ApiError(400, f"field '{field}' must be a string")
+    if not value.strip():
+        raise ApiError(400, "text cannot be empty")
+    return value
+
+
+def _texts(value: Any, field: str, max_batch: int) -> list[str]:
+    """Return a non-empty list of non-blank texts no longer than max_batch."""
+    if not isinstance(value, list) or not all(isinstance(text, str) for text in value):
+        raise ApiError(400, f"field '{field}' must be a list of strings")
+    if not value:
+        raise ApiError(400, f"field '{field}' cannot be an empty list")
+    if len(value) > max_batch:
+        raise ApiError(413, f"batch too large: {len(value)} texts, the limit is {max_batch} per request")
+    for index, text in enumerate(value):
+        if not text.strip():
+            raise ApiError(400, f"text at index {index} cannot be empty")
+    return value
+
+
+def _top_k(value: Any) -> int | None:
+    """Return top_k: an integer >= 1, or None for all labels."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(400, "'top_k' must be an integer >= 1 or null")
+    return value

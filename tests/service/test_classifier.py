@@ -1,0 +1,195 @@
+"""The ONNX Classifier: the real default model, its tokenizer, post-processing and load-time checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from service_testkit import NEGATIVE, POSITIVE, write_manifest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+from service.classifier import Classifier, InferenceError, ModelLoadError, apply_function
+
+# Mixed cases for the tokenizer: accents, CJK, emoji, control characters, long and short texts.
+TOKENIZER_TEXTS = [
+    POSITIVE,
+    NEGATIVE,
+    "Ça n'était pas terrible… mais l'actrice est géniale! 映画は最高でした 🎬🍿",
+    "  leading and trailing spaces  \t\n",
+    "ok",
+    "word " * 600,  # far beyond 256 tokens: truncated
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+]
+
+
+def test_labels_and_limits_of_the_default_model(classifier: Classifier) -> None:
+    assert classifier.labels == ["NEGATIVE", "POSITIVE"]
+    assert classifier.max_length == 256
+    assert classifier.function == "softmax"
+    assert classifier.ready
+
+
+@pytest.mark.parametrize(("text", "label"), [(POSITIVE, "POSITIVE"), (NEGATIVE, "NEGATIVE"),
+                                             ("What a great, delightful movie.", "POSITIVE"),
+                                             ("Terrible. I hated it.", "NEGATIVE")])
+def test_clear_texts_are_classified_right(classifier: Classifier, text: str, label: str) -> None:
+    (ranked,) = classifier.classify([text], top_k=None)
+    assert ranked[0]["label"] == label
+    assert ranked[0]["score"] > 0.8
+    assert all(0.0 <= p["score"] <= 1.0 and type(p["score"]) is float for p in ranked)
+    assert sum(p["score"] for p in ranked) == pytest.approx(1.0, abs=1e-9)
+    assert ranked[0]["score"] >= ranked[1]["score"]
+
+
+def test_batch_keeps_input_order(classifier: Classifier) -> None:
+    texts = [POSITIVE, NEGATIVE, "Terrible. I hated it.", "What a great, delightful movie."]
+    batch = classifier.classify(texts, top_k=None)
+    singles = [classifier.classify([text], top_k=None)[0] for text in texts]
+    assert [r[0]["label"] for r in batch] == ["POSITIVE", "NEGATIVE", "NEGATIVE", "POSITIVE"]
+    assert [r[0]["label"] for r in batch] == [r[0]["label"] for r in singles]
+    for in_batch, alone in zip(batch, singles, strict=True):
+        # dynamic int8 quantizes activations per batch, padding included, so scores move a little
+        assert in_batch[0]["score"] == pytest.approx(alone[0]["score"], abs=0.02)
+
+
+def test_long_text_is_truncated_not_rejected(classifier: Classifier) -> None:
+    long_text = NEGATIVE + " and so on" * 20_000
+    feeds = classifier.tokenize([long_text, "short"])
+    assert feeds["input_ids"].shape == (2, 256)
+    assert feeds["attention_mask"][1].sum() < 10  # the short text is padded, not stretched
+    (ranked,) = classifier.classify([long_text])
+    assert ranked[0]["label"] == "NEGATIVE"
+
+
+def test_token_ids_equal_transformers_autotokenizer(model_dir: Path, classifier: Classifier) -> None:
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(model_dir)(TOKENIZER_TEXTS, padding=True, truncation=True,
+                                                          return_tensors="np")
+    ours = classifier.tokenize(TOKENIZER_TEXTS)
+    assert ours["input_ids"].shape[1] == 256
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], reference[name].astype(np.int64), err_msg=name)
+    single = classifier.tokenize(["ok"])
+    np.testing.assert_array_equal(single["input_ids"],
+                                  AutoTokenizer.from_pretrained(model_dir)(["ok"], return_tensors="np")["input_ids"])
+
+
+def test_tokenizer_is_safe_across_threads(classifier: Classifier) -> None:
+    expected = classifier.tokenize(TOKENIZER_TEXTS)["input_ids"]
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                np.testing.assert_array_equal(classifier.tokenize(TOKENIZER_TEXTS)["input_ids"], expected)
+        except BaseException as exc:  # collected and re-raised in the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures, failures[0]
+
+
+def test_three_labels_top_k_and_functions(tiny_models: dict[int, Path]) -> None:
+    tiny = Classifier(tiny_models[3])
+    texts = ["a wonderful film", "dull and terrible"]
+    logits = tiny.run(tiny.tokenize(texts)).astype(np.float64)
+    ranked = tiny.classify(texts, top_k=None)
+    assert [len(r) for r in ranked] == [3, 3]
+    for row, result in zip(logits, ranked, strict=True):
+        expected = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        by_label = {p["label"]: p["score"] for p in result}
+        labels = ["negative", "neutral", "positive"]
+        assert by_label == pytest.approx(dict(zip(labels, expected, strict=True)), abs=1e-12)
+        assert [p["score"] for p in result] == sorted(by_label.values(), reverse=True)
+    assert [len(r) for r in tiny.classify(texts, top_k=2)] == [2, 2]
+    assert tiny.classify(texts, top_k=2)[0] == ranked[0][:2]
+    assert len(tiny.classify(texts, top_k=10)[0]) == 3  # like transformers: top_k beyond the labels is all
+    raw = tiny.classify(texts, top_k=None, function_to_apply="none")[0]
+    assert sorted(p["score"] for p in raw) == pytest.approx(sorted(logits[0]), abs=1e-6)
+    sigmoid = tiny.classify(texts, top_k=None, function_to_apply="sigmoid")[0]
+    assert sorted(p["score"] for p in sigmoid) == pytest.approx(sorted(1 / (1 + np.exp(-logits[0]))), abs=1e-12)
+
+
+def test_multi_label_models_default_to_sigmoid(tiny_models: dict[int, Path], tmp_path: Path) -> None:
+    folder = shutil.copytree(tiny_models[3], tmp_path / "multi")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    write_manifest(folder, "multi")
+    tiny = Classifier(folder)
+    assert tiny.function == "sigmoid"
+    scores = [p["score"] for p in tiny.classify(["a wonderful film"])[0]]
+    assert sum(scores) != pytest.approx(1.0, abs=1e-3)  # independent probabilities, not a softmax
+
+
+def test_score_functions_are_numerically_stable() -> None:
+    logits = np.array([[1000.0, -1000.0], [-800.0, -800.0]], dtype=np.float32)
+    assert apply_function(logits, "softmax").tolist() == [[1.0, 0.0], [0.5, 0.5]]
+    assert apply_function(logits, "sigmoid").tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    with pytest.raises(ValueError, match="unknown function_to_apply"):
+        apply_function(logits, "relu")
+
+
+def test_onnxruntime_failure_becomes_inference_error(tiny_models: dict[int, Path]) -> None:
+    tiny = Classifier(tiny_models[2])
+    feeds = tiny.tokenize(["a film"])
+    feeds["input_ids"] = feeds["input_ids"].astype(np.float32)  # a real ORT type error
+    with pytest.raises(InferenceError, match="onnxruntime failed"):
+        tiny.run(feeds)
+
+
+def _broken_copy(source: Path, target: Path, edit_config: dict | None = None, drop: tuple[str, ...] = (),
+                 big_tokenizer: bool = False, onnx_bytes: bytes | None = None,
+                 manifest: bool = True) -> Path:
+    """Copy a model folder, apply one fault, and (by default) re-sign it so only the fault remains."""
+    folder = shutil.copytree(source, target)
+    if edit_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        for key, value in edit_config.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+    for name in drop:
+        (folder / name).unlink()
+    if big_tokenizer:
+        # 500 word-level tokens for a 120-row embedding table
+        tokenizer = Tokenizer(WordLevel({f"w{i}": i for i in range(500)}, unk_token="w0"))
+        tokenizer.pre_tokenizer = Whitespace()
+        tokenizer.save(str(folder / "tokenizer.json"))
+    if onnx_bytes is not None:
+        (folder / "model.onnx").write_bytes(onnx_bytes)
+    if manifest:
+        write_manifest(folder, folder.name)
+    return folder
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ({"edit_config": {"id2label": None, "label2id": None}}, "has no id2label"),
+    ({"edit_config": {"id2label": {"0": "A", "1": "B", "2": "C"}}}, "id2label has 3 labels"),
+    ({"drop": ("tokenizer.json",)}, "tokenizer.json is missing"),
+    ({"drop": ("config.json",)}, "config.json is missing"),
+    ({"drop": ("manifest.json",), "manifest": False}, "manifest.json is missing"),
+    ({"onnx_bytes": b"not an onnx graph"}, "cannot be loaded by onnxruntime"),
+    ({"onnx_bytes": b"tampered", "manifest": False}, "does not match its sha256"),
+    ({"big_tokenizer": True}, "tokenizer.json has 500 tokens but the model's vocab_size is"),
+    ({"big_tokenizer": True, "edit_config": {"vocab_size": None}}, "model.onnx rejects token id 499"),
+])
+def test_unusable_model_folders_fail_with_one_clear_line(tiny_models: dict[int, Path], tmp_path: Path,
+                                                          fault: dict, message: str) -> None:
+    folder = _broken_copy(tiny_models[2], tmp_path / "broken", **fault)
+    with pytest.raises(ModelLoadError, match=message) as caught:
+        Classifier(folder)
+    assert "\n" not in str(caught.value)
+    assert caught.value.__cause__ is None  # one line for the operator, not a chained traceback

@@ -1,0 +1,142 @@
+"""End to end: the real `python -m service` Waitress process on the real default model."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPMessage
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from service_testkit import NEGATIVE, POSITIVE, REPO, Server, service_env, write_manifest
+
+TIMEOUT = 30  # seconds, for every request
+
+
+def request(server: Server, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, HTTPMessage, Any]:
+    """Send one request on a fresh connection; return status, headers (case-insensitive) and JSON body."""
+    address = urlsplit(server.url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=TIMEOUT)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        assert response.getheader("Content-Type", "").startswith("application/json"), data[:200]
+        return response.status, response.headers, json.loads(data)
+    finally:
+        connection.close()
+
+
+def post(server: Server, path: str, payload: Any) -> tuple[int, Any]:
+    """POST a JSON payload; return status and JSON body."""
+    status, _, body = request(server, "POST", path, json.dumps(payload).encode(),
+                              {"Content-Type": "application/json"})
+    return status, body
+
+
+def test_positive_and_negative(server: Server) -> None:
+    status, body = post(server, "/sentiment", {"text": POSITIVE})
+    assert status == 200 and body["label"] == "POSITIVE" and set(body) == {"label", "score"}
+    status, body = post(server, "/sentiment", {"text": NEGATIVE})
+    assert status == 200 and body["label"] == "NEGATIVE" and 0.5 < body["score"] <= 1.0
+
+
+def test_curl_style_form_content_type_is_accepted(server: Server) -> None:
+    status, _, body = request(server, "POST", "/sentiment", json.dumps({"text": POSITIVE}).encode(),
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and body["label"] == "POSITIVE"
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b'{"txt": "typo"}', 400, "missing field 'text'"),
+    (b'{"text": ""}', 400, "text cannot be empty"),
+    (b'{"text": "unterminated', 400, "invalid JSON"),
+])
+def test_invalid_requests(server: Server, body: bytes, status: int, message: str) -> None:
+    got_status, _, got = request(server, "POST", "/sentiment", body, {"Content-Type": "application/json"})
+    assert (got_status, got) == (status, {"error": message})
+
+
+def test_wrong_method_and_unknown_path(server: Server) -> None:
+    status, headers, body = request(server, "GET", "/sentiment")
+    assert (status, body) == (405, {"error": "method not allowed"})
+    assert set(headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    status, _, body = request(server, "GET", "/no/such/path")
+    assert (status, body) == (404, {"error": "not found"})
+
+
+def test_large_input_is_truncated(server: Server) -> None:
+    text = (POSITIVE + " ") * 1_150  # ~102 KB
+    assert len(text.encode()) > 100_000
+    status, body = post(server, "/sentiment", {"text": text})
+    assert status == 200 and body["label"] == "POSITIVE"
+
+
+def test_body_over_the_limit_is_413_json(server: Server) -> None:
+    status, _, body = request(server, "POST", "/sentiment",
+                              json.dumps({"text": "a" * (2 * 1024 * 1024 + 1)}).encode(),
+                              {"Content-Type": "application/json"})
+    assert (status, body) == (413, {"error": "request body too large: the limit is 2097152 bytes"})
+
+
+def test_concurrent_clients_get_the_single_request_answers(server: Server) -> None:
+    texts = [POSITIVE, NEGATIVE, "What a great, delightful movie.", "Terrible. I hated it.",
+             "It was fine, I guess.", NEGATIVE + " really" * 400]
+    expected = {text: post(server, "/sentiment", {"text": text}) for text in texts}
+    jobs = [texts[i % len(texts)] for i in range(96)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(lambda text: post(server, "/sentiment", {"text": text}), jobs))
+    for text, (status, body) in zip(jobs, answers, strict=True):
+        assert status == 200
+        assert body["label"] == expected[text][1]["label"]
+        # the same text alone in its batch: identical inputs, so identical scores up to float noise
+        assert body["score"] == pytest.approx(expected[text][1]["score"], abs=1e-6)
+
+
+def test_metrics_and_request_id_over_http(server: Server) -> None:
+    status, headers, _ = request(server, "GET", "/health", headers={"X-Request-ID": "e2e-1"})
+    assert status == 200 and headers["X-Request-ID"] == "e2e-1"
+    address = urlsplit(server.url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=TIMEOUT)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/plain")
+    assert 'service_requests_total{method="GET",route="/health",status="200"}' in text
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SERVICE_PORT": "abc"}, "error: SERVICE_PORT must be an integer 0-65535 (0: any free port), got 'abc'"),
+    ({"SERVICE_PORT": "70000"}, "error: SERVICE_PORT must be an integer 0-65535 (0: any free port), got '70000'"),
+    ({"SERVICE_THREADS": "0"}, "error: SERVICE_THREADS must be an integer 1-1024, got '0'"),
+    ({"SERVICE_BACKEND": "tensorflow"}, "error: SERVICE_BACKEND must be one of onnx, pytorch, got 'tensorflow'"),
+    ({"SERVICE_MODEL_DIR": "no/such/folder"}, "error: SERVICE_MODEL_DIR 'no/such/folder' is not a folder"),
+    ({"SERVICE_MODEL_DIR": "corrupt"}, "does not match its sha256 in manifest.json"),
+    ({"SERVICE_HOST": "256.256.256.256"}, "error: cannot listen on 256.256.256.256:0"),
+])
+def test_bad_settings_stop_start_up_with_one_line(tiny_models: dict[int, Path], tmp_path: Path,
+                                                  env: dict[str, str], message: str) -> None:
+    if env.get("SERVICE_MODEL_DIR") == "corrupt":
+        folder = shutil.copytree(tiny_models[2], tmp_path / "corrupt")
+        write_manifest(folder, "corrupt")
+        with (folder / "model.onnx").open("r+b") as handle:  # flip bytes after signing: a bad copy
+            handle.seek(100)
+            handle.write(b"\x00\x01\x02\x03")
+        env = {"SERVICE_MODEL_DIR": str(folder)}
+    overrides = {"SERVICE_MODEL_DIR": str(tiny_models[2]), **env}
+    result = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=service_env(**overrides),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
