@@ -49,13 +49,10 @@ REQUESTS: list[tuple[str, str, Any]] = [
 @pytest.fixture(scope="session")
 def reference_app() -> Flask:
     """Return the app on the PyTorch reference backend and the default model's fp32 checkpoint."""
-    from export.recipe import checkpoint_dir, ensure_checkpoint
+    from export.recipe import ensure_checkpoint
 
-    if not (checkpoint_dir() / "recipe.json").is_file():
-        # ensure_checkpoint() would train for many minutes inside the test run
-        pytest.fail(f"the default model's checkpoint {checkpoint_dir()} is not cached: run `make export`",
-                    pytrace=False)
-    checkpoint = ensure_checkpoint()  # cached: returns at once
+    # Cached after `make export` or the slow recipe test; on a clean machine this trains it (minutes).
+    checkpoint = ensure_checkpoint()
     return create_app({"MODEL_DIR": str(checkpoint), "BACKEND": "pytorch", "ORT_THREADS": 2})
 
 
