@@ -12,9 +12,9 @@ from service_testkit import NEGATIVE, POSITIVE
 
 from service import create_app
 
-# Measured with a per-channel dynamic int8 export of the recipe's checkpoint: on this request set's
-# texts, probabilities differ by <= 0.001 and logits by <= 0.014. Over 600 review snippets the worst
-# probability gap is 0.33 (mean 0.015), so only clearly polar texts are compared here.
+# Measured with the committed int8 model against the recipe's fp32 checkpoint: on this request set's
+# texts, probabilities differ by <= 0.0009 and logits by <= 0.014. On borderline review snippets the
+# gap reaches 0.3 and labels can flip, so only clearly polar texts are compared here.
 PROBABILITY_TOLERANCE = 0.05
 LOGIT_TOLERANCE = 0.25
 
