@@ -10,7 +10,6 @@ from pathlib import Path
 
 from export.convert import TARGETS, QuantizationSettings
 from export.pipeline import ExportOptions, run
-from export.recipe import RECIPE_MIN_AGREEMENT
 from export.resolve import ExportError
 from export.sources import SourceError
 
@@ -39,9 +38,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--exclude-nodes", default="", help="comma-separated ONNX node names kept in fp32")
     parser.add_argument("--no-search", dest="search", action="store_false",
                         help="quantize every MatMul; do not keep sensitive ones in fp32 to meet the gate")
-    parser.add_argument("--min-agreement", type=float,
-                        help="gate: least label agreement of the served model with PyTorch "
-                             "(default 0.99; 0.98 for the default model, see README)")
+    parser.add_argument("--min-agreement", type=float, default=0.99,
+                        help="gate: least label agreement of the served model with PyTorch (default 0.99)")
     parser.add_argument("--no-gate", dest="enforce_gate", action="store_false",
                         help="write the model even if it misses the agreement gate")
     parser.add_argument("--validation-file", type=Path,
@@ -49,8 +47,6 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
     parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
     args = parser.parse_args(argv)
-    if args.min_agreement is None:
-        args.min_agreement = RECIPE_MIN_AGREEMENT if args.model is None else 0.99
     if not 0.0 <= args.min_agreement <= 1.0:
         parser.error("--min-agreement must lie between 0 and 1")
     quantization = QuantizationSettings(

@@ -26,10 +26,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NAME = "minilm-l6-sentiment"
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
-# Dynamic int8 (per-channel, MatMul only) agrees with this model on 98.0-98.8% of the validation split,
-# neutral snippets included; 99% is not reached yet, so the default model's gate is 98% until the
-# quantization search of issue 6 lands. Exports of other models keep the 99% gate.
-RECIPE_MIN_AGREEMENT = 0.98
 
 
 @dataclass(frozen=True)

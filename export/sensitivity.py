@@ -1,72 +1,100 @@
-"""Keep the MatMuls that int8 hurts most in fp32, until the int8 model meets the agreement gate.
+"""Keep the MatMuls that int8 hurts most in fp32, as few as needed for the agreement gate.
 
-Dynamic int8 quantizes each activation per tensor, so error builds up layer after layer; no single
-layer explains the flips (measured on the default model: excluding any one layer gained <= 0.6 pt).
-The MatMuls are grouped by role (the node name with the layer number wildcarded: all FFN outputs,
-all query projections, ...); each group is tried alone, and groups are then excluded greedily in
-order of measured gain until the gate is met. Every trial is recorded for the manifest.
+Dynamic int8 quantizes each activation with one scale per tensor, so its error builds up layer after
+layer. Measured on the default model (validation split, agreement with PyTorch): all int8 98.05%;
+no single role group (all query projections, all FFN outputs, ...) reached 98.4%; the first two
+layers in fp32 98.75%, the first three 99.38%; both FFN MatMuls of every layer 99.10%.
+
+So the search tries candidate exclusion sets in order of how many weights they keep in fp32 (a
+proxy for lost speed): nothing, each role group, the first k layers, all FFN MatMuls; it stops at the
+first candidate that meets the gate. Every trial is recorded for the manifest.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from export.convert import QuantizationSettings, quantize_dynamic
 
 logger = logging.getLogger(__name__)
 
-LAYER_INDEX = re.compile(r"(layers?[._/])\d+")
+LAYER_INDEX = re.compile(r"(layers?[._/])(\d+)")
 
 
-def matmul_groups(fp32_model: Path) -> dict[str, list[str]]:
-    """Return MatMul node names grouped by role across layers (layer number replaced by '*')."""
+@dataclass(frozen=True)
+class Candidate:
+    """A set of MatMul nodes to keep in fp32, and how many weights that keeps unquantized."""
+
+    label: str
+    nodes: tuple[str, ...]
+    fp32_weights: int
+
+
+def candidates(fp32_model: Path) -> list[Candidate]:
+    """Return exclusion candidates, cheapest (fewest fp32 weights) first."""
     import onnx
 
-    groups: dict[str, list[str]] = {}
-    for node in onnx.load(str(fp32_model), load_external_data=False).graph.node:
-        if node.op_type == "MatMul" and node.name:
-            groups.setdefault(LAYER_INDEX.sub(r"\1*", node.name), []).append(node.name)
-    return groups
+    proto = onnx.load(str(fp32_model), load_external_data=False)
+    dims = {t.name: [int(d) for d in t.dims] for t in proto.graph.initializer}
+    sizes = {name: math.prod(shape) for name, shape in dims.items()}
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name]
+    weight = {n.name: sizes.get(n.input[1], 0) for n in matmuls}
+    roles: dict[str, list[str]] = {}
+    layers: dict[int, list[str]] = {}
+    for node in matmuls:
+        roles.setdefault(LAYER_INDEX.sub(r"\1*", node.name), []).append(node.name)
+        match = LAYER_INDEX.search(node.name)
+        if match:
+            layers.setdefault(int(match.group(2)), []).append(node.name)
+
+    def make(label: str, nodes: list[str]) -> Candidate:
+        return Candidate(label, tuple(nodes), sum(weight[n] for n in nodes))
+
+    found = [make("", [])]
+    found += [make(role, nodes) for role, nodes in roles.items()]
+    ordered = sorted(layers)
+    found += [make(f"layers {ordered[0]}-{k}", [n for i in ordered if i <= k for n in layers[i]])
+              for k in ordered[:-1]]
+    # FFN MatMuls are the ones whose weight is not square (hidden -> intermediate -> hidden); the
+    # classifier head is a Gemm in Optimum's export, so it is not among them.
+    ffn = [n.name for n in matmuls if len(dims.get(n.input[1], [])) == 2 and len(set(dims[n.input[1]])) == 2]
+    if ffn:
+        found.append(make("all FFN MatMuls", ffn))
+    unique = {c.nodes: c for c in found}
+    return sorted(unique.values(), key=lambda c: (c.fp32_weights, len(c.nodes)))
 
 
 def search(fp32_model: Path, work: Path, settings: QuantizationSettings, agreement_of: Callable[[Path], float],
            min_agreement: float) -> tuple[Path, dict, dict]:
-    """Quantize, and while the gate is missed exclude the most sensitive groups; return model, record, log."""
+    """Quantize; while the gate is missed, try the next-cheapest exclusion set; return model, record, log."""
     started = time.monotonic()
     trials: list[dict] = []
-
-    def trial(label: str, excluded: list[str]) -> tuple[Path, dict, float]:
+    best: tuple[float, Path, dict, Candidate] | None = None
+    pool = candidates(fp32_model) if settings.search else [Candidate("", (), 0)]
+    for candidate in pool:
         out = work / f"trial-{len(trials)}"
+        excluded = [*settings.nodes_to_exclude, *candidate.nodes]
         model, record = quantize_dynamic(fp32_model, out, replace(settings, nodes_to_exclude=excluded))
         agreement = agreement_of(model)
-        trials.append({"excluded_groups": label, "excluded_nodes": len(excluded), "agreement": agreement})
-        logger.info("      int8 with %-40s fp32 nodes %3d: agreement %.4f", label or "nothing", len(excluded),
-                    agreement)
-        return model, record, agreement
-
-    model, record, agreement = trial("", list(settings.nodes_to_exclude))
-    chosen: list[str] = []
-    if agreement < min_agreement and settings.search:
-        groups = matmul_groups(fp32_model)
-        single = {role: trial(role, [*settings.nodes_to_exclude, *nodes]) for role, nodes in groups.items()}
-        ranked = [r for r in sorted(single, key=lambda r: -single[r][2]) if single[r][2] > agreement]
-        for role in ranked:
-            chosen.append(role)
-            if len(chosen) == 1:
-                model, record, agreement = single[role]
-            else:
-                nodes = [n for r in chosen for n in groups[r]]
-                model, record, agreement = trial(" + ".join(chosen), [*settings.nodes_to_exclude, *nodes])
-            if agreement >= min_agreement:
-                break
+        trials.append({"excluded": candidate.label, "excluded_nodes": len(candidate.nodes),
+                       "fp32_weights": candidate.fp32_weights, "agreement": agreement})
+        logger.info("      int8 keeping %-45s in fp32 (%3d nodes): agreement %.4f",
+                    candidate.label or "nothing", len(candidate.nodes), agreement)
+        if best is None or agreement > best[0] or agreement >= min_agreement:
+            best = (agreement, model, record, candidate)
+        if agreement >= min_agreement:
+            break
+    agreement, model, record, chosen = best
     final = work / "chosen"
     shutil.copytree(model.parent, final)
-    log = {"gate": min_agreement, "trials": trials, "excluded_groups": chosen, "final_agreement": agreement,
-           "seconds": round(time.monotonic() - started, 1)}
+    log = {"gate": min_agreement, "trials": trials, "chosen": chosen.label, "excluded_nodes": list(chosen.nodes),
+           "final_agreement": agreement, "seconds": round(time.monotonic() - started, 1),
+           "order": "candidates by fp32 weights kept, stop at the first that meets the gate"}
     return final / model.name, record, log

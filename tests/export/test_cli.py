@@ -100,15 +100,17 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
     manifest = json.loads((out / "tie" / "manifest.json").read_text())
     gate = manifest["validation"]["gate"]
     assert gate["passed"] is False and gate["enforced"] is False and gate["agreement"] < 0.99
-    assert manifest["quantization"]["sensitivity_search"]["excluded_groups"] == []
+    assert manifest["quantization"]["sensitivity_search"]["excluded_nodes"] == []
 
-    # With the search on, MatMuls are kept in fp32 group by group, and every trial is recorded.
+    # With the search on, candidate sets of MatMuls are kept in fp32, cheapest first, each trial recorded.
     result = run_cli(*common, "--name", "searched", "--no-gate")
     assert result.returncode == 0, result.stderr
     search = json.loads((out / "searched" / "manifest.json").read_text())["quantization"]["sensitivity_search"]
-    assert search["trials"][0]["excluded_groups"] == "" and search["trials"][0]["agreement"] == gate["agreement"]
-    assert len(search["trials"]) > 1 and search["excluded_groups"]
-    assert search["final_agreement"] > gate["agreement"]
+    assert search["trials"][0]["excluded"] == "" and search["trials"][0]["agreement"] == gate["agreement"]
+    assert len(search["trials"]) > 1 and search["excluded_nodes"]
+    weights = [t["fp32_weights"] for t in search["trials"]]
+    assert weights == sorted(weights)
+    assert search["final_agreement"] == max(t["agreement"] for t in search["trials"]) > gate["agreement"]
 
 
 def test_an_interrupted_export_leaves_no_folder(checkpoints, tmp_path, validation_file):

@@ -10,7 +10,7 @@ from export import manifest as manifest_module
 from export.sources import ENCODER, SNIPPETS
 from tests.conftest import DEFAULT_MODEL_DIR
 
-MIN_AGREEMENT = 0.98  # the default model's gate (export.recipe.RECIPE_MIN_AGREEMENT); 0.99 not reached yet
+MIN_AGREEMENT = 0.99
 MIN_MOVIE_ACCURACY = 0.87
 
 
@@ -38,8 +38,8 @@ def test_the_committed_default_model_is_intact_and_meets_its_gates():
     manifest = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
     _check_gates(manifest)
     assert manifest["source"]["kind"] == "recipe"
-    # int8 MatMuls, fp32 word embeddings (quantizing them cost agreement): 59 MB against 90 MB in fp32
-    assert (DEFAULT_MODEL_DIR / "model.onnx").stat().st_size < 64 * 2**20
+    # Layers 0-2 and the word embeddings stay fp32 (agreement gate): 75 MB against 91 MB all fp32.
+    assert (DEFAULT_MODEL_DIR / "model.onnx").stat().st_size < 80 * 2**20
 
 
 @pytest.mark.slow
