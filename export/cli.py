@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from export.convert import TARGETS, QuantizationSettings
-from export.pipeline import ExportOptions, run
+from export.pipeline import STOP, ExportOptions, run
 from export.resolve import ExportError
 from export.sources import SourceError
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     _quiet_libraries()
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         folder = run(options)
     except (ExportError, SourceError) as exc:
@@ -86,3 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(folder)
     return 0
+
+
+def _stop(signum: int, frame) -> None:
+    """Ask the export to stop: at once where a KeyboardInterrupt gets through, else at the next stage."""
+    STOP.set()
+    raise KeyboardInterrupt

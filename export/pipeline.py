@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,20 @@ class ExportOptions:
     retrain: bool = False
 
 
+# Set by the command line's SIGINT/SIGTERM handler. Library code can swallow a KeyboardInterrupt (a
+# bare `except:` around an import, for one), so each stage boundary and the final rename check this too.
+STOP = threading.Event()
+
+
+class Interrupted(KeyboardInterrupt):
+    """The export was asked to stop."""
+
+
+def _check_stop() -> None:
+    if STOP.is_set():
+        raise Interrupted
+
+
 class Stages:
     """Announce each stage with its number and elapsed time, so a long export is never silent."""
 
@@ -49,6 +64,7 @@ class Stages:
         self._current: tuple[str, float] | None = None
 
     def next(self, title: str) -> None:
+        _check_stop()
         self._close()
         self.count += 1
         logger.info("[%d/%d] %s", self.count, self.total, title)
@@ -188,6 +204,7 @@ def run(options: ExportOptions) -> Path:
         body["timings_s"] = {**stages.timings}
         body["timings_s"]["total"] = stages.finish()
         manifest.write(folder, body)
+        _check_stop()
         _replace(folder, target)
         logger.info("wrote %s in %.0f s", target, body["timings_s"]["total"])
         return target

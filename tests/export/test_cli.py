@@ -113,17 +113,19 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
     assert search["final_agreement"] == max(t["agreement"] for t in search["trials"]) > gate["agreement"]
 
 
-def test_an_interrupted_export_leaves_no_folder(checkpoints, tmp_path, validation_file):
+@pytest.mark.parametrize("stage", ["[2/5]", "[4/5]"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_export_leaves_no_folder(checkpoints, tmp_path, validation_file, stage, signum):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "export", "--model", str(checkpoints("bert")), "--output-dir",
                              str(out), "--validation-file", str(validation_file)], cwd=REPO_ROOT,
                             stderr=subprocess.PIPE, text=True, env={**os.environ})
     deadline = time.monotonic() + 120
     seen = ""
-    while "[2/5]" not in seen and time.monotonic() < deadline:
+    while stage not in seen and time.monotonic() < deadline:
         seen += proc.stderr.readline()
-    assert "[2/5]" in seen, seen
-    proc.send_signal(signal.SIGINT)
+    assert stage in seen, seen
+    proc.send_signal(signum)
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 130, seen + rest
     assert "no model folder was written" in rest
