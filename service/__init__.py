@@ -38,11 +38,15 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
 
 
 def load_classifier(settings: Settings) -> Any:
-    """Return the classifier of the configured backend (the PyTorch one imports torch lazily)."""
+    """Return the classifier of the configured backend (the reference ones import torch lazily)."""
     if settings.backend == "pytorch":
         from service.reference import ReferenceClassifier
 
         return ReferenceClassifier(settings.model_dir, settings.ort_threads)
+    if settings.backend == "optimum":
+        from service.reference import OptimumClassifier
+
+        return OptimumClassifier(settings.model_dir, settings.ort_threads)
     from service.classifier import Classifier
 
     return Classifier(settings.model_dir, settings.ort_threads)

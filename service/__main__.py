@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m service",
         description="Serve an exported text classifier. Configure with SERVICE_MODEL_DIR, SERVICE_HOST, "
                     "SERVICE_PORT (0: any free port), SERVICE_THREADS, SERVICE_ORT_THREADS, SERVICE_MAX_BATCH, "
-                    "SERVICE_MAX_CONTENT_LENGTH, SERVICE_BACKEND (onnx|pytorch), SERVICE_WARMUP.")
+                    "SERVICE_MAX_CONTENT_LENGTH, SERVICE_BACKEND (onnx|pytorch|optimum), SERVICE_WARMUP.")
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

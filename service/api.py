@@ -18,7 +18,8 @@ from service.schemas import ClassifyRequest, read_body
 
 bp = Blueprint("api", __name__)
 _RUNTIME = ("onnxruntime", "tokenizers", "numpy", "flask", "werkzeug", "waitress", "prometheus-client")
-_REFERENCE = ("torch", "transformers")
+_REFERENCE = {"pytorch": ("torch", "transformers"),
+              "optimum": ("torch", "transformers", "optimum", "optimum-onnx")}
 
 
 def _classify(form: Literal["sentiment", "inference_api"]) -> tuple[ClassifyRequest, list[list[Prediction]]]:
@@ -68,7 +69,7 @@ def info() -> Response:
     """Describe the model, the runtime versions and the thread and batch limits."""
     settings: Settings = current_app.extensions["service.settings"]
     classifier = current_app.extensions["service.classifier"]
-    names = _RUNTIME + (_REFERENCE if classifier.backend == "pytorch" else ())
+    names = _RUNTIME + _REFERENCE.get(classifier.backend, ())
     return jsonify(
         model=classifier.info(),
         backend=classifier.backend,

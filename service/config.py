@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("onnx", "pytorch")
+BACKENDS = ("onnx", "pytorch", "optimum")
 
 # Flask config keys, as `app.config.from_prefixed_env("SERVICE")` names them (SERVICE_PORT -> PORT).
 DEFAULTS: dict[str, Any] = {

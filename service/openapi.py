@@ -90,7 +90,7 @@ def openapi_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
                                          "inputs": {"type": ["array", "null"], "items": {"type": "string"}},
                                          "source": {}, "quantization": {}, "validation": {},
                                          "created_at": {"type": ["string", "null"]}}},
-                "backend": {"enum": ["onnx", "pytorch"]},
+                "backend": {"enum": ["onnx", "pytorch", "optimum"]},
                 "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
                 "threads": {"type": "object", "required": ["waitress", "ort_intra_op", "ort_inter_op"],
                             "additionalProperties": {"type": "integer"}},

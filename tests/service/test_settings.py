@@ -35,7 +35,7 @@ def test_environment_strings_are_parsed(tmp_path: Path) -> None:
     ("ORT_THREADS", "0", "SERVICE_ORT_THREADS must be an integer 1-1024, got '0'"),
     ("MAX_BATCH", "", "SERVICE_MAX_BATCH must be an integer 1-100000, got ''"),
     ("MAX_CONTENT_LENGTH", "2MB", "SERVICE_MAX_CONTENT_LENGTH must be a positive integer (bytes), got '2MB'"),
-    ("BACKEND", "tf", "SERVICE_BACKEND must be one of onnx, pytorch, got 'tf'"),
+    ("BACKEND", "tf", "SERVICE_BACKEND must be one of onnx, pytorch, optimum, got 'tf'"),
     ("WARMUP", "maybe", "SERVICE_WARMUP must be true or false, got 'maybe'"),
     ("HOST", " ", "SERVICE_HOST must be a host name or IP address, got ' '"),
 ])

@@ -1,0 +1,228 @@
+"""`python -m bench`: the PyTorch service, Optimum's pipeline, this service and the in-process limit."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.load import LoadError, run_wrk, wrk_path
+from bench.servers import REPO, Server, ServerError, ServerSpec, machine_busy_seconds, start, stop
+from bench.sizes import footprint
+from bench.workloads import WORKLOADS
+from service.config import usable_cores
+
+DEFAULT_MODEL = "onnx_models/minilm-l6-sentiment"
+CONNECTIONS = (1, 8, 32)
+MIXED_CONNECTIONS = 8  # the mixed workload runs at one concurrency only, to keep `make bench` under 10 min
+ALL_BACKENDS = ("pytorch", "optimum", "onnx", "onnx-t2o1")
+
+
+def backend_specs(names: list[str], model_dir: str) -> dict[str, dict[str, Any]]:
+    """Return label, server spec and serving-set key of each backend, in measuring order."""
+    specs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name == "pytorch":
+            from export.recipe import ensure_checkpoint  # the default model's fp32 checkpoint (cached)
+
+            env = {"SERVICE_BACKEND": "pytorch", "SERVICE_MODEL_DIR": str(ensure_checkpoint())}
+            specs[name] = {"label": "PyTorch service", "env": env, "size_key": "pytorch"}
+        elif name == "optimum":
+            specs[name] = {"label": "Optimum pipeline", "size_key": "optimum",
+                           "env": {"SERVICE_BACKEND": "optimum", "SERVICE_MODEL_DIR": model_dir}}
+        elif name == "onnx":
+            specs[name] = {"label": "this service (onnx)", "size_key": "onnx",
+                           "env": {"SERVICE_MODEL_DIR": model_dir}}
+        elif name == "onnx-t2o1":
+            # the lever: 2 Waitress threads x 1 ORT thread instead of 4 x 2 on 2 cores
+            specs[name] = {"label": "onnx, THREADS=2 ORT_THREADS=1", "size_key": "onnx",
+                           "env": {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2",
+                                   "SERVICE_ORT_THREADS": "1"}}
+    return specs
+
+
+def run_inprocess(model_dir: str, seconds: float, workloads: list[str]) -> dict[str, Any]:
+    """Run the in-process limit in its own process and return its JSON."""
+    command = [sys.executable, "-m", "bench.inprocess", "--model-dir", model_dir, "--seconds", f"{seconds:g}",
+               "--workloads", *workloads]
+    # 8 settings per workload, plus model loading; a bound in case the machine stalls
+    limit = 60 + 8 * len(workloads) * (seconds + 2)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.inprocess exited with {result.returncode}: {result.stderr[-800:]}")
+    return json.loads(result.stdout)
+
+
+def cells(workloads: list[str], connections: list[int]) -> list[tuple[str, int]]:
+    """Return the (workload, concurrency) cells: every concurrency for short and long, one for mixed."""
+    chosen = []
+    for workload in workloads:
+        if workload == "mixed":
+            chosen.append((workload, MIXED_CONNECTIONS if MIXED_CONNECTIONS in connections else max(connections)))
+        else:
+            chosen += [(workload, c) for c in connections]
+    return chosen
+
+
+def model_identity(model_dir: str) -> dict[str, Any]:
+    """Return the served model's folder, creation time and model.onnx sha256 from its manifest."""
+    manifest = json.loads((REPO / model_dir / "manifest.json").read_text())
+    return {"dir": model_dir, "created_at": manifest.get("created_at"),
+            "model_sha256": manifest.get("files", {}).get("model.onnx")}
+
+
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine() -> dict[str, Any]:
+    """Return the CPU model, usable cores and memory of this machine."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": usable_cores(), "memory_gib": round(memory / 2**20, 1),
+            "python": platform.python_version()}
+
+
+def git_commit() -> str | None:
+    """Return the checked-out commit, marked dirty when the tree has changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def progress(message: str) -> None:
+    """Print one progress line to stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namespace, log_dir: Path,
+               raw: list[str], result: dict[str, Any]) -> None:
+    """Measure the in-process limit, then every server on every cell, alternating backends per cell."""
+    result["meta"]["load"]["per_repetition"].append(load_average())
+    progress(f"[{rep + 1}/{args.repetitions}] in-process limit (load {load_average()})")
+    limit = run_inprocess(args.model_dir, args.inprocess_seconds, args.workloads)
+    result["inprocess"].append({"rep": rep, "result": limit})
+    names = list(specs)
+    order = names[rep % len(names):] + names[:rep % len(names)]  # rotate, so no backend always goes first
+    servers: dict[str, Server] = {}
+    try:
+        for name in order:
+            servers[name] = start(ServerSpec(name, specs[name]["env"]), log_dir)
+            progress(f"[{rep + 1}/{args.repetitions}] {name}: cold start {servers[name].cold_start_s:.2f} s")
+            # unrecorded: the first requests of every length grow ORT's arena and warm caches
+            run_wrk(servers[name].port, WORKLOADS["mixed"], 8, args.warmup)
+        for workload, connections in cells(args.workloads, args.connections):
+            for name in order:
+                server = servers[name]
+                cpu_before, busy_before = server.cpu_seconds(), machine_busy_seconds()
+                run = run_wrk(server.port, WORKLOADS[workload], connections, args.duration)
+                server_cpu = server.cpu_seconds() - cpu_before
+                # CPU that neither the server nor wrk used: other jobs on this shared machine
+                foreign = machine_busy_seconds() - busy_before - server_cpu - run["client_cpu_s"]
+                raw.append(f"### rep {rep} {name} {workload} c={connections}\n{run.pop('raw')}")
+                result["runs"].append({"rep": rep, "backend": name, "workload": workload,
+                                       "server_cpu_s": server_cpu,
+                                       "foreign_cpu_share": max(foreign, 0.0) / args.duration, **run})
+                progress(f"[{rep + 1}/{args.repetitions}] {workload:5} c={connections:<2} {name:9}: "
+                         f"p50 {run['p50_us'] / 1e3:7.1f} ms  p99 {run['p99_us'] / 1e3:7.1f} ms  "
+                         f"{run['throughput_rps']:6.0f} req/s  errors {run['errors']}  "
+                         f"other CPU {max(foreign, 0.0) / args.duration:4.0%}")
+        for name in order:
+            result["servers"].append({"rep": rep, "backend": name, "cold_start_s": servers[name].cold_start_s,
+                                      **servers[name].memory_mb()})
+    finally:
+        for server in servers.values():
+            stop(server)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write bench/results/<date>.{json,md} and the plots; return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--duration", type=int, default=4, help="whole seconds of load per cell (default 4)")
+    parser.add_argument("--repetitions", type=int, default=3, help="repetitions of every cell (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in about a minute: 1 s cells, 1 repetition, c=1 and 8")
+    parser.add_argument("--backends", nargs="+", default=list(ALL_BACKENDS), choices=ALL_BACKENDS)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--connections", nargs="+", type=int, default=list(CONNECTIONS))
+    parser.add_argument("--inprocess-seconds", type=float, default=0.6, help="per in-process setting")
+    parser.add_argument("--warmup", type=int, default=1, help="unrecorded whole seconds of load per start")
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL,
+                        help=f"exported model folder the ONNX backends serve, relative to the repository "
+                             f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--output-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--name", help="file name stem (default: the date, with -quick in quick mode)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.repetitions, args.connections = 1, 1, [1, 8]
+        args.inprocess_seconds, args.warmup = 0.2, 1
+    if args.duration < 1 or args.warmup < 1 or args.repetitions < 1 or min(args.connections) < 1:
+        parser.error("--duration, --warmup, --repetitions and --connections must be at least 1")
+    began, today = time.monotonic(), dt.datetime.now(dt.timezone.utc)
+    try:
+        wrk = wrk_path()
+    except LoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    wrk_version = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10).stdout.split()
+    if not (REPO / args.model_dir / "manifest.json").is_file():
+        parser.error(f"--model-dir {args.model_dir} has no manifest.json")
+    specs = backend_specs(args.backends, args.model_dir)
+    command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
+    result: dict[str, Any] = {
+        "meta": {"date": today.strftime("%Y-%m-%d"), "started_at": today.isoformat(timespec="seconds"),
+                 "command": command, "duration_s": args.duration, "repetitions": args.repetitions,
+                 "connections": args.connections, "wrk": wrk_version[1] if len(wrk_version) > 1 else "?",
+                 "machine": machine(), "commit": git_commit(), "model": model_identity(args.model_dir),
+                 "load": {"before": load_average(), "per_repetition": []}},
+        "backends": {name: {"label": spec["label"], "env": spec["env"], "size_key": spec["size_key"]}
+                     for name, spec in specs.items()},
+        "workloads": {name: list(WORKLOADS[name].texts) for name in args.workloads},
+        "sizes": footprint(), "runs": [], "servers": [], "inprocess": [],
+    }
+    raw: list[str] = []
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    try:
+        for rep in range(args.repetitions):
+            repetition(rep, specs, args, log_dir, raw, result)
+    except (ServerError, LoadError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {exc}\n(server logs kept in {log_dir})", file=sys.stderr)
+        return 1
+    shutil.rmtree(log_dir, ignore_errors=True)
+    result["meta"]["load"]["after"] = load_average()
+    if model_identity(args.model_dir) != result["meta"]["model"]:  # an export replaced the model folder mid-run
+        print("error: the model folder changed during the run; results discarded", file=sys.stderr)
+        return 1
+    result["meta"]["wall_s"] = round(time.monotonic() - began, 1)
+    result["summary"] = report.summarise(result["runs"], result["servers"], result["inprocess"])
+    result["targets"] = report.targets(result["summary"])
+    stem = args.name or result["meta"]["date"] + ("-quick" if args.quick else "")
+    paths = report.write(result, args.output_dir, stem)
+    (args.output_dir / f"{stem}.raw").write_text("\n".join(raw))  # wrk's own output; git-ignored
+    for check in result["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[check["met"]]
+        progress(f"{verdict:>12}: {check['target']} ({check['measured']} vs {check['bound']})")
+    progress(f"wrote {', '.join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in paths)} "
+             f"in {result['meta']['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

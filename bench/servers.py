@@ -1,0 +1,136 @@
+"""Start a service process, time its cold start, read its CPU time and RSS, stop it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.workloads import SHORT
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 120.0  # seconds; torch + transformers import slowly on a busy machine
+POLL_INTERVAL = 0.01  # seconds between cold-start probes: the resolution of the cold-start figure
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ServerError(RuntimeError):
+    """A service process did not start or answer; the message carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One backend configuration: SERVICE_* variables on top of the service defaults."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Server:
+    """A running `python -m service` process and its measured cold start."""
+
+    spec: ServerSpec
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    cold_start_s: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        """Return the server's process id."""
+        return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        """Return the server process' user + system CPU time so far, from /proc/<pid>/stat."""
+        # the command name may hold spaces, so split after its closing parenthesis
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+    def memory_mb(self) -> dict[str, float]:
+        """Return VmRSS (now) and VmHWM (peak) in MiB, from /proc/<pid>/status."""
+        values = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024  # kB -> MiB
+        return {"rss_mb": values["VmRSS"], "peak_rss_mb": values["VmHWM"]}
+
+    def log_tail(self, lines: int = 15) -> str:
+        """Return the last lines of the server's log."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def machine_busy_seconds() -> float:
+    """Return the CPU time all processes of this machine have used, from /proc/stat's cpu line."""
+    # user nice system idle iowait irq softirq steal: everything but idle and iowait is busy
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / _CLOCK_TICKS
+
+
+def free_port() -> int:
+    """Return a loopback port that is free now (the server binds it a moment later)."""
+    # Known before the spawn, so cold-start polling can begin at once instead of waiting for the log.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def service_env(spec: ServerSpec, port: int) -> dict[str, str]:
+    """Return the server's environment: the caller's without SERVICE_*, loopback, the spec's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    # the Hub is unreachable here: fail at once instead of waiting for timeouts
+    env.update({"HF_HUB_OFFLINE": "1", "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(port), **spec.env})
+    return env
+
+
+def start(spec: ServerSpec, log_dir: Path, timeout: float = START_TIMEOUT) -> Server:
+    """Spawn the service and poll POST /sentiment until the first 200; that time is the cold start."""
+    port = free_port()
+    log_path = log_dir / f"{spec.name}-{port}.log"
+    with log_path.open("w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=service_env(spec, port),
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(spec, process, port, log_path)
+    deadline = started + timeout
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise ServerError(f"{spec.name} exited with {process.returncode}:\n{server.log_tail()}")
+        if classify_once(port) == 200:
+            server.cold_start_s = time.perf_counter() - started
+            return server
+        time.sleep(POLL_INTERVAL)
+    stop(server)
+    raise ServerError(f"{spec.name} did not answer 200 within {timeout:.0f} s:\n{server.log_tail()}")
+
+
+def classify_once(port: int, timeout: float = 5.0) -> int | None:
+    """Return the status of one POST /sentiment, or None when nothing listens yet."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/sentiment", body=json.dumps({"text": SHORT}),
+                           headers={"Content-Type": "application/json"})
+        return connection.getresponse().status
+    except OSError:
+        return None  # not listening yet (refused) or reset while starting: poll again
+    finally:
+        connection.close()
+
+
+def stop(server: Server, timeout: float = 15.0) -> None:
+    """Stop the server with SIGTERM (Waitress shuts down cleanly), SIGKILL if it hangs."""
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(timeout=5)
