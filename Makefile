@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev export serve test test-fast bench clean
+.PHONY: help install install-dev export serve test test-fast bench wrk clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,15 +46,17 @@ serve: $(VENV)/.serve-installed ## Serve MODEL_DIR with Waitress on HOST:PORT (T
 	$(if $(THREADS),SERVICE_THREADS="$(THREADS)") $(if $(ORT_THREADS),SERVICE_ORT_THREADS="$(ORT_THREADS)") \
 	$(BIN)/python -m service
 
-test: $(VENV)/.dev-installed ## Run every test, the slow end-to-end recipe test included (installs wrk if missing)
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+# wrk (a Debian package) is the load generator of the benchmark and of its tests.
+wrk:
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
+test: $(VENV)/.dev-installed wrk ## Run every test, the slow end-to-end recipe test included (installs wrk if missing)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.dev-installed ## Run the tests not marked slow
+test-fast: $(VENV)/.dev-installed wrk ## Run the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: $(VENV)/.dev-installed ## Benchmark against the PyTorch service, Optimum and the in-process limit (~8 min; installs wrk if missing)
-	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+bench: $(VENV)/.dev-installed wrk ## Benchmark against the PyTorch service, Optimum and the in-process limit (~8 min; installs wrk if missing)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: ## Remove the virtualenv and caches (keeps .cache downloads and checkpoints)
