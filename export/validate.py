@@ -181,5 +181,7 @@ def evaluate(checkpoint: Path, tokenizer_dir: Path, models: dict[str, Path], set
     for name, run in runners.items():
         report["latency"][name] = latency_ms(run, tokenizer, typical, max_length)
     report["latency"]["threads"] = usable_cores()
+    # Latency on a shared machine means little without the load it was measured under.
+    report["latency"]["load_average_1min"] = round(os.getloadavg()[0], 2)
     report["latency"]["note"] = "median of model runs on pre-tokenized input of a median-length sentence"
     return report

@@ -88,6 +88,7 @@ def test_int8_export_writes_a_complete_folder_and_manifest(checkpoints, validati
     assert validation["onnx_fp32_vs_pytorch"]["max_abs_score_diff"] < 1e-4
     assert set(validation["accuracy"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
     assert set(manifest["validation"]["latency"]["onnx_int8"]) == {"batch1_p50_ms", "batch8_p50_ms"}
+    assert manifest["validation"]["latency"]["load_average_1min"] >= 0
     assert manifest["validation"]["gate"]["passed"] is True
     # Every file is listed with its real checksum, and nothing else is.
     assert set(manifest["files"]) == {p.name for p in folder.iterdir() if p.name != "manifest.json"}
