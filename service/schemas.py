@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flask import request
-from werkzeug.exceptions import BadRequest
+from flask import current_app, request
 
 from service.classifier import FUNCTIONS
 from service.errors import ApiError
@@ -31,10 +30,13 @@ def read_body(max_batch: int, form: Literal["sentiment", "inference_api"]) -> Cl
     """Parse and validate the current request's JSON body for /sentiment or the Inference API route."""
     if request.mimetype in REFUSED_MIMETYPES:
         raise ApiError(415, "unsupported media type: send a JSON body (Content-Type: application/json)")
+    # Read whatever the Content-Type; Werkzeug raises 413 here for a body over MAX_CONTENT_LENGTH.
+    data = request.get_data(cache=False)
     try:
-        # force=True: parse whatever the Content-Type; a body over MAX_CONTENT_LENGTH raises 413 here
-        body = request.get_json(force=True)
-    except BadRequest:
+        # Not request.get_json(): it lets RecursionError from deeply nested arrays escape as a 500,
+        # and it accepts NaN and Infinity, which are not JSON (RFC 8259).
+        body = current_app.json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ApiError(400, "invalid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the JSON body must be an object")
@@ -77,12 +79,18 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     return ClassifyRequest([_text(inputs, "inputs")], False, top_k, True, function)
 
 
+def _refuse_constant(name: str) -> Any:
+    """Refuse the NaN, Infinity and -Infinity literals that Python's json module accepts."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def _text(value: Any, field: str) -> str:
     """Return a non-blank text."""
     if not isinstance(value, str):
         raise ApiError(400, f"field '{field}' must be a string")
     if not value.strip():
         raise ApiError(400, "text cannot be empty")
+    _check_unicode(value, "text")
     return value
 
 
@@ -97,13 +105,25 @@ def _texts(value: Any, field: str, max_batch: int) -> list[str]:
     for index, text in enumerate(value):
         if not text.strip():
             raise ApiError(400, f"text at index {index} cannot be empty")
+        _check_unicode(text, f"text at index {index}")
     return value
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """Refuse a lone surrogate (JSON "\\ud800"): the tokenizer cannot encode it (a 500 before this check)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{name} is not valid Unicode: lone surrogate at character {exc.start}") from None
 
 
 def _top_k(value: Any) -> int | None:
     """Return top_k: an integer >= 1, or None for all labels."""
     if value is None:
         return None
+    # JSON Schema (and so the OpenAPI document) counts 2.0 as the integer 2; 1e400 parses to inf, which is not
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ApiError(400, "'top_k' must be an integer >= 1 or null")
     return value
