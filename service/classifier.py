@@ -1,18 +1,21 @@
-"""The ONNX backend: one tokenizer and one ONNX Runtime session for an exported model folder."""
+"""The ONNX backend: a small tokenizer pool and one ONNX Runtime session for an exported model folder."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +138,7 @@ class Classifier:
 
     backend = "onnx"
 
-    def __init__(self, model_dir: Path, intra_op_threads: int = 1) -> None:
+    def __init__(self, model_dir: Path, intra_op_threads: int = 1, spinning: bool = True) -> None:
         """Load and check the model folder; raise ModelLoadError with one clear line if unusable."""
         self.model_dir = Path(model_dir)
         self.manifest = verify_manifest(self.model_dir)
@@ -146,14 +149,21 @@ class Classifier:
         self.max_length = model_max_length(tokenizer_config, self.config)
         self.name = str(self.manifest.get("name") or self.model_dir.name)
         self.intra_op_threads = intra_op_threads
-        self._tokenizer_json = self._configured_tokenizer(tokenizer_config).to_str()
-        self._local = threading.local()
-        self.session = self._session(intra_op_threads)
+        configured = self._configured_tokenizer(tokenizer_config)
+        self._tokenizer_json = configured.to_str()
+        self._vocab_size = configured.get_vocab_size(with_added_tokens=True)
+        # A tokenizer shared across threads raises 'Already borrowed' (tokenizers #537), and each
+        # copy takes ~6 MB: keep a pool of at most one per usable core, made on demand.
+        self._idle: queue.SimpleQueue[Tokenizer] = queue.SimpleQueue()
+        self._pool_lock = threading.Lock()
+        self._pool_size = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+        self._pool_created = 0
+        self.session = self._session(intra_op_threads, spinning)
         self._check_model()
         self.ready = False
 
     def _configured_tokenizer(self, tokenizer_config: dict[str, Any]) -> Tokenizer:
-        """Return tokenizer.json with truncation at max_length and padding to the batch's longest."""
+        """Return tokenizer.json with truncation at max_length; remember how to pad for collate()."""
         path = self.model_dir / "tokenizer.json"
         if not path.is_file():
             raise ModelLoadError(f"tokenizer.json is missing in {self.model_dir} (a fast tokenizer is needed)")
@@ -166,14 +176,15 @@ class Classifier:
         pad_token = padding.get("pad_token") or _token_text(tokenizer_config.get("pad_token"))
         pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
         if pad_id is None:
-            # masked positions never reach the logits, so any valid id pads correctly
-            pad_token, pad_id = (pad_token or "[PAD]"), 0
-        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token,
-                                 pad_type_id=padding.get("pad_type_id", 0),
-                                 direction=padding.get("direction", "right"))
+            pad_id = 0  # masked positions never reach the logits, so any valid id pads correctly
+        # Padding happens in collate(), so texts tokenized by different request threads can share
+        # one batch padded to its own longest text.
+        self._pad_id, self._pad_type_id = pad_id, int(padding.get("pad_type_id", 0))
+        self._pad_left = padding.get("direction", "right") == "left"
+        tokenizer.no_padding()
         return tokenizer
 
-    def _session(self, intra_op_threads: int) -> ort.InferenceSession:
+    def _session(self, intra_op_threads: int, spinning: bool) -> ort.InferenceSession:
         """Return the one InferenceSession of this process, shared by all request threads."""
         path = self.model_dir / "model.onnx"
         if not path.is_file():
@@ -186,6 +197,9 @@ class Classifier:
         # they only grow the arena (onnxruntime #11118, #9313).
         options.enable_mem_pattern = False
         options.log_severity_level = 3
+        # Spinning intra-op threads burn the CPU that request threads and other processes need
+        # between runs; measured on 2 shared cores, turning it off served more (README "Micro-batching").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
@@ -203,7 +217,7 @@ class Classifier:
         if "logits" not in [o.name for o in self.session.get_outputs()]:
             raise ModelLoadError("model.onnx has no 'logits' output")
         vocab_size = self.config.get("vocab_size")
-        tokens = self.tokenizer().get_vocab_size(with_added_tokens=True)
+        tokens = self._vocab_size
         if isinstance(vocab_size, int) and tokens > vocab_size:
             raise ModelLoadError(f"tokenizer.json has {tokens} tokens but the model's vocab_size is "
                                  f"{vocab_size}: tokenizer and model do not match")
@@ -218,22 +232,47 @@ class Classifier:
             raise ModelLoadError(f"model.onnx returns logits of shape {list(logits.shape)} but "
                                  f"config.json id2label has {len(self.labels)} labels")
 
-    def tokenizer(self) -> Tokenizer:
-        """Return this thread's tokenizer (a shared one raises 'Already borrowed', tokenizers #537)."""
-        tokenizer = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            tokenizer = self._local.tokenizer = Tokenizer.from_str(self._tokenizer_json)
-        return tokenizer
+    @contextmanager
+    def _tokenizer(self) -> Iterator[Tokenizer]:
+        """Lend a tokenizer of the pool to this thread alone, making one if the pool is not full."""
+        try:
+            tokenizer = self._idle.get_nowait()
+        except queue.Empty:
+            with self._pool_lock:
+                make = self._pool_created < self._pool_size
+                if make:
+                    self._pool_created += 1
+            tokenizer = Tokenizer.from_str(self._tokenizer_json) if make else self._idle.get()
+        try:
+            yield tokenizer
+        finally:
+            self._idle.put(tokenizer)
+
+    def encode(self, texts: Sequence[str]) -> list[Encoding]:
+        """Return the truncated, unpadded encodings of texts."""
+        with self._tokenizer() as tokenizer:
+            return tokenizer.encode_batch_fast(list(texts))
+
+    def collate(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
+        """Return int64 model inputs for encodings, padded to the longest of them."""
+        length = max(len(encoding) for encoding in encodings)
+        ids = np.full((len(encodings), length), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), length), dtype=np.int64)
+        type_ids = np.full((len(encodings), length), self._pad_type_id, dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            size = len(encoding)
+            columns = slice(length - size, length) if self._pad_left else slice(0, size)
+            ids[row, columns] = encoding.ids
+            mask[row, columns] = 1
+            type_ids[row, columns] = encoding.type_ids
+        feeds = self._feeds(ids, mask)
+        if "token_type_ids" in feeds:
+            feeds["token_type_ids"] = type_ids
+        return feeds
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Return int64 model inputs for texts, truncated and padded to the longest."""
-        encodings = self.tokenizer().encode_batch_fast(list(texts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        feeds = self._feeds(ids, mask)
-        if "token_type_ids" in feeds:
-            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
-        return feeds
+        return self.collate(self.encode(texts))
 
     def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """Return the inputs the graph declares, token types defaulting to zeros."""
@@ -261,10 +300,14 @@ class Classifier:
         self.ready = True
         return predictions
 
+    def warmup_batches(self) -> list[list[str]]:
+        """Return a short and a long batch, so the first request does not pay ORT's first-run costs."""
+        return [["warm up"], ["warm up " * self.max_length] * 2]
+
     def warmup(self) -> None:
-        """Run a short and a long batch so the first request does not pay ORT's first-run costs."""
-        self.classify(["warm up"])
-        self.classify(["warm up " * self.max_length] * 2)
+        """Classify the warm-up batches."""
+        for texts in self.warmup_batches():
+            self.classify(texts)
 
     def info(self) -> dict[str, Any]:
         """Return what /info says about the model."""
