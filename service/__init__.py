@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from flask import Flask
 
-from service import errors
+from service import auth, batching, errors
+from service.batching import Scheduler
 from service.config import DEFAULTS, Settings
+from service.metrics import Metrics
 
 
 def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> Flask:
@@ -22,19 +25,38 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
 
     if classifier is None:
         classifier = load_classifier(settings)
-    if settings.warmup and not classifier.ready:
-        classifier.warmup()
 
     from service.api import bp
-    from service.metrics import Metrics
 
     metrics = Metrics()
+    scheduler = start_scheduler(settings, classifier, metrics)
+    if settings.warmup and not classifier.ready:
+        if scheduler is None:
+            classifier.warmup()
+        else:  # through the queue, so the worker's first batch is not a client's
+            scheduler.warmup()
     app.extensions.update({"service.settings": settings, "service.classifier": classifier,
-                           "service.metrics": metrics})
+                           "service.metrics": metrics,
+                           # set by the Waitress runner on SIGTERM: /ready answers 503 from then on
+                           "service.draining": threading.Event()})
     metrics.init_app(app)
     errors.init_app(app)
+    batching.init_app(app, scheduler)
+    auth.init_app(app, settings.api_key)
     app.register_blueprint(bp)
     return app
+
+
+def start_scheduler(settings: Settings, classifier: Any, metrics: Metrics) -> Scheduler | None:
+    """Return the running batch scheduler, or None when batching is off or the backend cannot batch."""
+    # The reference backends (pytorch, optimum) stand for the original per-request service.
+    if not settings.batching or classifier.backend != "onnx":
+        return None
+    scheduler = Scheduler(classifier, max_texts=settings.batch_max_texts, max_tokens=settings.batch_max_tokens,
+                          max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,
+                          wait=settings.batch_wait_ms / 1000, workers=settings.batch_workers, metrics=metrics)
+    scheduler.start()
+    return scheduler
 
 
 def load_classifier(settings: Settings) -> Any:
@@ -49,4 +71,4 @@ def load_classifier(settings: Settings) -> Any:
         return OptimumClassifier(settings.model_dir, settings.ort_threads)
     from service.classifier import Classifier
 
-    return Classifier(settings.model_dir, settings.ort_threads)
+    return Classifier(settings.model_dir, settings.ort_threads, spinning=settings.ort_spinning)

@@ -8,13 +8,38 @@ import signal
 import sys
 from typing import Any
 
-from waitress import create_server
-
 from service import create_app
 from service.classifier import InferenceError, ModelLoadError
-from service.config import ConfigError, Settings
+from service.config import DEFAULTS, ConfigError, Settings, default_threads
+from service.serve import GracefulServer
 
 logger = logging.getLogger("service")
+
+SETTINGS_HELP = """\
+settings (environment variables; defaults in brackets):
+  SERVICE_MODEL_DIR           exported model folder [{MODEL_DIR}]
+  SERVICE_HOST                listen address [{HOST}]; 0.0.0.0 accepts other machines
+  SERVICE_PORT                listen port [{PORT}]; 0 takes a free one, shown in the start-up line
+  SERVICE_THREADS             Waitress request threads [batching: MAX_QUEUE + BATCH_MAX_TEXTS x
+                              BATCH_WORKERS + 32 = {threads}; without batching: 4]
+  SERVICE_ORT_THREADS         onnxruntime intra-op threads [usable cores]
+  SERVICE_ORT_SPINNING        let idle onnxruntime threads spin instead of sleeping [{ORT_SPINNING}]
+  SERVICE_MAX_BATCH           most texts in one request [{MAX_BATCH}]
+  SERVICE_MAX_CONTENT_LENGTH  largest request body in bytes [{MAX_CONTENT_LENGTH}]
+  SERVICE_BACKEND             onnx, pytorch or optimum [{BACKEND}]
+  SERVICE_WARMUP              run the model once before serving [{WARMUP}]
+  SERVICE_BATCHING            batch concurrent requests into one model run [{BATCHING}]
+  SERVICE_BATCH_MAX_TEXTS     most texts one model batch takes from the queue [{BATCH_MAX_TEXTS}]
+  SERVICE_BATCH_MAX_TOKENS    most padded tokens in one model run [{BATCH_MAX_TOKENS}]
+  SERVICE_BATCH_WAIT_MS       wait this long for more requests before a batch [{BATCH_WAIT_MS}]
+  SERVICE_BATCH_WORKERS       threads running model batches [{BATCH_WORKERS}]
+  SERVICE_MAX_QUEUE           texts that may wait for the model; more get 503 at once [{MAX_QUEUE}]
+  SERVICE_QUEUE_TIMEOUT       seconds a request may wait in the queue before a 503 [{QUEUE_TIMEOUT}]
+  SERVICE_CONNECTION_LIMIT    open client connections served at once [{CONNECTION_LIMIT}]
+  SERVICE_SHUTDOWN_TIMEOUT    seconds to finish requests in flight after SIGTERM [{SHUTDOWN_TIMEOUT}]
+  SERVICE_API_KEY             require "Authorization: Bearer <key>" (not on /health, /ready,
+                              /openapi.json) [unset: no key]
+"""
 
 
 def describe(value: Any) -> str:
@@ -27,20 +52,15 @@ def describe(value: Any) -> str:
     return str(value)
 
 
-def listen_urls(server: Any) -> list[str]:
-    """Return the URLs Waitress actually listens on (the bound port when SERVICE_PORT=0)."""
-    # create_server returns one TcpWSGIServer, or a MultiSocketServer when the host has several addresses
-    listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
-    return [f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}" for host, port in listen]
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Validate settings, load the model, then serve until interrupted; return the exit code."""
+    """Validate settings, load the model, then serve until SIGTERM or Ctrl-C; return the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description="Serve an exported text classifier. Configure with SERVICE_MODEL_DIR, SERVICE_HOST, "
-                    "SERVICE_PORT (0: any free port), SERVICE_THREADS, SERVICE_ORT_THREADS, SERVICE_MAX_BATCH, "
-                    "SERVICE_MAX_CONTENT_LENGTH, SERVICE_BACKEND (onnx|pytorch|optimum), SERVICE_WARMUP.")
+        prog="python -m service", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve an exported text classifier with Waitress. SIGTERM or Ctrl-C stops accepting, "
+                    "finishes the requests in flight and exits 0; a second one exits at once.",
+        epilog=SETTINGS_HELP.format(threads=default_threads(DEFAULTS),
+                                    **{key: str(value).lower() if isinstance(value, bool) else value
+                                       for key, value in DEFAULTS.items()}))
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -51,25 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     settings: Settings = app.extensions["service.settings"]
     model = app.extensions["service.classifier"].info()
     try:
-        server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
-                               expose_tracebacks=False, ident="onnx-classifier")
+        server = GracefulServer(app, settings)
     except (OSError, ValueError) as exc:  # port in use, unknown host, ...
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
-    # Waitress shuts down cleanly (finishing in-flight requests) on KeyboardInterrupt; make SIGTERM do the same.
-    signal.signal(signal.SIGTERM, _interrupt)
-    logger.info("serving model %s (%s backend, quantization: %s) with %d waitress threads and %d ORT "
-                "intra-op threads on %s", model["name"], settings.backend,
-                describe(model.get("quantization")), settings.threads, settings.ort_threads,
-                " ".join(listen_urls(server)))
-    server.run()
-    logger.info("stopped")
+    signal.signal(signal.SIGTERM, server.request_stop)
+    signal.signal(signal.SIGINT, server.request_stop)
+    batching = (f"batching up to {settings.batch_max_texts} texts" if app.extensions["service.scheduler"]
+                else "no batching")
+    logger.info("serving model %s (%s backend, quantization: %s) with %d waitress threads, %s, %d ORT "
+                "intra-op threads%s on %s", model["name"], settings.backend, describe(model.get("quantization")),
+                settings.threads, batching, settings.ort_threads,
+                ", API key required" if settings.api_key else "", " ".join(server.urls()))
+    try:
+        drained = server.run()
+    except KeyboardInterrupt:
+        logger.warning("stopped at once by a second signal: requests in flight were dropped")
+        return 1
+    logger.info("stopped" if drained else "stopped; some requests in flight were dropped")
     return 0
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    """Turn SIGTERM into the KeyboardInterrupt Waitress handles as a clean shutdown."""
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.batching import Scheduler
 from service.classifier import Prediction
 from service.config import Settings
 from service.metrics import Metrics
@@ -27,8 +28,9 @@ def _classify(form: Literal["sentiment", "inference_api"]) -> tuple[ClassifyRequ
     settings: Settings = current_app.extensions["service.settings"]
     body = read_body(settings.max_batch, form)
     started = time.perf_counter()
-    results = current_app.extensions["service.classifier"].classify(
-        body.texts, top_k=body.top_k, function_to_apply=body.function_to_apply)
+    # the batch scheduler when batching, else the classifier in this thread
+    runner = current_app.extensions["service.scheduler"] or current_app.extensions["service.classifier"]
+    results = runner.classify(body.texts, top_k=body.top_k, function_to_apply=body.function_to_apply)
     metrics: Metrics = current_app.extensions["service.metrics"]
     metrics.observe_inference(len(body.texts), time.perf_counter() - started)
     return body, results
@@ -58,7 +60,12 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> tuple[Response, int]:
-    """Say whether the model is loaded and has answered (warm-up or a first request)."""
+    """Say whether requests will be served: the model has answered, the worker runs, no shutdown."""
+    if current_app.extensions["service.draining"].is_set():
+        return jsonify(status="stopping", error="shutting down"), 503
+    scheduler: Scheduler | None = current_app.extensions["service.scheduler"]
+    if scheduler is not None and not scheduler.alive:
+        return jsonify(status="failed", error="the batch worker stopped"), 503
     if current_app.extensions["service.classifier"].ready:
         return jsonify(status="ready"), 200
     return jsonify(status="loading", error="model not warmed up yet"), 503
@@ -66,16 +73,23 @@ def ready() -> tuple[Response, int]:
 
 @bp.get("/info")
 def info() -> Response:
-    """Describe the model, the runtime versions and the thread and batch limits."""
+    """Describe the model, the runtime versions, threads, limits, batching and whether a key is needed."""
     settings: Settings = current_app.extensions["service.settings"]
     classifier = current_app.extensions["service.classifier"]
     names = _RUNTIME + _REFERENCE.get(classifier.backend, ())
+    batching = current_app.extensions["service.scheduler"] is not None
     return jsonify(
         model=classifier.info(),
         backend=classifier.backend,
         versions={name: _version(name) for name in names} | {"python": platform.python_version()},
-        threads={"waitress": settings.threads, "ort_intra_op": settings.ort_threads, "ort_inter_op": 1},
-        limits={"max_batch": settings.max_batch, "max_content_length": settings.max_content_length},
+        threads={"waitress": settings.threads, "ort_intra_op": settings.ort_threads, "ort_inter_op": 1,
+                 "ort_spinning": settings.ort_spinning, "batch_workers": settings.batch_workers if batching else 0},
+        limits={"max_batch": settings.max_batch, "max_content_length": settings.max_content_length,
+                "max_queue": settings.max_queue, "connection_limit": settings.connection_limit},
+        batching={"enabled": batching, "max_texts": settings.batch_max_texts,
+                  "max_tokens": settings.batch_max_tokens, "wait_ms": settings.batch_wait_ms,
+                  "queue_timeout_s": settings.queue_timeout},
+        auth={"api_key_required": settings.api_key is not None},  # whether, never which
     )
 
 
@@ -90,7 +104,7 @@ def metrics() -> Response:
 def openapi() -> Response:
     """Return the OpenAPI 3.1 document of these routes."""
     settings: Settings = current_app.extensions["service.settings"]
-    return jsonify(openapi_document(settings.max_batch, settings.max_content_length))
+    return jsonify(openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None))
 
 
 def _version(distribution: str) -> str | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,27 @@ DEFAULTS: dict[str, Any] = {
     "MODEL_DIR": "onnx_models/minilm-l6-sentiment",
     "HOST": "127.0.0.1",
     "PORT": 8000,
-    "THREADS": 4,  # Waitress' own default
+    "THREADS": None,  # None: see default_threads()
     "ORT_THREADS": None,  # None: the usable cores, see usable_cores()
+    "ORT_SPINNING": False,  # onnxruntime's default is on; off measured better on shared cores
     "MAX_BATCH": 32,  # TEI's client batch limit
     "MAX_CONTENT_LENGTH": 2 * 1024 * 1024,  # 2 MiB, TEI's payload limit
     "BACKEND": "onnx",
     "WARMUP": True,
+    "BATCHING": True,
+    "BATCH_MAX_TEXTS": 32,  # texts one worker batch takes from the queue
+    # padded tokens of one session.run: past ~700 the time per text rose on 2 cores (cache), README
+    "BATCH_MAX_TOKENS": 512,
+    "BATCH_WAIT_MS": 0,  # no artificial wait: take what is queued when the worker is free
+    "BATCH_WORKERS": 1,
+    "MAX_QUEUE": 64,  # texts waiting for the worker; more is answered 503 at once
+    "QUEUE_TIMEOUT": 5.0,  # seconds a request may wait in the queue before a 503
+    "CONNECTION_LIMIT": 512,  # open connections Waitress serves at once (TEI: 512 concurrent requests)
+    "SHUTDOWN_TIMEOUT": 8.0,  # seconds to finish in-flight requests after SIGTERM
+    "API_KEY": None,  # None: no authentication
 }
+# Open file descriptors the process needs besides client connections (model, pipes, logs, ...).
+_SPARE_FILES = 64
 
 
 class ConfigError(ValueError):
@@ -39,10 +54,21 @@ class Settings:
     port: int
     threads: int
     ort_threads: int
+    ort_spinning: bool
     max_batch: int
     max_content_length: int
     backend: str
     warmup: bool
+    batching: bool
+    batch_max_texts: int
+    batch_max_tokens: int
+    batch_wait_ms: int
+    batch_workers: int
+    max_queue: int
+    queue_timeout: float
+    connection_limit: int
+    shutdown_timeout: float
+    api_key: str | None = field(repr=False)  # never in a log line or a traceback
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -55,14 +81,26 @@ class Settings:
             model_dir=resolve_model_dir(config.get("MODEL_DIR", DEFAULTS["MODEL_DIR"])),
             host=_host(config.get("HOST", DEFAULTS["HOST"])),
             port=_integer(config, "PORT", 0, 65535, "an integer 0-65535 (0: any free port)"),
-            threads=_integer(config, "THREADS", 1, 1024, "an integer 1-1024"),
+            threads=(default_threads(config) if config.get("THREADS") in (None, "")
+                     else _integer(config, "THREADS", 1, 1024, "an integer 1-1024")),
             ort_threads=(usable_cores() if ort_threads in (None, "")
                          else _integer(config, "ORT_THREADS", 1, 1024, "an integer 1-1024")),
+            ort_spinning=_boolean(config, "ORT_SPINNING"),
             max_batch=_integer(config, "MAX_BATCH", 1, 100_000, "an integer 1-100000"),
             max_content_length=_integer(config, "MAX_CONTENT_LENGTH", 1, 2**40,
                                         "a positive integer (bytes)"),
             backend=backend,
             warmup=_boolean(config, "WARMUP"),
+            batching=_boolean(config, "BATCHING"),
+            batch_max_texts=_integer(config, "BATCH_MAX_TEXTS", 1, 100_000, "an integer 1-100000"),
+            batch_max_tokens=_integer(config, "BATCH_MAX_TOKENS", 1, 10_000_000, "an integer 1-10000000"),
+            batch_wait_ms=_integer(config, "BATCH_WAIT_MS", 0, 1000, "an integer 0-1000 (milliseconds)"),
+            batch_workers=_integer(config, "BATCH_WORKERS", 1, 64, "an integer 1-64"),
+            max_queue=_max_queue(config),
+            queue_timeout=_seconds(config, "QUEUE_TIMEOUT"),
+            connection_limit=_connection_limit(config),
+            shutdown_timeout=_seconds(config, "SHUTDOWN_TIMEOUT"),
+            api_key=_api_key(config.get("API_KEY")),
         )
 
 
@@ -79,6 +117,64 @@ def _integer(config: Mapping[str, Any], key: str, low: int, high: int, expected:
     if not low <= number <= high:
         raise ConfigError(f"SERVICE_{key} must be {expected}, got {value!r}")
     return number
+
+
+def default_threads(config: Mapping[str, Any]) -> int:
+    """Return the default THREADS: enough for every text queued or running when batching, else 4."""
+    if not _boolean(config, "BATCHING"):
+        return 4  # each thread runs the model itself: more would oversubscribe the cores
+    # Request threads mostly wait for the worker. With fewer of them than queued + running texts
+    # plus a margin, the excess would wait unseen in Waitress' own unbounded task queue instead
+    # of reaching SERVICE_MAX_QUEUE, which answers 503 at once.
+    batch = _integer(config, "BATCH_MAX_TEXTS", 1, 100_000, "an integer 1-100000")
+    workers = _integer(config, "BATCH_WORKERS", 1, 64, "an integer 1-64")
+    return min(1024, _max_queue(config) + batch * workers + 32)
+
+
+def _seconds(config: Mapping[str, Any], key: str) -> float:
+    """Return config[key] as a number of seconds, 0 < s <= 3600, or raise ConfigError."""
+    value = config.get(key, DEFAULTS[key])
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number <= 3600:  # also false for NaN
+        raise ConfigError(f"SERVICE_{key} must be a number of seconds > 0 and <= 3600, got {value!r}")
+    return number
+
+
+def _max_queue(config: Mapping[str, Any]) -> int:
+    """Return MAX_QUEUE, which must hold the largest request (MAX_BATCH texts)."""
+    max_queue = _integer(config, "MAX_QUEUE", 1, 1_000_000, "an integer 1-1000000")
+    max_batch = _integer(config, "MAX_BATCH", 1, 100_000, "an integer 1-100000")
+    if max_queue < max_batch:
+        raise ConfigError(f"SERVICE_MAX_QUEUE must be at least SERVICE_MAX_BATCH ({max_batch}) so the "
+                          f"largest request fits, got {config.get('MAX_QUEUE')!r}")
+    return max_queue
+
+
+def _connection_limit(config: Mapping[str, Any]) -> int:
+    """Return CONNECTION_LIMIT, checked against the open-files limit so accept() cannot fail."""
+    limit = _integer(config, "CONNECTION_LIMIT", 1, 1_000_000, "an integer 1-1000000")
+    # Waitress logs and retries a failing accept() in a busy loop when no descriptor is left.
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files != resource.RLIM_INFINITY and limit + _SPARE_FILES > files:
+        raise ConfigError(f"SERVICE_CONNECTION_LIMIT {limit} needs more open files than the limit of "
+                          f"{files} (ulimit -n) allows: lower it below {max(files - _SPARE_FILES, 1)} "
+                          "or raise ulimit -n")
+    return limit
+
+
+def _api_key(value: Any) -> str | None:
+    """Return the API key, or None when unset; an empty or unsendable key is an error."""
+    if value is None:
+        return None
+    # an empty variable is more likely a deployment mistake than a wish to turn authentication off
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("SERVICE_API_KEY must not be empty (unset it to turn authentication off)")
+    if not all("!" <= char <= "~" for char in value):
+        raise ConfigError("SERVICE_API_KEY must be printable ASCII without spaces (a Bearer token)")
+    return value
 
 
 def _boolean(config: Mapping[str, Any], key: str) -> bool:

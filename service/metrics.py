@@ -1,11 +1,12 @@
-"""Prometheus metrics in a per-app registry: requests, latency, inference time and batch sizes."""
+"""Prometheus metrics in a per-app registry: requests, latency, inference, batches and the queue."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from flask import Flask, Response, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Short texts take ~2 ms; a batch of 32 long texts takes seconds on 2 cores.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -23,10 +24,28 @@ class Metrics:
         self.latency = Histogram("service_request_duration_seconds", "HTTP request latency by route",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.inference = Histogram("service_inference_duration_seconds",
-                                   "Tokenize + model + post-process time per request batch",
+                                   "Classification time per request: queue wait (when batching), "
+                                   "tokenize, model and post-process",
                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("service_batch_size", "Texts per classification request",
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.run_texts = Histogram("service_model_run_texts",
+                                   "Texts per session.run of the batch worker (requests batched together)",
+                                   buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("service_queue_wait_seconds",
+                                    "Time a request waited in the batching queue before its batch started",
+                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("service_queue_depth", "Texts waiting in the batching queue",
+                                 registry=self.registry)
+        self.rejections = Counter("service_rejections", "Requests answered 503 with Retry-After, by reason "
+                                  "(queue_full, queue_timeout, shutting_down)", ["reason"],
+                                  registry=self.registry)
+        for reason in ("queue_full", "queue_timeout", "shutting_down"):
+            self.rejections.labels(reason)  # exported as 0 from the start, so rate() sees the first one
+
+    def track_queue(self, depth: Callable[[], float]) -> None:
+        """Read the queue depth from the scheduler whenever metrics are scraped."""
+        self.queue_depth.set_function(depth)
 
     def observe_inference(self, texts: int, seconds: float) -> None:
         """Record one classification call."""

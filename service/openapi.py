@@ -9,6 +9,10 @@ _CONTENT_TYPES = (
     "`curl -d` sends application/x-www-form-urlencoded and is accepted). multipart/form-data is "
     "refused with 415. Texts longer than the model's max_length tokens are truncated, not refused."
 )
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying",
+                                 "schema": {"type": "integer", "minimum": 1}}}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": 'Bearer realm="onnx-classifier"[, error="invalid_token"]',
+                                          "schema": {"type": "string"}}}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -25,21 +29,29 @@ def _body(name: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     """Return the documented error responses, all with the same {"error": str} body."""
-    reasons = {400: "Invalid JSON or invalid fields", 404: "Unknown path",
-               405: "Wrong method (the Allow header lists the right ones)",
+    reasons = {400: "Invalid JSON or invalid fields", 401: "Missing or invalid API key",
+               404: "Unknown path", 405: "Wrong method (the Allow header lists the right ones)",
                413: "Body over max_content_length, or more texts than max_batch",
                415: "multipart/form-data body", 500: "Inference failed or internal error",
-               503: "Model not warmed up yet"}
-    return {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
+               503: ("Overloaded (the queue is full, or the request waited longer than the queue "
+                     "timeout) or shutting down: retry after Retry-After seconds")}
+    responses = {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
+    if 503 in statuses:
+        responses["503"]["headers"] = _RETRY_AFTER
+    if 401 in statuses:
+        responses["401"]["headers"] = _WWW_AUTHENTICATE
+    return responses
 
 
-def openapi_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
-    """Return the OpenAPI document with this instance's limits filled in."""
+def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False) -> dict[str, Any]:
+    """Return the OpenAPI document with this instance's limits and authentication filled in."""
     top_k = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
              "description": "Return this many labels sorted by score (null: all labels)."}
     texts = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
              "maxItems": max_batch, "description": f"At most {max_batch} non-blank texts."}
-    classify_errors = _errors(400, 413, 415, 500)
+    # 401 only where this instance can answer it, so a schema-driven fuzzer sees no surprise
+    locked = (401,) if api_key_required else ()
+    classify_errors = _errors(400, *locked, 413, 415, 500, 503)
     schemas = {
         "Prediction": {"type": "object", "required": ["label", "score"], "additionalProperties": False,
                        "properties": {"label": {"type": "string"}, "score": {"type": "number"}}},
@@ -77,9 +89,11 @@ def openapi_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status"],
-                  "properties": {"status": {"enum": ["ready", "loading"]}, "error": {"type": "string"}}},
+                  "properties": {"status": {"enum": ["ready", "loading", "stopping", "failed"]},
+                                 "error": {"type": "string"}}},
         "Info": {
-            "type": "object", "required": ["model", "backend", "versions", "threads", "limits"],
+            "type": "object",
+            "required": ["model", "backend", "versions", "threads", "limits", "batching", "auth"],
             "properties": {
                 "model": {"type": "object",
                           "required": ["name", "labels", "max_length", "function_to_apply"],
@@ -92,10 +106,20 @@ def openapi_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
                                          "created_at": {"type": ["string", "null"]}}},
                 "backend": {"enum": ["onnx", "pytorch", "optimum"]},
                 "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
-                "threads": {"type": "object", "required": ["waitress", "ort_intra_op", "ort_inter_op"],
+                "threads": {"type": "object",
+                            "required": ["waitress", "ort_intra_op", "ort_inter_op", "ort_spinning", "batch_workers"],
+                            "properties": {"ort_spinning": {"type": "boolean"}},
                             "additionalProperties": {"type": "integer"}},
-                "limits": {"type": "object", "required": ["max_batch", "max_content_length"],
+                "limits": {"type": "object", "required": ["max_batch", "max_content_length", "max_queue",
+                                                          "connection_limit"],
                            "additionalProperties": {"type": "integer"}},
+                "batching": {"type": "object",
+                             "required": ["enabled", "max_texts", "max_tokens", "wait_ms", "queue_timeout_s"],
+                             "properties": {"enabled": {"type": "boolean"}, "max_texts": {"type": "integer"},
+                                            "max_tokens": {"type": "integer"}, "wait_ms": {"type": "integer"},
+                                            "queue_timeout_s": {"type": "number"}}},
+                "auth": {"type": "object", "required": ["api_key_required"],
+                         "properties": {"api_key_required": {"type": "boolean"}}},
             },
         },
     }
@@ -117,16 +141,26 @@ def openapi_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
                 "responses": {"200": _json(_ref("InferenceResponse"), "Ranked predictions per input"),
                               **classify_errors},
             }},
-            "/health": {"get": {"summary": "Liveness", "responses": {"200": _json(_ref("Health"), "Alive")}}},
-            "/ready": {"get": {"summary": "Readiness: the model is loaded and has answered",
-                               "responses": {"200": _json(_ref("Ready"), "Ready"), **_errors(503)}}},
-            "/info": {"get": {"summary": "Model, versions, threads and limits",
-                              "responses": {"200": _json(_ref("Info"), "Service description")}}},
+            "/health": {"get": {"summary": "Liveness", "security": [],
+                                "responses": {"200": _json(_ref("Health"), "Alive")}}},
+            "/ready": {"get": {"summary": "Readiness: the model has answered, the batch worker runs and "
+                                          "no shutdown has begun", "security": [],
+                               "responses": {"200": _json(_ref("Ready"), "Ready"),
+                                             "503": _json(_ref("Ready"), "Not ready: loading, stopping "
+                                                          "(shutting down) or failed (the batch worker stopped)")}}},
+            "/info": {"get": {"summary": "Model, versions, threads, limits, batching and authentication",
+                              "responses": {"200": _json(_ref("Info"), "Service description"),
+                                            **_errors(*locked)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
                                  "responses": {"200": {"description": "Prometheus text format 0.0.4",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This document",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               **_errors(*locked)}}},
+            "/openapi.json": {"get": {"summary": "This document", "security": [],
                                       "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document")}}},
         },
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {"bearerAuth": {
+            "type": "http", "scheme": "bearer",
+            "description": "The key of SERVICE_API_KEY, when the service sets one (see /info auth)."}}},
+        # every operation needs the key unless it says "security": [] (the probes and this document)
+        **({"security": [{"bearerAuth": []}]} if api_key_required else {}),
     }

@@ -107,6 +107,7 @@ def running_server(timeout: float = START_TIMEOUT, **overrides: str) -> Iterator
             found = re.search(r"serving model .* on (http://\S+)", line)
             if found:
                 urls.put(found.group(1))
+        process.stderr.close()  # at end of file: the process has exited
         urls.put(None)
 
     threading.Thread(target=drain, daemon=True).start()

@@ -141,7 +141,13 @@ def test_health_ready_info(client: FlaskClient) -> None:
     assert info["model"]["max_length"] == 256
     assert info["backend"] == "onnx"
     assert info["versions"]["onnxruntime"] and info["versions"]["waitress"]
-    assert info["threads"] == {"waitress": 4, "ort_intra_op": 2, "ort_inter_op": 1}
+    assert info["threads"] == {"waitress": 128, "ort_intra_op": 2, "ort_inter_op": 1, "ort_spinning": False,
+                               "batch_workers": 1}
+    assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 512, "wait_ms": 0,
+                                "queue_timeout_s": 5.0}
+    assert info["limits"] == {"max_batch": 32, "max_content_length": 2097152, "max_queue": 64,
+                              "connection_limit": 512}
+    assert info["auth"] == {"api_key_required": False}
     manifest = json.loads((Path(client.application.extensions["service.classifier"].model_dir)
                            / "manifest.json").read_text())
     for key in ("source", "quantization", "validation", "created_at"):
@@ -169,24 +175,33 @@ def test_ready_is_503_until_the_model_has_answered(tiny_models: dict[int, Path])
     assert client.get("/ready").status_code == 200
 
 
+@pytest.mark.parametrize("batching", [True, False])
 def test_inference_failure_is_a_generic_500_with_the_cause_logged(
-        tiny_models: dict[int, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        tiny_models: dict[int, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        batching: bool) -> None:
     classifier = Classifier(tiny_models[2])
-    client = create_app({"MODEL_DIR": str(tiny_models[2])}, classifier=classifier).test_client()
-    tokenize = classifier.tokenize
+    client = create_app({"MODEL_DIR": str(tiny_models[2]), "BATCHING": batching},
+                        classifier=classifier).test_client()
+    collate = classifier.collate
 
-    def wrong_dtype(texts: list[str]) -> dict[str, np.ndarray]:
-        feeds = tokenize(texts)
-        return {**feeds, "input_ids": feeds["input_ids"].astype(np.float32)}  # ORT rejects it for real
+    def wrong_dtype(encodings: list) -> dict[str, np.ndarray]:
+        feeds = collate(encodings)
+        if len(encodings[0]) > 4:  # "a film" is [CLS] a film [SEP]: the long text fails
+            feeds["input_ids"] = feeds["input_ids"].astype(np.float32)  # ORT rejects it for real
+        return feeds
 
-    monkeypatch.setattr(classifier, "tokenize", wrong_dtype)
+    monkeypatch.setattr(classifier, "collate", wrong_dtype)
     with caplog.at_level(logging.ERROR, logger="service.errors"):
-        response = client.post("/sentiment", json={"text": "a film"}, headers={"X-Request-ID": "abc-123"})
+        response = client.post("/sentiment", json={"text": "a dull and terrible film"},
+                               headers={"X-Request-ID": "abc-123"})
     assert response.status_code == 500
     assert response.get_json() == {"error": "inference failed"}
     assert response.headers["X-Request-ID"] == "abc-123"
     assert "request abc-123: inference failed" in caplog.text
     assert "onnxruntime failed" in caplog.text
+    # the service goes on serving
+    assert client.post("/sentiment", json={"text": "a film"}).status_code == 200
+    assert client.get("/ready").status_code == 200
 
 
 def test_unexpected_errors_are_a_generic_500(tiny_models: dict[int, Path], monkeypatch: pytest.MonkeyPatch,
@@ -197,7 +212,7 @@ def test_unexpected_errors_are_a_generic_500(tiny_models: dict[int, Path], monke
     def broken(*args: Any, **kwargs: Any) -> None:
         raise KeyError("/secret/internal/path")
 
-    monkeypatch.setattr(classifier, "classify", broken)
+    monkeypatch.setattr(classifier, "postprocess", broken)  # runs in the request thread, batching or not
     with caplog.at_level(logging.ERROR, logger="service.errors"):
         response = client.post("/sentiment", json={"text": "a film"})
     assert response.status_code == 500

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 from service_testkit import NEGATIVE, POSITIVE, schema_errors
+
+from service import create_app
+from service.classifier import Classifier
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added by Flask and Werkzeug to every rule
 
@@ -67,3 +71,29 @@ def test_the_schema_check_can_fail(client: FlaskClient) -> None:
                          document) == []
     assert schema_errors([{"label": "x", "score": 1.0}], {"$ref": "#/components/schemas/InferenceResponse"},
                          document)
+
+
+def test_with_an_api_key_the_document_asks_for_it_except_on_probes(model_dir: Path, classifier: Classifier,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVICE_API_KEY", "k3y")
+    document = create_app({"MODEL_DIR": str(model_dir)}, classifier=classifier).test_client() \
+        .get("/openapi.json").get_json()
+    assert document["security"] == [{"bearerAuth": []}]
+    scheme = document["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            if path in ("/health", "/ready", "/openapi.json"):
+                assert operation["security"] == [] and "401" not in operation["responses"]
+            else:
+                assert "security" not in operation  # the document-wide requirement applies
+                assert operation["responses"]["401"]["headers"]["WWW-Authenticate"]
+
+
+def test_without_a_key_no_401_is_documented_and_503_carries_retry_after(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    assert "security" not in document
+    assert all("401" not in operation["responses"] for item in document["paths"].values()
+               for operation in item.values())
+    for path in ("/sentiment", "/"):
+        assert "Retry-After" in document["paths"][path]["post"]["responses"]["503"]["headers"]

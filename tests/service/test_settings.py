@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -13,18 +14,38 @@ from service.config import ConfigError, Settings, resolve_model_dir, usable_core
 
 def test_defaults(tmp_path: Path) -> None:
     settings = Settings.from_mapping({"MODEL_DIR": str(tmp_path)})
-    assert (settings.host, settings.port, settings.threads, settings.max_batch) == ("127.0.0.1", 8000, 4, 32)
+    assert (settings.host, settings.port, settings.threads, settings.max_batch) == ("127.0.0.1", 8000, 128, 32)
     assert settings.max_content_length == 2 * 1024 * 1024
     assert settings.backend == "onnx" and settings.warmup is True
-    assert settings.ort_threads == usable_cores()
+    assert settings.ort_threads == usable_cores() and settings.ort_spinning is False
+    assert settings.batching is True
+    assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_workers) \
+        == (32, 512, 0, 1)
+    assert (settings.max_queue, settings.queue_timeout, settings.connection_limit) == (64, 5.0, 512)
+    assert settings.shutdown_timeout == 8.0 and settings.api_key is None
+
+
+@pytest.mark.parametrize(("config", "threads"), [
+    ({}, 64 + 32 + 32),  # every text the queue holds and the worker runs, plus a margin
+    ({"MAX_QUEUE": "200", "BATCH_WORKERS": "2"}, 200 + 2 * 32 + 32),
+    ({"BATCHING": "false"}, 4),  # each thread runs the model itself
+    ({"BATCHING": "false", "THREADS": "2"}, 2),
+    ({"THREADS": "16"}, 16),
+])
+def test_default_threads_follow_the_queue(tmp_path: Path, config: dict[str, str], threads: int) -> None:
+    assert Settings.from_mapping({"MODEL_DIR": str(tmp_path), **config}).threads == threads
 
 
 def test_environment_strings_are_parsed(tmp_path: Path) -> None:
     settings = Settings.from_mapping({"MODEL_DIR": str(tmp_path), "PORT": "0", "THREADS": " 8 ",
                                       "ORT_THREADS": "1", "MAX_BATCH": "64", "BACKEND": "PyTorch",
-                                      "WARMUP": "false"})
+                                      "WARMUP": "false", "BATCHING": "off", "BATCH_WAIT_MS": "2",
+                                      "MAX_QUEUE": "64", "QUEUE_TIMEOUT": "0.5", "SHUTDOWN_TIMEOUT": "9",
+                                      "ORT_SPINNING": "yes", "API_KEY": "abc"})
     assert (settings.port, settings.threads, settings.ort_threads, settings.max_batch) == (0, 8, 1, 64)
     assert settings.backend == "pytorch" and settings.warmup is False
+    assert settings.batching is False and settings.batch_wait_ms == 2 and settings.ort_spinning is True
+    assert (settings.queue_timeout, settings.shutdown_timeout, settings.api_key) == (0.5, 9.0, "abc")
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -38,6 +59,19 @@ def test_environment_strings_are_parsed(tmp_path: Path) -> None:
     ("BACKEND", "tf", "SERVICE_BACKEND must be one of onnx, pytorch, optimum, got 'tf'"),
     ("WARMUP", "maybe", "SERVICE_WARMUP must be true or false, got 'maybe'"),
     ("HOST", " ", "SERVICE_HOST must be a host name or IP address, got ' '"),
+    ("BATCHING", "sometimes", "SERVICE_BATCHING must be true or false, got 'sometimes'"),
+    ("BATCH_MAX_TEXTS", "0", "SERVICE_BATCH_MAX_TEXTS must be an integer 1-100000, got '0'"),
+    ("BATCH_MAX_TOKENS", "-5", "SERVICE_BATCH_MAX_TOKENS must be an integer 1-10000000, got '-5'"),
+    ("BATCH_WAIT_MS", "1001", "SERVICE_BATCH_WAIT_MS must be an integer 0-1000 (milliseconds), got '1001'"),
+    ("BATCH_WORKERS", "0", "SERVICE_BATCH_WORKERS must be an integer 1-64, got '0'"),
+    ("MAX_QUEUE", "16", "SERVICE_MAX_QUEUE must be at least SERVICE_MAX_BATCH (32) so the largest request "
+                        "fits, got '16'"),
+    ("QUEUE_TIMEOUT", "0", "SERVICE_QUEUE_TIMEOUT must be a number of seconds > 0 and <= 3600, got '0'"),
+    ("QUEUE_TIMEOUT", "nan", "SERVICE_QUEUE_TIMEOUT must be a number of seconds > 0 and <= 3600, got 'nan'"),
+    ("SHUTDOWN_TIMEOUT", "soon", "SERVICE_SHUTDOWN_TIMEOUT must be a number of seconds > 0 and <= 3600, "
+                                 "got 'soon'"),
+    ("CONNECTION_LIMIT", "0", "SERVICE_CONNECTION_LIMIT must be an integer 1-1000000, got '0'"),
+    ("ORT_SPINNING", "2", "SERVICE_ORT_SPINNING must be true or false, got '2'"),
 ])
 def test_bad_values_name_the_variable(tmp_path: Path, key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -56,3 +90,12 @@ def test_relative_model_dir_falls_back_to_the_repo_root(tmp_path: Path, monkeypa
 
 def test_usable_cores_respects_the_affinity_mask() -> None:
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_a_connection_limit_over_the_open_files_limit_is_refused(tmp_path: Path) -> None:
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files == resource.RLIM_INFINITY:
+        pytest.fail("this test needs a finite open-files limit (ulimit -n)", pytrace=False)
+    with pytest.raises(ConfigError, match=rf"SERVICE_CONNECTION_LIMIT {files} needs more open files than "
+                                          rf"the limit of {files} \(ulimit -n\) allows"):
+        Settings.from_mapping({"MODEL_DIR": str(tmp_path), "CONNECTION_LIMIT": str(files)})

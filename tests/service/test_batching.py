@@ -1,0 +1,154 @@
+"""The batch scheduler on the real default model: grouping, per-request answers, limits and faults."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from service_testkit import NEGATIVE, POSITIVE
+
+from service.batching import RUN_COST_TOKENS, Scheduler, Unavailable, length_groups
+from service.classifier import Classifier, InferenceError
+from service.metrics import Metrics
+
+
+@pytest.fixture
+def make_scheduler(classifier: Classifier) -> Iterator[Any]:
+    """Return a factory of schedulers on the session's classifier, stopped after the test."""
+    made: list[Scheduler] = []
+
+    def make(start: bool = True, model: Classifier | None = None, **limits: Any) -> Scheduler:
+        options = {"max_texts": 32, "max_tokens": 8192, "max_queue": 64, "queue_timeout": 30.0} | limits
+        scheduler = Scheduler(model or classifier, metrics=Metrics(), **options)
+        if start:
+            scheduler.start()
+        made.append(scheduler)
+        return scheduler
+
+    yield make
+    for scheduler in made:
+        scheduler.stop(timeout=10)
+
+
+def _sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    """Return one sample of the scheduler's metrics registry."""
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+@pytest.mark.parametrize(("lengths", "expected"), [
+    ([10, 10, 10, 10], [[0, 1, 2, 3]]),  # equal lengths: one run, no padding
+    ([256, 5], [[1], [0]]),  # padding 5 to 256 costs far more than a second run
+    ([12, 9, 10, 11], [[1, 2, 3, 0]]),  # a little padding is cheaper than a run
+])
+def test_length_groups_trade_padding_against_runs(lengths: list[int], expected: list[list[int]]) -> None:
+    assert length_groups(lengths, max_tokens=8192, max_texts=32) == expected
+
+
+def test_length_groups_cover_every_text_once_within_the_limits() -> None:
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(3, 257, size=200)]
+    groups = length_groups(lengths, max_tokens=2048, max_texts=16)
+    assert sorted(i for group in groups for i in group) == list(range(200))
+    for group in groups:
+        assert len(group) <= 16 and len(group) * max(lengths[i] for i in group) <= 2048
+    # the splits pay off: fewer padded tokens than one text per run would cost in runs
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert padded + RUN_COST_TOKENS * len(groups) < sum(lengths) + RUN_COST_TOKENS * len(lengths)
+    assert length_groups([300], max_tokens=256, max_texts=1) == [[0]]  # too long alone still runs
+
+
+def test_concurrent_requests_share_a_run_and_keep_their_own_options(make_scheduler: Any,
+                                                                      classifier: Classifier) -> None:
+    # a long wait, ended early when 4 texts are queued: the four requests meet in one batch for sure
+    scheduler = make_scheduler(max_texts=4, wait=30.0)
+    jobs = [([POSITIVE], 1, None), ([NEGATIVE], None, None), ([POSITIVE], None, "none"),
+            ([NEGATIVE], 2, "sigmoid")]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda job: scheduler.classify(job[0], top_k=job[1], function_to_apply=job[2]),
+                                jobs))
+    assert _sample(scheduler.metrics, "service_model_run_texts_count") == 1  # one session.run
+    assert _sample(scheduler.metrics, "service_model_run_texts_sum") == 4
+    for (texts, top_k, function), answer in zip(jobs, answers, strict=True):
+        alone = classifier.classify(texts, top_k=top_k, function_to_apply=function)
+        assert [[p["label"] for p in ranked] for ranked in answer] == \
+               [[p["label"] for p in ranked] for ranked in alone]
+        # dynamic int8 scales activations per run, so companions move scores a little
+        for ranked, ranked_alone in zip(answer, alone, strict=True):
+            for p, q in zip(ranked, ranked_alone, strict=True):
+                assert p["score"] == pytest.approx(q["score"], abs=0.25 if function == "none" else 0.02)
+    assert [len(answer[0]) for answer in answers] == [1, 2, 2, 2]
+
+
+def test_a_full_queue_answers_at_once_and_a_waiting_request_times_out(make_scheduler: Any) -> None:
+    # workers not started yet: whatever is queued stays queued, with no timing involved
+    scheduler = make_scheduler(start=False, max_queue=3, queue_timeout=0.2)
+    with pytest.raises(Unavailable) as timed_out:
+        scheduler.classify([POSITIVE])
+    assert timed_out.value.reason == "queue_timeout" and timed_out.value.retry_after >= 1
+    assert scheduler.depth == 0  # a request that gave up leaves the queue
+    scheduler.queue_timeout = 60.0
+    waiting = ThreadPoolExecutor(max_workers=1)
+    future = waiting.submit(scheduler.classify, [POSITIVE, NEGATIVE])
+    while scheduler.depth < 2:
+        threading.Event().wait(0.01)
+    with pytest.raises(Unavailable) as full:
+        scheduler.classify([POSITIVE, POSITIVE])  # 2 + 2 > 3
+    assert full.value.reason == "queue_full" and 1 <= full.value.retry_after <= 60
+    assert "queue is full" in full.value.message
+    assert _sample(scheduler.metrics, "service_rejections_total", {"reason": "queue_full"}) == 1
+    assert _sample(scheduler.metrics, "service_rejections_total", {"reason": "queue_timeout"}) == 1
+    assert _sample(scheduler.metrics, "service_queue_depth") == 2
+    scheduler.start()  # the queued request is served once a worker runs
+    assert [r[0]["label"] for r in future.result(timeout=60)] == ["POSITIVE", "NEGATIVE"]
+    waiting.shutdown()
+    assert scheduler.depth == 0
+
+
+def test_a_failing_run_fails_only_its_requests_and_the_worker_goes_on(model_dir: Path, make_scheduler: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Classifier(model_dir, intra_op_threads=1)  # its own copy: the fault stays in this test
+    poison_text = NEGATIVE + " really" * 300  # 256 tokens: a length group of its own
+    poison = model.encode([poison_text])[0].ids
+    collate = model.collate
+
+    def wrong_dtype_for_the_poison(encodings: list) -> dict[str, np.ndarray]:
+        feeds = collate(encodings)
+        if any(encoding.ids == poison for encoding in encodings):  # ORT then fails for real
+            feeds["input_ids"] = feeds["input_ids"].astype(np.float32)
+        return feeds
+
+    monkeypatch.setattr(model, "collate", wrong_dtype_for_the_poison)
+    scheduler = make_scheduler(model=model, max_texts=3, wait=30.0)  # the three meet in one batch
+    texts = [POSITIVE, poison_text, NEGATIVE]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(scheduler.classify, [text]) for text in texts]
+        outcomes = [future.exception(timeout=60) or future.result() for future in futures]
+    assert _sample(scheduler.metrics, "service_queue_wait_seconds_count") == 3
+    assert _sample(scheduler.metrics, "service_model_run_texts_count") == 1  # the run that succeeded
+    assert isinstance(outcomes[1], InferenceError)
+    assert "onnxruntime failed" in str(outcomes[1].__cause__)
+    assert [outcomes[0][0][0]["label"], outcomes[2][0][0]["label"]] == ["POSITIVE", "NEGATIVE"]
+    assert scheduler.alive
+    scheduler.wait = 0.0
+    assert scheduler.classify(["a wonderful film"])[0][0]["label"] == "POSITIVE"  # the worker survived
+
+
+def test_stop_finishes_queued_work_then_refuses(make_scheduler: Any) -> None:
+    scheduler = make_scheduler(start=False)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(scheduler.classify, [POSITIVE])
+        while scheduler.depth < 1:
+            threading.Event().wait(0.01)
+        scheduler.start()
+        assert scheduler.stop(timeout=60)
+        assert future.result(timeout=1)[0][0]["label"] == "POSITIVE"
+    assert not scheduler.alive
+    with pytest.raises(Unavailable) as refused:
+        scheduler.classify([POSITIVE])
+    assert refused.value.reason == "shutting_down"

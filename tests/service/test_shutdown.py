@@ -1,0 +1,111 @@
+"""SIGTERM under load on a real `python -m service`: requests in flight finish, then exit 0 in time."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from service_testkit import NEGATIVE, POSITIVE, running_server
+
+IN_FLIGHT = 12  # requests on the wire when SIGTERM comes: 11 long texts and one upload half sent
+LONG = NEGATIVE + " It drags on and on." * 60  # 256 tokens: each batch of these takes a while
+
+
+def _post(connection: http.client.HTTPConnection, text: str) -> tuple[int, str | None, Any]:
+    """POST one text; return the status, the Connection header and the JSON body (read whole)."""
+    connection.request("POST", "/sentiment", body=json.dumps({"text": text}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.getheader("Connection"), json.loads(response.read())
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_0_within_10_s(model_dir: Path) -> None:
+    with running_server(SERVICE_MODEL_DIR=str(model_dir)) as server:
+        port = urlsplit(server.url).port
+        sent = threading.Barrier(IN_FLIGHT + 1)
+        answers: list[Any] = [None] * (IN_FLIGHT - 1)
+
+        def in_flight(index: int) -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                connection.request("POST", "/sentiment", body=json.dumps({"text": LONG}),
+                                   headers={"Content-Type": "application/json"})
+                sent.wait()
+                response = connection.getresponse()
+                answers[index] = (response.status, json.loads(response.read()), time.monotonic())
+            except Exception as exc:  # a reset or a cut-off body is what this test looks for
+                answers[index] = exc
+            finally:
+                connection.close()
+
+        # a keep-alive client that goes on sending until the server says it closes the connection
+        keep_alive: list[Any] = []
+
+        def sequential() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                while not keep_alive or keep_alive[-1][1] != "close":
+                    keep_alive.append(_post(connection, POSITIVE))
+            except Exception as exc:
+                keep_alive.append(exc)
+            finally:
+                connection.close()
+
+        # an upload in progress: half the body before the signal, the rest after it
+        signal_sent = threading.Event()
+        upload: list[Any] = []
+
+        def slow_upload() -> None:
+            body = json.dumps({"texts": [POSITIVE, NEGATIVE] * 8}).encode()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+                    raw.sendall(b"POST /sentiment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+                    sent.wait()
+                    signal_sent.wait(timeout=30)
+                    raw.sendall(body[100:])
+                    connection = http.client.HTTPResponse(raw)
+                    connection.begin()
+                    upload.append((connection.status, json.loads(connection.read())))
+            except Exception as exc:
+                upload.append(exc)
+
+        clients = [threading.Thread(target=sequential)]
+        clients[0].start()
+        while not keep_alive:
+            time.sleep(0.01)
+        clients += [threading.Thread(target=in_flight, args=(i,)) for i in range(IN_FLIGHT - 1)]
+        clients.append(threading.Thread(target=slow_upload))
+        for client in clients[1:]:
+            client.start()
+        sent.wait(timeout=30)  # every request is on the wire, none can be answered yet
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        signal_sent.set()
+        code = server.process.wait(timeout=15)
+        exited_after = time.monotonic() - signalled
+        for client in clients:
+            client.join(timeout=30)
+
+    log = "".join(server.log)
+    assert code == 0, log[-2000:]
+    assert exited_after < 10, f"exit took {exited_after:.1f} s"
+    failures = [answer for answer in answers if not isinstance(answer, tuple)]
+    assert not failures, f"requests in flight failed: {failures[:3]}\n{log[-2000:]}"
+    assert all(status == 200 and body["label"] == "NEGATIVE" for status, body, _ in answers)
+    assert max(answered for _, _, answered in answers) > signalled  # they really were in flight
+    assert len(upload) == 1 and isinstance(upload[0], tuple), upload
+    assert upload[0][0] == 200 and [p["label"] for p in upload[0][1]] == ["POSITIVE", "NEGATIVE"] * 8
+    # the keep-alive client got only complete 200s, the last one announcing the close
+    assert all(isinstance(answer, tuple) and answer[0] == 200 for answer in keep_alive), keep_alive[-3:]
+    assert keep_alive[-1][1] == "close"
+    assert "stopping: no longer accepting connections" in log and "INFO service: stopped" in log
+    with socket.socket() as probe:  # and nothing listens any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
