@@ -9,8 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
-from export.convert import TARGETS, QuantizationSettings
+from export.convert import TARGETS
 from export.pipeline import STOP, ExportOptions, run
+from export.quantize import MODES, QuantizationSettings
 from export.resolve import ExportError
 from export.sources import SourceError
 
@@ -28,8 +29,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--output-dir", type=Path, default=Path("onnx_models"))
     parser.add_argument("--revision", help="hub revision (branch, tag or commit); resolved to a commit")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--quantize", choices=("dynamic", "none"), default="dynamic",
-                        help="dynamic int8 (default) or none (serve fp32)")
+    parser.add_argument("--quantize", choices=MODES, default="auto",
+                        help="auto (default): search the int8 recipes and keep the fastest that meets the gate; "
+                             "dynamic or static: that one recipe; none: serve fp32")
     parser.add_argument("--target", choices=("auto", *TARGETS), default="auto",
                         help="CPU the int8 model is tuned for (default: detected from this CPU)")
     parser.add_argument("--no-per-channel", dest="per_channel", action="store_false",
@@ -37,24 +39,31 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--reduce-range", dest="reduce_range", action="store_true", default=None,
                         help="7-bit weights (default: on for avx2/avx512 without VNNI)")
     parser.add_argument("--exclude-nodes", default="", help="comma-separated ONNX node names kept in fp32")
-    parser.add_argument("--no-search", dest="search", action="store_false",
-                        help="quantize every MatMul; do not keep sensitive ones in fp32 to meet the gate")
-    parser.add_argument("--min-agreement", type=float, default=0.99,
-                        help="gate: least label agreement of the served model with PyTorch (default 0.99)")
+    parser.add_argument("--min-agreement", type=float, default=0.995,
+                        help="gate: least label agreement with the fp32 model on the selection split (0.995)")
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.003,
+                        help="gate: most accuracy lost against fp32 on the selection split (0.003 = 0.3 pt)")
+    parser.add_argument("--on-miss", choices=("best", "fp32"), default="best",
+                        help="when no int8 candidate meets the gate: keep the best one (then --no-gate decides "
+                             "whether it is written) or serve fp32")
     parser.add_argument("--no-gate", dest="enforce_gate", action="store_false",
-                        help="write the model even if it misses the agreement gate")
+                        help="write the model even if it misses the gate")
     parser.add_argument("--validation-file", type=Path,
-                        help="validation inputs, one per line: 'text' or 'LABEL<TAB>text'")
+                        help="your inputs, one per line: 'text' or 'LABEL<TAB>text'; split into calibration, "
+                             "selection and test parts")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
     parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
     args = parser.parse_args(argv)
     if not 0.0 <= args.min_agreement <= 1.0:
         parser.error("--min-agreement must lie between 0 and 1")
+    if not 0.0 <= args.max_accuracy_drop <= 1.0:
+        parser.error("--max-accuracy-drop must lie between 0 and 1")
     quantization = QuantizationSettings(
         mode=args.quantize, target=args.target, per_channel=args.per_channel, reduce_range=args.reduce_range,
-        nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()], search=args.search)
+        nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()])
     return ExportOptions(model=args.model, name=args.name, output_dir=args.output_dir, revision=args.revision,
                          force=args.force, quantization=quantization, min_agreement=args.min_agreement,
+                         max_accuracy_drop=args.max_accuracy_drop, on_miss=args.on_miss,
                          enforce_gate=args.enforce_gate, validation_file=args.validation_file,
                          opset=args.opset, retrain=args.retrain)
 
@@ -65,6 +74,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("optimum", "transformers", "onnxruntime", "huggingface_hub", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # onnxruntime.quantization warns through the root logger ("consider pre-processing") on every call
+    logging.getLogger().setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,24 +134,6 @@ def latency_ms(run: Callable[[dict], np.ndarray], tokenizer, text: str, max_leng
     return figures
 
 
-def agreement_meter(checkpoint: Path, tokenizer_dir: Path, examples: Sequence[Example], config: dict,
-                    max_length: int) -> Callable[[Path], float]:
-    """Score examples with PyTorch once; return a function giving an ONNX model's label agreement with it."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    texts = [e.text for e in examples]
-    num_labels = len(config["id2label"])
-    reference = probabilities(_run_all(texts, tokenizer, max_length, torch_runner(checkpoint), num_labels), config)
-
-    def agreement(model: Path) -> float:
-        scores = probabilities(_run_all(texts, tokenizer, max_length, ort_runner(ort_session(model)), num_labels),
-                               config)
-        return compare(reference, scores)["label_agreement"]
-
-    return agreement
-
-
 def evaluate(checkpoint: Path, tokenizer_dir: Path, models: dict[str, Path], sets: dict[str, list[Example]],
              config: dict, max_length: int) -> dict:
     """Score every set with PyTorch and each ONNX model; return agreement, differences, accuracy, latency."""

@@ -91,26 +91,66 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
 
     out = tmp_path / "out"
     common = ("--model", str(checkpoint), "--output-dir", str(out), "--validation-file", str(validation_file))
-    result = run_cli(*common, "--no-search")
-    _assert_clean_failure(result, "agrees with PyTorch on", "under the gate of 99.00%", "nothing was written")
+    result = run_cli(*common, "--quantize", "dynamic")
+    _assert_clean_failure(result, "No int8 candidate met the gate", "agreement with fp32 >= 99.50%",
+                          "nothing was written")
     assert list(out.iterdir()) == []
 
-    result = run_cli(*common, "--no-search", "--no-gate")
+    result = run_cli(*common, "--quantize", "dynamic", "--no-gate")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "tie" / "manifest.json").read_text())
-    gate = manifest["validation"]["gate"]
-    assert gate["passed"] is False and gate["enforced"] is False and gate["agreement"] < 0.99
-    assert manifest["quantization"]["sensitivity_search"]["excluded_nodes"] == []
+    gate, quant = manifest["validation"]["gate"], manifest["quantization"]
+    assert gate["passed"] is False and gate["enforced"] is False and gate["agreement"] < 0.995
+    assert quant["passed"] is False and quant["served"] == "int8" and quant["fp32_nodes"] == []
+    assert quant["why"].startswith("no candidate met the gate")
 
-    # With the search on, candidate sets of MatMuls are kept in fp32, cheapest first, each trial recorded.
-    result = run_cli(*common, "--name", "searched", "--no-gate")
+    # auto: every recipe, then the sensitivity pass and its exclusion ladder, each recorded with its figures
+    result = run_cli(*common, "--name", "searched", "--on-miss", "fp32")
     assert result.returncode == 0, result.stderr
-    search = json.loads((out / "searched" / "manifest.json").read_text())["quantization"]["sensitivity_search"]
-    assert search["trials"][0]["excluded"] == "" and search["trials"][0]["agreement"] == gate["agreement"]
-    assert len(search["trials"]) > 1 and search["excluded_nodes"]
-    weights = [t["fp32_weights"] for t in search["trials"]]
-    assert weights == sorted(weights)
-    assert search["final_agreement"] == max(t["agreement"] for t in search["trials"]) > gate["agreement"]
+    manifest = json.loads((out / "searched" / "manifest.json").read_text())
+    quant = manifest["quantization"]
+    names = [c["name"] for c in quant["candidates"]]
+    assert names[:6] == ["dynamic int8", "dynamic int8, weights per tensor",
+                         "dynamic int8, 7-bit weights (reduce_range)",
+                         "dynamic int8 of the O2-fused graph (QAttention)", "static int8 (QDQ, MinMax calibration)",
+                         "8-bit block weights, int8 compute (MatMulNBits)"]
+    assert len(names) > 6 and "most sensitive MatMuls fp32" in names[6]
+    for candidate in quant["candidates"]:
+        assert "error" not in candidate, candidate
+        assert {"agreement", "accuracy_drop", "max_abs_score_diff", "mean_abs_score_diff"} <= set(candidate["selection"])
+        assert candidate["batch1_ms"] > 0 and candidate["batch8_ms"] > 0 and candidate["size_bytes"] > 0
+        assert candidate["passed"] == (candidate["selection"]["agreement"] >= 0.995
+                                       and (candidate["selection"]["accuracy_drop"] or 0) <= 0.003)
+    ranking = [r["mean_abs_score_diff"] for r in quant["sensitivity"]]
+    assert len(ranking) == 12 and ranking == sorted(ranking, reverse=True)  # 2 layers x 6 weight MatMuls
+    ladder = [len(c["fp32_nodes"]) for c in quant["candidates"][6:]]
+    assert ladder == sorted(ladder) and all(c["fp32_nodes"] == [r["node"] for r in quant["sensitivity"][:n]]
+                                            for c, n in zip(quant["candidates"][6:], ladder))
+    # nothing met the gate, and --on-miss fp32 asked for the fp32 model rather than the best int8 one
+    if not any(c["passed"] for c in quant["candidates"]):
+        assert quant["served"] == "fp32" and manifest["validation"]["served_model"] == "onnx_fp32"
+        assert "--on-miss fp32" in quant["why"]
+    else:
+        assert quant["chosen"] in [c["name"] for c in quant["candidates"] if c["passed"]] or quant["served"] == "fp32"
+    assert manifest["validation"]["gate"]["passed"] is True
+
+
+def test_auto_picks_the_fastest_candidate_that_meets_the_gate(run_cli, checkpoints, tmp_path, validation_file):
+    out = tmp_path / "out"
+    result = run_cli("--model", str(checkpoints("bert")), "--output-dir", str(out), "--validation-file",
+                     str(validation_file), "--name", "auto")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "auto" / "manifest.json").read_text())
+    quant = manifest["quantization"]
+    assert quant["mode"] == "auto" and len(quant["candidates"]) >= 6 and quant["search_seconds"] > 0
+    passing = [c for c in quant["candidates"] if c.get("passed")]
+    assert passing, quant["candidates"]  # a random tiny model's clear margins survive int8
+    fastest = max(passing, key=lambda c: (c["batch8_speedup"], -c["size_bytes"]))
+    if fastest["batch8_speedup"] >= 1.0:
+        assert quant["chosen"] == fastest["name"] and quant["served"] == "int8"
+        assert quant["test"]["agreement"] is not None and "passed" in quant["test"]
+    else:  # on a model this small int8 can be slower than fp32; then fp32 is served, and said so
+        assert quant["served"] == "fp32" and "slower than fp32" in quant["why"]
 
 
 @pytest.mark.parametrize("stage", ["[2/5]", "[4/5]"])
@@ -145,7 +185,8 @@ def test_detect_target(flags, machine, expected):
 def test_help_lists_the_options(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
-    for option in ("--model", "--name", "--force", "--quantize", "--target", "--min-agreement", "--no-gate"):
+    for option in ("--model", "--name", "--force", "--quantize", "--target", "--min-agreement",
+                   "--max-accuracy-drop", "--on-miss", "--no-gate"):
         assert option in result.stdout
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from export import manifest as manifest_module
-from export.convert import QuantizationSettings
-from export.pipeline import ExportOptions, run
+from export.pipeline import ExportOptions, run, validation_sets
+from export.quantize import QuantizationSettings
 
 FAMILIES = [
     ("bert", ("NEGATIVE", "POSITIVE")),
@@ -23,8 +23,10 @@ FAMILIES = [
 
 
 def _export(checkpoint: Path, out: Path, validation_file: Path, **kw) -> Path:
+    """Export with one dynamic int8 recipe unless told otherwise (auto may keep fp32 for a tiny model)."""
+    kw.setdefault("quantization", QuantizationSettings(mode="dynamic"))
     options = ExportOptions(model=str(checkpoint), name="m", output_dir=out, validation_file=validation_file,
-                            min_agreement=kw.pop("min_agreement", 0.0), **kw)
+                            min_agreement=kw.pop("min_agreement", 0.0), max_accuracy_drop=1.0, **kw)
     return run(options)
 
 
@@ -76,14 +78,16 @@ def test_int8_export_writes_a_complete_folder_and_manifest(checkpoints, validati
     assert manifest["model"]["opset"] >= 14 and manifest["model"]["id2label"] == {
         str(i): label for i, label in enumerate(labels)}
     quant = manifest["quantization"]
-    assert quant["mode"] == "dynamic" and quant["per_channel"] is True and quant["weights_dtype"] == "QInt8"
+    assert quant["mode"] == "dynamic" and quant["kind"] == "dynamic" and quant["per_channel"] is True
     assert quant["target"] in ("avx512_vnni", "avx512", "avx2", "arm64")
+    assert [c["name"] for c in quant["candidates"]] == [quant["chosen"]] and quant["sensitivity"] == []
     import onnx
 
     ops = {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "Gather" in ops  # embeddings stay fp32
+    # 42 inputs: 10 calibrate, 16 select, 16 test
     validation = manifest["validation"]["sets"]["validation"]
-    assert validation["inputs"] == 42 and validation["labelled"] == 6
+    assert validation["inputs"] == 16 and manifest["validation"]["sets"]["test_file"]["inputs"] == 16
     assert 0.0 <= validation["onnx_int8_vs_pytorch"]["label_agreement"] <= 1.0
     assert validation["onnx_fp32_vs_pytorch"]["max_abs_score_diff"] < 1e-4
     assert set(validation["accuracy"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
@@ -102,10 +106,17 @@ def test_accuracy_counts_labelled_inputs_and_matches_labels_by_name(checkpoints,
 
     checkpoint = checkpoints("bert", ("negative", "neutral", "positive"))
     folder = _export(checkpoint, tmp_path, validation_file)
-    reported = json.loads((folder / "manifest.json").read_text())["validation"]["sets"]["validation"]["accuracy"]
-    logits, _ = _pytorch_and_onnx_logits(checkpoint, folder / "model.onnx", [t for _, t in SENTENCES])
-    truth = np.array([2 if label == "POSITIVE" else 0 for label, _ in SENTENCES])
-    assert reported["pytorch"] == round(float((logits.argmax(axis=1) == truth).mean()), 5)
+    reported = json.loads((folder / "manifest.json").read_text())["validation"]["sets"]
+    splits = validation_sets(ExportOptions(model=None, validation_file=validation_file))
+    assert sorted(splits) == ["calibration", "test_file", "validation"]
+    assert sorted(e.text for split in splits.values() for e in split) == sorted(
+        line.split("\t")[-1] for line in validation_file.read_text().splitlines())
+    for name in ("validation", "test_file"):
+        labelled = [e for e in splits[name] if e.label]
+        assert labelled, f"no labelled input fell into {name}"
+        logits, _ = _pytorch_and_onnx_logits(checkpoint, folder / "model.onnx", [e.text for e in labelled])
+        truth = np.array([2 if e.label == "POSITIVE" else 0 for e in labelled])
+        assert reported[name]["accuracy"]["pytorch"] == round(float((logits.argmax(axis=1) == truth).mean()), 5)
 
     other = _export(checkpoints("distilbert", FAMILIES[3][1]), tmp_path / "emotions", validation_file)
     reported = json.loads((other / "manifest.json").read_text())["validation"]["sets"]["validation"]["accuracy"]
