@@ -21,7 +21,8 @@ settings (environment variables; defaults in brackets):
   SERVICE_HOST                listen address [{HOST}]; 0.0.0.0 accepts other machines
   SERVICE_PORT                listen port [{PORT}]; 0 takes a free one, shown in the start-up line
   SERVICE_THREADS             Waitress request threads [batching: MAX_QUEUE + BATCH_MAX_TEXTS x
-                              BATCH_WORKERS + 32 = {threads}; without batching: 4]
+                              BATCH_WORKERS + 32 = {threads}; without batching or with
+                              another backend than onnx: 4]
   SERVICE_ORT_THREADS         onnxruntime intra-op threads [usable cores]
   SERVICE_ORT_SPINNING        let idle onnxruntime threads spin instead of sleeping [{ORT_SPINNING}]
   SERVICE_MAX_BATCH           most texts in one request [{MAX_BATCH}]

@@ -121,7 +121,9 @@ def _integer(config: Mapping[str, Any], key: str, low: int, high: int, expected:
 
 def default_threads(config: Mapping[str, Any]) -> int:
     """Return the default THREADS: enough for every text queued or running when batching, else 4."""
-    if not _boolean(config, "BATCHING"):
+    # only the onnx backend batches; the reference backends stand for the original per-request service
+    backend = str(config.get("BACKEND", DEFAULTS["BACKEND"])).strip().lower()
+    if not _boolean(config, "BATCHING") or backend != "onnx":
         return 4  # each thread runs the model itself: more would oversubscribe the cores
     # Request threads mostly wait for the worker. With fewer of them than queued + running texts
     # plus a margin, the excess would wait unseen in Waitress' own unbounded task queue instead

@@ -29,6 +29,7 @@ def test_defaults(tmp_path: Path) -> None:
     ({}, 64 + 32 + 32),  # every text the queue holds and the worker runs, plus a margin
     ({"MAX_QUEUE": "200", "BATCH_WORKERS": "2"}, 200 + 2 * 32 + 32),
     ({"BATCHING": "false"}, 4),  # each thread runs the model itself
+    ({"BACKEND": "pytorch"}, 4),  # the reference backends never batch
     ({"BATCHING": "false", "THREADS": "2"}, 2),
     ({"THREADS": "16"}, 16),
 ])
