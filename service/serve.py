@@ -6,11 +6,18 @@ for a thread are cancelled, a response a thread could not send whole is never fl
 keep-alive client may send its next request into a connection about to close, and connections
 still in the listen backlog are reset at exit. This runner keeps the loop running while it
 drains instead, like Go's `http.Server.Shutdown`.
+
+It also answers the errors Waitress raises itself (bad framing, a declared body over
+SERVICE_MAX_CONTENT_LENGTH, oversized headers) as JSON, and after such an error reads and drops
+what the client still sends before closing (nginx's lingering close), so the client gets the answer
+instead of a reset.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -19,7 +26,7 @@ from flask import Flask
 from waitress import create_server, wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
-from waitress.task import WSGITask
+from waitress.task import ErrorTask, WSGITask
 
 from service.config import Settings
 
@@ -29,6 +36,7 @@ _TICK = 0.1  # seconds the socket loop may sleep before it looks at the stop fla
 _DRAIN_TICK = 0.02  # the same while draining, to exit soon after the last response
 _IDLE_GRACE = 0.5  # seconds a keep-alive connection must have been quiet before a stop closes it
 _BACKLOG = 2048  # connections the kernel holds for accept(): bursts land here first
+_LINGER = 2.0  # seconds to read and drop what a client still sends after an early error response
 
 
 class GracefulServer:
@@ -41,12 +49,15 @@ class GracefulServer:
         self.draining: threading.Event = app.extensions["service.draining"]
         self.server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
                                     connection_limit=settings.connection_limit, backlog=_BACKLOG,
+                                    # refuse a declared body over the limit before reading it (Waitress'
+                                    # own limit is 1 GiB, spooled to disk); the limit itself still passes
+                                    max_request_body_size=settings.max_content_length + 1,
                                     # select() cannot watch descriptors above 1023; poll() can
                                     asyncore_use_poll=True, expose_tracebacks=False, ident="onnx-classifier")
         # a MultiSocketServer (a host with several addresses) keeps its map public, a single server not
         self.map: dict[int, Any] = getattr(self.server, "map", None) or self.server._map
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
-        channel_class = _closing_channel_class(self.draining)
+        channel_class = _channel_class(self.draining, settings.max_content_length)
         for listener in self.listeners:
             listener.channel_class = channel_class
         self._stop = threading.Event()
@@ -66,8 +77,12 @@ class GracefulServer:
     def run(self) -> bool:
         """Serve until request_stop(), then drain; return whether every request in flight finished."""
         adj = self.server.adj
+        sweep = 0.0
         while not self._stop.is_set():
             wasyncore.loop(timeout=_TICK, map=self.map, use_poll=adj.asyncore_use_poll, count=1)
+            if time.monotonic() >= sweep:  # not after every event: the scan is O(connections)
+                _close_expired_lingering(self._channels())
+                sweep = time.monotonic() + _TICK
         return self._drain()
 
     def _drain(self) -> bool:
@@ -84,6 +99,7 @@ class GracefulServer:
             # A keep-alive connection idle since before the stop is closed after a grace period: a
             # client that just sent a request on it would see a reset if it were closed at once.
             quiet_since = time.time() - _IDLE_GRACE
+            _close_expired_lingering(self._channels())
             for channel in self._channels():
                 if not _busy(channel) and channel.last_activity < quiet_since:
                     channel.handle_close()
@@ -126,8 +142,8 @@ def _busy(channel: HTTPChannel) -> bool:
     return bool(channel.requests or channel.request is not None or channel.total_outbufs_len)
 
 
-def _closing_channel_class(draining: threading.Event) -> type[HTTPChannel]:
-    """Return a channel class whose responses say `Connection: close` once draining has begun."""
+def _channel_class(draining: threading.Event, max_content_length: int) -> type[HTTPChannel]:
+    """Return Waitress' channel with JSON errors, lingering close and `Connection: close` when draining."""
 
     class ClosingTask(WSGITask):
         def build_response_header(self) -> bytes:
@@ -138,7 +154,69 @@ def _closing_channel_class(draining: threading.Event) -> type[HTTPChannel]:
                 self.set_close_on_finish()
             return super().build_response_header()
 
-    class ClosingChannel(HTTPChannel):
-        task_class = ClosingTask
+    class JsonErrorTask(ErrorTask):
+        def execute(self) -> None:
+            # Waitress answers what it cannot parse (bad framing, a declared body over the limit,
+            # huge headers) itself, before Flask runs: in the service's JSON error format too.
+            error = self.request.error
+            if error.code == 413:
+                message = f"request body too large: the limit is {max_content_length} bytes"
+            elif error.code >= 500:
+                message = "internal error"
+            else:  # waitress' parse message, e.g. "Invalid chunk size": about the request, no internals
+                message = f"{error.reason.lower()}: {str(error.body)[:200]}"
+            body = json.dumps({"error": message}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.channel.linger = True
+            self.write(body)
 
-    return ClosingChannel
+    class Channel(HTTPChannel):
+        task_class = ClosingTask
+        error_task_class = JsonErrorTask
+        linger = False  # set by an error answered before the request was read whole
+        linger_until = 0.0
+
+        def handle_close(self) -> None:
+            # Closing a socket with unread input makes the kernel send a reset, which can destroy
+            # the error response on its way and fails a client still sending its body. So, like
+            # nginx's lingering close: shut down our side, then read and drop for a while.
+            if self.linger and not self.linger_until and self.connected:
+                try:
+                    self.socket.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                else:
+                    self.linger_until = time.monotonic() + _LINGER
+                    self.will_close = self.close_when_flushed = False
+                    return
+            super().handle_close()
+
+        def readable(self) -> bool:
+            return bool(self.linger_until) or super().readable()
+
+        def writable(self) -> bool:
+            return not self.linger_until and super().writable()
+
+        def handle_read(self) -> None:
+            if not self.linger_until:
+                super().handle_read()
+                return
+            try:
+                data = self.socket.recv(65536)
+            except OSError:
+                data = b""
+            if not data or time.monotonic() > self.linger_until:
+                super().handle_close()
+
+    return Channel
+
+
+def _close_expired_lingering(channels: list[HTTPChannel]) -> None:
+    """Close connections that lingered after an error longer than _LINGER without closing."""
+    now = time.monotonic()
+    for channel in channels:
+        if getattr(channel, "linger_until", 0.0) and now > channel.linger_until:
+            HTTPChannel.handle_close(channel)

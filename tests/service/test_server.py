@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -157,3 +158,36 @@ def test_bad_settings_stop_start_up_with_one_line(tiny_models: dict[int, Path], 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
+
+
+def _raw(server: Server, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], Any]:
+    """Send raw bytes on a new connection; return the response's status, headers and JSON body."""
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=timeout) as raw:
+        raw.sendall(data)
+        response = http.client.HTTPResponse(raw)
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+
+
+@pytest.mark.parametrize(("data", "status", "message"), [
+    (b"POST /sentiment HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n",
+     400, "bad request: Invalid chunk size"),
+    (b"POST /sentiment HTTP/1.1\r\nHost: t\r\nContent-Length: -5\r\n\r\n", 400,
+     "bad request: Content-Length is invalid"),
+    # declared far over the limit: answered at once, not after waiting for (and spooling) the body
+    (b"POST /sentiment HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n" + b"a" * 4096, 413,
+     "request body too large: the limit is 2097152 bytes"),
+])
+def test_what_waitress_answers_itself_is_json_too(server: Server, data: bytes, status: int, message: str) -> None:
+    got_status, headers, body = _raw(server, data)
+    assert (got_status, body) == (status, {"error": message})
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert post(server, "/sentiment", {"text": POSITIVE})[0] == 200
+
+
+def test_a_body_of_exactly_the_limit_reaches_the_app(server: Server) -> None:
+    payload = json.dumps({"text": POSITIVE}).encode()
+    payload += b" " * (2 * 1024 * 1024 - len(payload))  # trailing whitespace is valid JSON
+    status, _, body = request(server, "POST", "/sentiment", payload, {"Content-Type": "application/json"})
+    assert status == 200 and body["label"] == "POSITIVE"
