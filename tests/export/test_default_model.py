@@ -10,15 +10,24 @@ from export import manifest as manifest_module
 from export.sources import ENCODER, SNIPPETS
 from tests.conftest import DEFAULT_MODEL_DIR
 
-MIN_AGREEMENT = 0.99
+MIN_AGREEMENT = 0.995  # with the fp32 model, on the selection and on the test split
+MAX_ACCURACY_DROP = 0.003
 MIN_MOVIE_ACCURACY = 0.87
 
 
 def _check_gates(manifest: dict) -> None:
-    validation = manifest["validation"]
-    assert validation["served_model"] == "onnx_int8"
-    assert validation["gate"]["passed"] and validation["gate"]["agreement"] >= MIN_AGREEMENT
-    assert validation["sets"]["validation"]["onnx_int8_vs_pytorch"]["label_agreement"] >= MIN_AGREEMENT
+    validation, quant = manifest["validation"], manifest["quantization"]
+    assert validation["served_model"] == "onnx_int8" and quant["mode"] == "auto" and quant["served"] == "int8"
+    gate = validation["gate"]
+    assert gate["passed"] and gate["agreement"] >= MIN_AGREEMENT and gate["accuracy_drop"] <= MAX_ACCURACY_DROP
+    assert gate["confirmed_on_test"] and quant["test"]["agreement"] >= MIN_AGREEMENT
+    assert quant["test"]["accuracy_drop"] <= MAX_ACCURACY_DROP
+    chosen = next(c for c in quant["candidates"] if c["name"] == quant["chosen"])
+    assert chosen["passed"] and chosen["batch8_speedup"] == max(
+        c["batch8_speedup"] for c in quant["candidates"] if c.get("passed"))
+    # against PyTorch, the original: the fp32 export is faithful, so int8 stays close to it as well
+    assert validation["sets"]["validation"]["onnx_fp32_vs_pytorch"]["label_agreement"] >= 0.999
+    assert validation["sets"]["validation"]["onnx_int8_vs_pytorch"]["label_agreement"] >= 0.99
     movie = validation["sets"]["test_movie"]
     assert movie["labelled"] > 800
     assert movie["accuracy"]["onnx_int8"] >= MIN_MOVIE_ACCURACY
@@ -38,7 +47,7 @@ def test_the_committed_default_model_is_intact_and_meets_its_gates():
     manifest = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
     _check_gates(manifest)
     assert manifest["source"]["kind"] == "recipe"
-    # Layers 0-2 and the word embeddings stay fp32 (agreement gate): 75 MB against 91 MB all fp32.
+    # The 15 most sensitive MatMuls and the word embeddings stay fp32 (the gate): 77 MB against 91 MB fp32.
     assert (DEFAULT_MODEL_DIR / "model.onnx").stat().st_size < 80 * 2**20
 
 
