@@ -223,8 +223,10 @@ class Classifier:
                                  f"{vocab_size}: tokenizer and model do not match")
         # ORT's Gather rejects out-of-range ids, so the highest id probes the embedding table size.
         probe = np.array([[0, tokens - 1]], dtype=np.int64)
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # the failure is reported in one line below, not by ORT's logger too
         try:
-            (logits,) = self.session.run(["logits"], self._feeds(probe, np.ones_like(probe)))
+            (logits,) = self.session.run(["logits"], self._feeds(probe, np.ones_like(probe)), quiet)
         except Exception as exc:
             raise ModelLoadError(f"model.onnx rejects token id {tokens - 1} of tokenizer.json: "
                                  f"tokenizer and model do not match ({type(exc).__name__})") from None
@@ -317,8 +319,18 @@ class Classifier:
             "function_to_apply": self.function,
             "max_length": self.max_length,
             "inputs": list(self.input_names),
-            **{key: self.manifest.get(key) for key in ("source", "quantization", "validation", "created_at")},
+            "source": _without_paths(self.manifest.get("source")),
+            **{key: self.manifest.get(key) for key in ("quantization", "validation", "created_at")},
         }
+
+
+def _without_paths(value: Any) -> Any:
+    """Return a manifest value without its "path" entries: folders of the export machine are not public."""
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items() if key != "path"}
+    if isinstance(value, list):
+        return [_without_paths(item) for item in value]
+    return value
 
 
 def _token_text(value: Any) -> str | None:

@@ -43,11 +43,16 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return responses
 
 
+# A text must hold a character that str.strip() keeps; this class lists every one Python calls whitespace.
+NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+
+
 def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False) -> dict[str, Any]:
     """Return the OpenAPI document with this instance's limits and authentication filled in."""
     top_k = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
              "description": "Return this many labels sorted by score (null: all labels)."}
-    texts = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+    text = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
+    texts = {"type": "array", "items": text, "minItems": 1,
              "maxItems": max_batch, "description": f"At most {max_batch} non-blank texts."}
     # 401 only where this instance can answer it, so a schema-driven fuzzer sees no surprise
     locked = (401,) if api_key_required else ()
@@ -60,7 +65,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         "SentimentRequest": {
             "type": "object",
             "description": "Exactly one of text or texts. " + _CONTENT_TYPES,
-            "properties": {"text": {"type": "string", "minLength": 1}, "texts": texts, "top_k": top_k},
+            "properties": {"text": text, "texts": texts, "top_k": top_k},
             "oneOf": [{"required": ["text"]}, {"required": ["texts"]}],
         },
         "SentimentResponse": {
@@ -74,7 +79,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
             "type": "object", "required": ["inputs"],
             "description": "The Hugging Face Inference API text-classification body. " + _CONTENT_TYPES,
             "properties": {
-                "inputs": {"anyOf": [{"type": "string", "minLength": 1}, texts]},
+                "inputs": {"anyOf": [text, texts]},
                 "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
                     "top_k": top_k,
                     "function_to_apply": {"anyOf": [{"enum": ["softmax", "sigmoid", "none"]},

@@ -64,10 +64,6 @@ def with_non_blank_texts(document: dict[str, Any]) -> dict[str, Any]:
     return patched
 
 
-@pytest.mark.xfail(strict=True, reason="service/openapi.py documents texts as minLength 1 only, but the "
-                                       "service refuses whitespace-only texts with 400; schemathesis reports "
-                                       "ST202 for {\"texts\": [\"\\u001d\"]}. Fix: give each text schema "
-                                       "a pattern such as NON_BLANK here.")
 def test_the_served_document_says_texts_must_not_be_blank(fuzz_server: Server) -> None:
     schemas = request_text_schemas(send(fuzz_server, "GET", "/openapi.json").json())
     for blank in (" ", "\t\n", "\x1d", "\u3000"):

@@ -78,10 +78,6 @@ def test_chunked_bodies_without_length(live: Server, versions: list[str]) -> Non
     assert health_ok(live)
 
 
-@pytest.mark.xfail(strict=True, reason="Waitress reads (and spools to disk) a body up to its own "
-                                       "max_request_body_size, 1 GiB by default, before Flask sees the request, "
-                                       "so it waits for the 1 GB that never comes. Fix in service/__main__.py: "
-                                       "create_server(..., max_request_body_size=max_content_length + 1).")
 def test_a_1gb_content_length_is_refused_at_once(live: Server) -> None:
     head = (b"POST /sentiment HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000000000\r\n\r\n")
@@ -91,10 +87,6 @@ def test_a_1gb_content_length_is_refused_at_once(live: Server) -> None:
     assert health_ok(live)
 
 
-@pytest.mark.xfail(strict=True, reason="Waitress answers malformed framing itself, in text/plain "
-                                       "(e.g. 'Bad Request\\r\\n\\r\\nInvalid chunk size\\r\\n\\r\\n(generated "
-                                       "by onnx-classifier)'), before Flask runs; service/__main__.py would have "
-                                       "to render waitress.utilities.Error responses as JSON.")
 @pytest.mark.parametrize("head", [
     b"POST /sentiment HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n",
     b"POST /sentiment HTTP/1.1\r\nHost: t\r\nContent-Length: -5\r\n\r\n",

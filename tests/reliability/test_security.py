@@ -123,10 +123,6 @@ def test_no_answer_outside_info_carries_versions_paths_or_tracebacks(live: Serve
     assert "python_info" not in metrics and "process_" not in metrics  # a registry of its own, no collectors
 
 
-@pytest.mark.xfail(strict=True, reason="/info passes the manifest's source.path through: the export machine's "
-                                       "checkpoint folder (/work/main/.cache/checkpoints/...). Fix in "
-                                       "service/classifier.py Classifier.info(): publish the source without "
-                                       "local paths (or only the folder name).")
 def test_info_carries_no_internal_path(live: Server) -> None:
     text = send(live, "GET", "/info").body.decode()
     assert not re.search(r'"/(work|root|home|tmp|usr)/', text), re.findall(r'"/(?:work|root|home|tmp)/[^"]*"', text)

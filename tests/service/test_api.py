@@ -150,8 +150,11 @@ def test_health_ready_info(client: FlaskClient) -> None:
     assert info["auth"] == {"api_key_required": False}
     manifest = json.loads((Path(client.application.extensions["service.classifier"].model_dir)
                            / "manifest.json").read_text())
-    for key in ("source", "quantization", "validation", "created_at"):
+    for key in ("quantization", "validation", "created_at"):
         assert info["model"][key] == manifest[key]
+    # the source without the export machine's folders
+    assert info["model"]["source"] == {k: v for k, v in manifest["source"].items() if k != "path"}
+    assert "path" in manifest["source"]
 
 
 def test_metrics_count_requests_and_batches(client: FlaskClient) -> None:
