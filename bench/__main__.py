@@ -44,9 +44,9 @@ def backend_specs(names: list[str], model_dir: str) -> dict[str, dict[str, Any]]
                            "env": {"SERVICE_MODEL_DIR": model_dir}}
         elif name == "onnx-t2o1":
             # the lever: 2 Waitress threads x 1 ORT thread instead of 4 x 2 on 2 cores
-            specs[name] = {"label": "onnx, THREADS=2 ORT_THREADS=1", "size_key": "onnx",
+            specs[name] = {"label": "onnx unbatched, THREADS=2 ORT_THREADS=1", "size_key": "onnx",
                            "env": {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2",
-                                   "SERVICE_ORT_THREADS": "1"}}
+                                   "SERVICE_ORT_THREADS": "1", "SERVICE_BATCHING": "false"}}
     return specs
 
 

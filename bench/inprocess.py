@@ -64,7 +64,8 @@ def sweep(model_dir: Path, seconds: float, workloads: list[str]) -> dict[str, An
     """Measure every intra-op x Python thread x batch setting per workload; pick the best of each."""
     classifiers = {}
     for intra in INTRA_OP:
-        classifiers[intra] = Classifier(model_dir, intra_op_threads=intra)
+        # spinning off, as the service runs it: spinning threads steal the cores other runs need
+        classifiers[intra] = Classifier(model_dir, intra_op_threads=intra, spinning=False)
         classifiers[intra].warmup()
     results: dict[str, Any] = {}
     for name in workloads:
