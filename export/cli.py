@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quantize", choices=MODES, default="auto",
                         help="auto (default): search the int8 recipes and keep the fastest that meets the gate; "
-                             "dynamic or static: that one recipe; none: serve fp32")
+                             "dynamic, per-token or static: that one recipe; none: serve fp32")
     parser.add_argument("--target", choices=("auto", *TARGETS), default="auto",
                         help="CPU the int8 model is tuned for (default: detected from this CPU)")
     parser.add_argument("--no-per-channel", dest="per_channel", action="store_false",

@@ -113,6 +113,11 @@ def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
     sets = {"calibration": sample(splits.train), "validation": splits.validation}
     for domain, examples in splits.test.items():
         sets[f"test_{domain}"] = examples if domain == "movie" else examples[:TEST_SET_CAP]
+    # The out-of-domain snippets past the test cap join the selection split: at 2,560 inputs one flip is
+    # 0.04 pt and the gate's 0.5 pt budget is within noise (a candidate that agreed on 99.57% of them agreed
+    # on 99.35% of these 8,598); a larger selection split keeps a lucky candidate from being chosen.
+    sets["selection_extra"] = [e for domain, examples in splits.test.items() if domain != "movie"
+                               for e in examples[TEST_SET_CAP:]]
     return sets
 
 
@@ -170,9 +175,9 @@ def run(options: ExportOptions) -> Path:
             from transformers import AutoTokenizer
 
             tests = [e for name, examples in sets.items() if name.startswith("test") for e in examples]
+            selection = sets["validation"] + sets.get("selection_extra", [])
             scorer = Scorer(AutoTokenizer.from_pretrained(fp32.parent), length, exported_config,
-                            {"calibration": sets["calibration"], "selection": sets["validation"], "test": tests},
-                            fp32)
+                            {"calibration": sets["calibration"], "selection": selection, "test": tests}, fp32)
             gate = Gate(options.min_agreement, options.max_accuracy_drop)
             chosen, quant_record = search(fp32, work / "int8", options.quantization, scorer, gate,
                                           options.on_miss, stop=_check_stop)
@@ -182,6 +187,7 @@ def run(options: ExportOptions) -> Path:
             quant_record = {"mode": "none"}
         served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
         del sets["calibration"]
+        sets.pop("selection_extra", None)  # scored against fp32 in the search; PyTorch needs not see them
 
         stages.next("validating against the PyTorch model")
         report = evaluate(source.path, fp32.parent, models, sets, exported_config, length)
@@ -193,7 +199,8 @@ def run(options: ExportOptions) -> Path:
             passed, confirmed = bool(quant_record["passed"]), bool(quant_record["test"]["passed"])
         else:  # the fp32 model is the reference the gate measures against
             figures, passed, confirmed = {"agreement": 1.0, "accuracy_drop": 0.0}, True, True
-        report["gate"] = {"metric": f"{served} against onnx_fp32 on the selection split (validation): label "
+        report["gate"] = {"metric": f"{served} against onnx_fp32 on the selection split (validation, plus the "
+                                    f"out-of-domain snippets past the test cap for the default model): label "
                                     f"agreement and accuracy drop", "min_agreement": options.min_agreement,
                           "max_accuracy_drop": options.max_accuracy_drop, **figures, "passed": passed,
                           "confirmed_on_test": confirmed, "enforced": options.enforce_gate}

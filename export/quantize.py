@@ -22,7 +22,7 @@ from export.resolve import ExportError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MODES = ("auto", "dynamic", "static", "none")
+MODES = ("auto", "dynamic", "per-token", "static", "none")
 CALIBRATION_SIZE = 128  # sentences; static ranges barely move past ~100 on the default model
 
 
@@ -42,7 +42,7 @@ class Recipe:
     """One way to make an int8 model: the quantizer, its settings and the MatMuls kept in fp32."""
 
     name: str
-    kind: str  # "dynamic", "static" or "weight-only"
+    kind: str  # "dynamic", "per-token", "static" or "weight-only"
     per_channel: bool = True
     reduce_range: bool = False
     fused: bool = False  # quantize the O2-fused graph (Attention -> QAttention)
@@ -55,6 +55,8 @@ class Recipe:
                   "reduce_range": self.reduce_range, "fused_graph": self.fused, "fp32_nodes": list(self.exclude)}
         if self.kind == "weight-only":
             record.update(bits=8, block_size=self.block_size, accuracy_level=4)
+        record["activation_scales"] = {"dynamic": "per tensor", "per-token": "per token", "static": "calibrated",
+                                       "weight-only": "per block"}[self.kind]
         return record
 
 
@@ -114,6 +116,11 @@ def build(recipe: Recipe, source: Path, output: Path, calibration: Sequence[dict
         quantize_dynamic(source, target, op_types_to_quantize=ops, per_channel=recipe.per_channel,
                          reduce_range=recipe.reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                          extra_options=extra)
+    elif recipe.kind == "per-token":
+        from export.pertoken import rewrite
+
+        changed = rewrite(source, target, exclude=recipe.exclude)
+        logger.debug("per-token int8: %s", changed)
     elif recipe.kind == "static":
         quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul"], per_channel=recipe.per_channel,

@@ -78,9 +78,19 @@ def test_an_existing_output_folder_is_refused_without_force(run_cli, checkpoints
 
 def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, validation_file):
     """A classifier whose two logits nearly tie on every input: int8 rounding flips many labels."""
+    import random
+
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tests.export.tiny import WORDS
+
+    # 400 more inputs (442 in all: 110 calibrate, 166 select, 166 test) so that per-token int8 flips some too
+    rng = random.Random(7)
+    extra = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(400)]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text(validation_file.read_text(encoding="utf-8") + "\n".join(extra) + "\n", encoding="utf-8")
+    validation_file = inputs
     checkpoint = build_checkpoint(tmp_path / "tie")
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     texts = [line.split("\t")[-1] for line in validation_file.read_text().splitlines()]
@@ -110,11 +120,12 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
     manifest = json.loads((out / "searched" / "manifest.json").read_text())
     quant = manifest["quantization"]
     names = [c["name"] for c in quant["candidates"]]
-    assert names[:6] == ["dynamic int8", "dynamic int8, weights per tensor",
-                         "dynamic int8, 7-bit weights (reduce_range)",
+    assert names[:7] == ["dynamic int8", "dynamic int8, one activation scale per token",
+                         "dynamic int8, weights per tensor", "dynamic int8, 7-bit weights (reduce_range)",
                          "dynamic int8 of the O2-fused graph (QAttention)", "static int8 (QDQ, MinMax calibration)",
                          "8-bit block weights, int8 compute (MatMulNBits)"]
-    assert len(names) > 6 and "most sensitive MatMuls fp32" in names[6]
+    # the ladder starts from the per-token recipe, which missed the gate on this model too
+    assert len(names) > 7 and names[7].startswith("per-token int8, ") and "most sensitive MatMuls fp32" in names[7]
     for candidate in quant["candidates"]:
         assert "error" not in candidate, candidate
         assert {"agreement", "accuracy_drop", "max_abs_score_diff", "mean_abs_score_diff"} <= set(candidate["selection"])
@@ -123,9 +134,10 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
                                        and (candidate["selection"]["accuracy_drop"] or 0) <= 0.003)
     ranking = [r["mean_abs_score_diff"] for r in quant["sensitivity"]]
     assert len(ranking) == 12 and ranking == sorted(ranking, reverse=True)  # 2 layers x 6 weight MatMuls
-    ladder = [len(c["fp32_nodes"]) for c in quant["candidates"][6:]]
+    ladder = [len(c["fp32_nodes"]) for c in quant["candidates"][7:]]
     assert ladder == sorted(ladder) and all(c["fp32_nodes"] == [r["node"] for r in quant["sensitivity"][:n]]
-                                            for c, n in zip(quant["candidates"][6:], ladder))
+                                            for c, n in zip(quant["candidates"][7:], ladder))
+    assert {c["activation_scales"] for c in quant["candidates"][7:]} == {"per token"}
     # nothing met the gate, and --on-miss fp32 asked for the fp32 model rather than the best int8 one
     if not any(c["passed"] for c in quant["candidates"]):
         assert quant["served"] == "fp32" and manifest["validation"]["served_model"] == "onnx_fp32"

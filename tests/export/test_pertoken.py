@@ -1,0 +1,92 @@
+"""Per-token int8 (export/pertoken.py) on tiny real models, run by onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.convert import export_fp32
+from export.pertoken import rewrite
+from export.quantize import Recipe, build
+
+TEXTS = ["good", "a great film and a superb actor , i love this movie , it is very fun and not dull at all",
+         "the plot was bad", "awful"]
+
+
+@pytest.fixture(scope="module", params=["bert", "distilbert"])
+def fp32(request, checkpoints, tmp_path_factory) -> Path:
+    return export_fp32(checkpoints(request.param), tmp_path_factory.mktemp(f"fp32-{request.param}"))
+
+
+def _run(model: Path, texts: list[str], tokenizer_dir: Path) -> np.ndarray:
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    batch = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, padding=True, return_tensors="np")
+    return session.run(["logits"], {k: v.astype(np.int64) for k, v in batch.items() if k in names})[0]
+
+
+def _ops(model: Path) -> list[str]:
+    import onnx
+
+    return [node.op_type for node in onnx.load(str(model)).graph.node]
+
+
+def test_every_weight_matmul_becomes_int8_and_gelu_inputs_are_shifted(fp32, tmp_path):
+    from export.quantize import weight_matmuls
+
+    out = tmp_path / "model.onnx"
+    changed = rewrite(fp32, out)
+    # 2 layers x (query, key, value, attention output, FFN in, FFN out); query, key and value share one
+    # quantized input, so 4 activations per layer, of which the FFN output's (after GELU) is shifted
+    assert changed == {"matmuls": 12, "activations": 8, "shifted_activations": 2}
+    assert len(weight_matmuls(fp32)) == 12 and weight_matmuls(out) == []
+    assert _ops(out).count("MatMulInteger") == 12 and _ops(out).count("QuantizeLinear") == 8
+    assert out.stat().st_size < fp32.stat().st_size
+
+
+def test_scores_stay_close_to_fp32(fp32, tmp_path):
+    out = tmp_path / "model.onnx"
+    rewrite(fp32, out)
+    reference, quantized = _run(fp32, TEXTS, fp32.parent), _run(out, TEXTS, fp32.parent)
+    assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max(), (reference, quantized)
+
+
+def test_a_text_scores_the_same_alone_and_in_a_padded_batch(fp32, tmp_path):
+    """One scale per token: a long companion (and its padding) cannot move a short text's result."""
+    per_token = tmp_path / "model.onnx"
+    rewrite(fp32, per_token)
+    alone = np.concatenate([_run(per_token, [t], fp32.parent) for t in TEXTS])
+    scale = np.abs(alone).max()  # the tiny random models' logits are small
+    assert np.abs(alone - _run(per_token, TEXTS, fp32.parent)).max() < 1e-4 * scale
+
+    # the same check on onnxruntime's dynamic int8 (one scale per tensor) does see the companions
+    dynamic = build(Recipe("dynamic", "dynamic"), fp32, tmp_path / "dynamic")
+    alone = np.concatenate([_run(dynamic, [t], fp32.parent) for t in TEXTS])
+    assert np.abs(alone - _run(dynamic, TEXTS, fp32.parent)).max() > 1e-3 * scale
+
+
+def test_excluded_matmuls_stay_fp32(fp32, tmp_path):
+    from export.quantize import weight_matmuls
+
+    keep = weight_matmuls(fp32)[:3]
+    out = tmp_path / "model.onnx"
+    assert rewrite(fp32, out, exclude=keep)["matmuls"] == 9
+    assert weight_matmuls(out) == keep
+
+
+def test_an_old_opset_is_refused(fp32, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(fp32))
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 12
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    with pytest.raises(ValueError, match="opset >= 13"):
+        rewrite(old, tmp_path / "model.onnx")
