@@ -44,6 +44,10 @@ class Gate:
     min_agreement: float = 0.995
     max_accuracy_drop: float = 0.003  # 0.3 points
 
+    def allowed_disagreements(self, inputs: int) -> int:
+        """Return how many labels may differ from fp32's on a set of this size within the gate."""
+        return int(np.floor((1.0 - self.min_agreement) * inputs + 1e-9))
+
     def check(self, figures: dict) -> bool:
         """Return whether figures (agreement, accuracy_drop) meet the gate."""
         drop = figures.get("accuracy_drop")
@@ -80,17 +84,35 @@ class Scorer:
             logits[idx] = session.run(["logits"], {n: batch[n] for n in names})[0]
         return probabilities(logits, self.config)
 
-    def compare(self, session, set_name: str) -> dict:
-        """Return agreement, score differences and the accuracy drop of a session against fp32."""
-        from export.validate import accuracy, compare
+    def compare(self, session, set_name: str, max_disagreements: int | None = None) -> dict:
+        """Return agreement, score differences and the accuracy drop of a session against fp32.
 
-        scores, reference = self.scores(session, set_name), self.reference[set_name]
+        With max_disagreements, scoring stops as soon as more labels than that differ from fp32's: the
+        candidate already misses the gate on the whole set, and its figures cover the inputs scored.
+        """
+        from export.validate import accuracy, compare, predicted, probabilities
+
+        reference = self.reference[set_name]
+        names = [i.name for i in session.get_inputs()]
+        logits = np.zeros((len(self.sets[set_name]), self.num_labels), dtype=np.float32)
+        scored = np.zeros(len(self.sets[set_name]), dtype=bool)
+        flips = 0
+        for idx, batch in self.batches[set_name]:
+            logits[idx] = session.run(["logits"], {n: batch[n] for n in names})[0]
+            scored[idx] = True
+            if max_disagreements is not None:
+                flips += int((predicted(probabilities(logits[idx], self.config)) != predicted(reference[idx])).sum())
+                if flips > max_disagreements:
+                    break
+        scores = probabilities(logits[scored], self.config)
+        reference = reference[scored]
         figures = compare(reference, scores)
-        examples = self.sets[set_name]
+        examples = [e for e, kept in zip(self.sets[set_name], scored) if kept]
         acc, acc_fp32 = accuracy(scores, examples, self.label2id), accuracy(reference, examples, self.label2id)
         return {"agreement": figures["label_agreement"], "max_abs_score_diff": figures["max_abs_score_diff"],
                 "mean_abs_score_diff": figures["mean_abs_score_diff"], "accuracy": acc, "accuracy_fp32": acc_fp32,
-                "accuracy_drop": None if acc is None else round(acc_fp32 - acc, 5)}
+                "accuracy_drop": None if acc is None else round(acc_fp32 - acc, 5), "inputs": int(scored.sum()),
+                "of": len(scored)}
 
     def mean_diff(self, session, set_name: str) -> float:
         """Return the mean absolute score difference of a session against fp32 on a set."""
@@ -194,7 +216,9 @@ def search(fp32_model: Path, work: Path, settings: QuantizationSettings, scorer:
             logger.info("      %-52s failed: %s", recipe.name, trial["error"])
             trials.append(trial)
             return trial
-        trial["selection"] = scorer.compare(session, "selection")
+        # scoring stops once the candidate is sure to miss the gate: most do within the first quarter
+        trial["selection"] = scorer.compare(session, "selection", gate.allowed_disagreements(
+            len(scorer.sets["selection"])))
         trial.update(scorer.latency(session))
         trial["size_bytes"] = model.stat().st_size
         trial["passed"] = gate.check(trial["selection"])
@@ -203,7 +227,9 @@ def search(fp32_model: Path, work: Path, settings: QuantizationSettings, scorer:
         sel = trial["selection"]
         logger.info("      %-52s agreement %.4f acc drop %+.4f  b8 %.1f ms (x%.2f fp32)  %s", recipe.name,
                     sel["agreement"], sel["accuracy_drop"] or 0.0, trial["batch8_ms"], trial["batch8_speedup"],
-                    "passes" if trial["passed"] else "misses the gate")
+                    "passes" if trial["passed"] else "misses the gate" + (
+                        f" (stopped after {sel['inputs']} of {sel['of']} inputs)" if sel["inputs"] < sel["of"]
+                        else ""))
         return trial
 
     pool = recipes(settings, reduce_range)
@@ -253,7 +279,9 @@ def search(fp32_model: Path, work: Path, settings: QuantizationSettings, scorer:
             logger.info("      %s", record["why"])
             return fp32_model, record
     else:
-        chosen = max(measured, key=lambda i: (trials[i]["selection"]["agreement"],
+        # fully scored candidates first: an early-stopped one's figures cover only the inputs it reached
+        chosen = max(measured, key=lambda i: (trials[i]["selection"]["inputs"] == trials[i]["selection"]["of"],
+                                              trials[i]["selection"]["agreement"],
                                               -(trials[i]["selection"]["accuracy_drop"] or 0.0)))
         why = "no candidate met the gate; this one agreed best"
         logger.warning("      no candidate met the gate (agreement >= %.2f%%, accuracy drop <= %.2f pt)",

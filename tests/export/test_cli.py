@@ -132,6 +132,11 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
         assert candidate["batch1_ms"] > 0 and candidate["batch8_ms"] > 0 and candidate["size_bytes"] > 0
         assert candidate["passed"] == (candidate["selection"]["agreement"] >= 0.995
                                        and (candidate["selection"]["accuracy_drop"] or 0) <= 0.003)
+        # scoring stops early only once a candidate is sure to miss the gate on the whole selection split
+        selection = candidate["selection"]
+        assert selection["inputs"] == selection["of"] == 166 or (
+            selection["inputs"] < selection["of"] and not candidate["passed"])
+    assert any(c["selection"]["inputs"] < c["selection"]["of"] for c in quant["candidates"])
     ranking = [r["mean_abs_score_diff"] for r in quant["sensitivity"]]
     assert len(ranking) == 12 and ranking == sorted(ranking, reverse=True)  # 2 layers x 6 weight MatMuls
     ladder = [len(c["fp32_nodes"]) for c in quant["candidates"][7:]]
