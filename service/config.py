@@ -30,9 +30,9 @@ DEFAULTS: dict[str, Any] = {
     # padded tokens of one session.run: past ~700 the time per text rose on 2 cores (cache), README
     "BATCH_MAX_TOKENS": 512,
     "BATCH_WAIT_MS": 0,  # no artificial wait: take what is queued when the worker is free
-    # two: one batch runs while the other is gathered, tokenized and answered; measured on 2 cores
-    # against one: the same c=1 latency, 1.1-1.4x the throughput at 8-32 clients (README)
-    "BATCH_WORKERS": 2,
+    # one: `make bench` on 2 cores measured two workers at 1.12-1.16x the short-text throughput at
+    # 8-32 clients, but 0.6 ms slower at one client and 36 MiB more RSS (README, Benchmarks)
+    "BATCH_WORKERS": 1,
     "MAX_QUEUE": 64,  # texts waiting for the worker; more is answered 503 at once
     "QUEUE_TIMEOUT": 5.0,  # seconds a request may wait in the queue before a 503
     "CONNECTION_LIMIT": 512,  # open connections Waitress serves at once (TEI: 512 concurrent requests)

@@ -141,8 +141,8 @@ def test_health_ready_info(client: FlaskClient) -> None:
     assert info["model"]["max_length"] == 256
     assert info["backend"] == "onnx"
     assert info["versions"]["onnxruntime"] and info["versions"]["waitress"]
-    assert info["threads"] == {"waitress": 160, "ort_intra_op": 2, "ort_inter_op": 1, "ort_spinning": False,
-                               "batch_workers": 2}
+    assert info["threads"] == {"waitress": 128, "ort_intra_op": 2, "ort_inter_op": 1, "ort_spinning": False,
+                               "batch_workers": 1}
     assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 512, "wait_ms": 0,
                                 "queue_timeout_s": 5.0}
     assert info["limits"] == {"max_batch": 32, "max_content_length": 2097152, "max_queue": 64,
