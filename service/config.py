@@ -30,8 +30,8 @@ DEFAULTS: dict[str, Any] = {
     # padded tokens of one session.run: past ~700 the time per text rose on 2 cores (cache), README
     "BATCH_MAX_TOKENS": 512,
     "BATCH_WAIT_MS": 0,  # no artificial wait: take what is queued when the worker is free
-    # one: `make bench` on 2 cores measured two workers at 1.12-1.16x the short-text throughput at
-    # 8-32 clients, but 0.6 ms slower at one client and 36 MiB more RSS (README, Benchmarks)
+    # one: in `make bench` on 2 cores two workers served 1.1-1.2x the short-text requests at 8-32
+    # clients (c=1 within noise) for 26-36 MiB more RSS; a setting for throughput (README, Benchmarks)
     "BATCH_WORKERS": 1,
     "MAX_QUEUE": 64,  # texts waiting for the worker; more is answered 503 at once
     "QUEUE_TIMEOUT": 5.0,  # seconds a request may wait in the queue before a 503
