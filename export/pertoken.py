@@ -17,6 +17,7 @@ depends on that token only, so a text scores the same alone or in a batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 
@@ -50,20 +51,29 @@ def rewrite(source: Path, output: Path, exclude: Sequence[str] = ()) -> dict:
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    # drop the fp32 weights now unused; a graph with subgraphs (If, Loop) keeps everything, since its
+    # subgraphs may name outer initializers
+    if not any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in model.graph.node for attr in node.attribute):
+        used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+        kept = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(output))
     return {"matmuls": count, "activations": len(rows), "shifted_activations": int(shifted)}
 
 
+@dataclass(frozen=True)
 class _Rows:
-    """An activation reshaped to rows and quantized: the uint8 rows, their scales and the leading dims."""
+    """An activation reshaped to rows and quantized: the names of its uint8 rows, their scales, the
+    leading dimensions, the zero point and the shift added before quantizing."""
 
-    def __init__(self, quantized: str, scale: str, lead: str, zero_point: str, shift: float) -> None:
-        self.quantized, self.scale, self.lead, self.zero_point, self.shift = quantized, scale, lead, zero_point, shift
+    quantized: str
+    scale: str
+    lead: str
+    zero_point: str
+    shift: float
 
 
 class _Graph:
