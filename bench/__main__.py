@@ -16,7 +16,8 @@ from typing import Any
 
 from bench import report
 from bench.load import LoadError, run_wrk, wrk_path
-from bench.servers import REPO, Server, ServerError, ServerSpec, machine_busy_seconds, start, stop
+from bench.servers import (REPO, Server, ServerError, ServerSpec, libraries_rss_mb, machine_busy_seconds, start,
+                           stop)
 from bench.sizes import footprint
 from bench.workloads import WORKLOADS
 from service.config import usable_cores
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result["meta"]["wall_s"] = round(time.monotonic() - began, 1)
     result["summary"] = report.summarise(result["runs"], result["servers"], result["inprocess"])
-    result["targets"] = report.targets(result["summary"])
+    result["summary"]["libraries_rss_mb"] = round(libraries_rss_mb(), 1)
+    result["targets"] = report.targets(result["summary"], cores=usable_cores())
     stem = args.name or result["meta"]["date"] + ("-quick" if args.quick else "")
     paths = report.write(result, args.output_dir, stem)
     (args.output_dir / f"{stem}.raw").write_text("\n".join(raw))  # wrk's own output; git-ignored

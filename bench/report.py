@@ -100,9 +100,16 @@ def _limits(inprocess: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return limits
 
 
-def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Return the issue's targets as met / missed with the measured numbers (medians)."""
+def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
+    """Return the issue's targets as met / missed with the measured numbers (medians).
+
+    A missed target carries `why`: the figures of the same run that account for the miss (how much
+    of the time the model itself takes, or the server CPU per request against what the bound needs).
+    """
     cells, servers, limit = summary["cells"], summary["servers"], summary["limit"]
+
+    def median(entry: dict[str, Any] | None, key: str) -> float | None:
+        return entry[key]["median"] if entry and entry.get(key) else None
 
     def cell(backend: str, workload: str, connections: int) -> dict[str, Any] | None:
         return cells.get(cell_key(backend, workload, connections))
@@ -110,43 +117,66 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
 
     def check(name: str, measured: float | None, bound: float | None, at_most: bool, unit: str,
-              detail: str) -> None:
+              detail: str, why: str = "") -> None:
         if measured is None or bound is None:
             checks.append({"target": name, "met": None, "measured": None, "bound": None, "detail": "not measured"})
             return
         met = measured <= bound if at_most else measured >= bound
         checks.append({"target": name, "met": met, "measured": round(measured, 3), "bound": round(bound, 3),
-                       "unit": unit, "detail": detail})
+                       "unit": unit, "detail": detail, "why": "" if met else why})
+
+    def latency_why(ours: float | None, model: float | None, reference: float | None, factor: float) -> str:
+        """Explain a p50 against factor x PyTorch's: the model alone, and what the service adds."""
+        if None in (ours, model, reference):
+            return ""
+        floor = model / reference
+        head = (f"the model alone (in-process p50 {model:.1f} ms) is already {floor:.2f}x PyTorch's p50"
+                if floor > factor else f"the model alone would be {floor:.2f}x PyTorch's p50")
+        return f"{head}; the service adds {ours - model:.1f} ms (HTTP, JSON, hand-off to the batch worker)"
+
+    def cpu_why(ours_cell: dict[str, Any] | None, per_request_bound: float | None, of: str) -> str:
+        """Explain a throughput miss by server CPU per request, on the machine's cores."""
+        cpu = median(ours_cell, "server_cpu_ms_per_request")
+        if cpu is None or per_request_bound is None:
+            return ""
+        return (f"{cpu:.1f} ms of server CPU per request; {of} needs at most {per_request_bound:.1f} ms "
+                f"on {cores} cores")
 
     ours_short1, ref_short1 = cell(OURS, "short", 1), cell(REFERENCE, "short", 1)
-    ours_p50 = ours_short1["p50_ms"]["median"] if ours_short1 else None
+    ours_p50, ref_p50 = median(ours_short1, "p50_ms"), median(ref_short1, "p50_ms")
     limit_p50 = limit["short"]["p50_ms"]["median"] if "short" in limit else None
     check("c=1 short: p50 <= in-process limit + 0.5 ms", ours_p50,
-          None if limit_p50 is None else limit_p50 + 0.5, True, "ms",
-          f"limit p50 {_fmt(limit_p50)} ms")
-    ref_p50 = ref_short1["p50_ms"]["median"] if ref_short1 else None
+          None if limit_p50 is None else limit_p50 + 0.5, True, "ms", f"limit p50 {_fmt(limit_p50)} ms",
+          latency_why(ours_p50, limit_p50, ref_p50, 0.15).partition("; ")[2])
     check("c=1 short: p50 <= 0.15 x PyTorch service", ours_p50, None if ref_p50 is None else 0.15 * ref_p50,
-          True, "ms", f"PyTorch p50 {_fmt(ref_p50)} ms")
+          True, "ms", f"PyTorch p50 {_fmt(ref_p50)} ms", latency_why(ours_p50, limit_p50, ref_p50, 0.15))
     ours8 = cell(OURS, "short", 8)
-    ours_rps = ours8["throughput_rps"]["median"] if ours8 else None
+    ours_rps = median(ours8, "throughput_rps")
     limit_rps = limit["short"]["texts_per_s"]["median"] if "short" in limit else None
-    check("c=8 short: throughput >= 0.85 x in-process limit", ours_rps,
-          None if limit_rps is None else 0.85 * limit_rps, False, "req/s", f"limit {_fmt(limit_rps)} texts/s")
+    bound = None if limit_rps is None else 0.85 * limit_rps
+    check("c=8 short: throughput >= 0.85 x in-process limit", ours_rps, bound, False, "req/s",
+          f"limit {_fmt(limit_rps)} texts/s",
+          cpu_why(ours8, None if not bound else 1000 * cores / bound, "0.85 x the limit"))
     for backend, factor, label in ((REFERENCE, 6.0, "PyTorch service"), (PEER, 1.5, "Optimum pipeline")):
         other = cell(backend, "short", 8)
-        other_rps = other["throughput_rps"]["median"] if other else None
-        check(f"c=8 short: throughput >= {factor:g} x {label}", ours_rps,
-              None if other_rps is None else factor * other_rps, False, "req/s",
-              f"{label} {_fmt(other_rps)} req/s")
+        other_rps = median(other, "throughput_rps")
+        bound = None if other_rps is None else factor * other_rps
+        check(f"c=8 short: throughput >= {factor:g} x {label}", ours_rps, bound, False, "req/s",
+              f"{label} {_fmt(other_rps)} req/s",
+              cpu_why(ours8, None if not bound else 1000 * cores / bound, f"{factor:g} x {label}"))
     ours_long, ref_long = cell(OURS, "long", 1), cell(REFERENCE, "long", 1)
-    ref_long_p50 = ref_long["p50_ms"]["median"] if ref_long else None
-    check("c=1 long: p50 <= 0.35 x PyTorch service", ours_long["p50_ms"]["median"] if ours_long else None,
+    ours_long_p50, ref_long_p50 = median(ours_long, "p50_ms"), median(ref_long, "p50_ms")
+    limit_long = limit["long"]["p50_ms"]["median"] if "long" in limit else None
+    check("c=1 long: p50 <= 0.35 x PyTorch service", ours_long_p50,
           None if ref_long_p50 is None else 0.35 * ref_long_p50, True, "ms",
-          f"PyTorch p50 {_fmt(ref_long_p50)} ms")
+          f"PyTorch p50 {_fmt(ref_long_p50)} ms", latency_why(ours_long_p50, limit_long, ref_long_p50, 0.35))
     ours_rss = servers.get(OURS, {}).get("rss_mb", {}).get("median")
     ref_rss = servers.get(REFERENCE, {}).get("rss_mb", {}).get("median")
+    libraries = summary.get("libraries_rss_mb")
     check("server RSS <= 0.3 x PyTorch's", ours_rss, None if ref_rss is None else 0.3 * ref_rss, True, "MiB",
-          f"PyTorch {_fmt(ref_rss)} MiB")
+          f"PyTorch {_fmt(ref_rss)} MiB", "" if libraries is None or ours_rss is None else
+          f"Python with the serving libraries imported, before any model, takes {libraries:.0f} MiB; the "
+          f"model session and its buffers the other {ours_rss - libraries:.0f}")
     cold = servers.get(OURS, {}).get("cold_start_s")
     check("cold start <= 1 s", cold["median"] if cold else None, 1.0, True, "s",
           f"min-max {_fmt(cold['min'], 2)}-{_fmt(cold['max'], 2)} s" if cold else "")
@@ -181,12 +211,13 @@ def markdown(result: dict[str, Any]) -> str:
              "Cells: median (min-max) over the repetitions. wrk CPU: the load generator's share of one "
              "core; other CPU: cores' worth used by neither server nor wrk (other jobs on this shared "
              "machine), the worst repetition.", "",
-             "## Targets", "", "| target | measured | bound | result |", "|---|---|---|---|"]
+             "## Targets", "", "| target | measured | bound | result | why, where missed (same run) |",
+             "|---|---|---|---|---|"]
     for check in result["targets"]:
         verdict = {True: "met", False: "**missed**", None: "not measured"}[check["met"]]
         measured = "n/a" if check["measured"] is None else f"{check['measured']:g} {check['unit']}"
         bound = "n/a" if check["bound"] is None else f"{check['bound']:g} {check['unit']} ({check['detail']})"
-        lines.append(f"| {check['target']} | {measured} | {bound} | {verdict} |")
+        lines.append(f"| {check['target']} | {measured} | {bound} | {verdict} | {check.get('why', '')} |")
     lines += ["", "## Latency and throughput", "",
               "| workload | c | backend | p50 ms | p90 ms | p99 ms | req/s | req/s ÷ PyTorch | p50 ÷ PyTorch "
               "| req/s ÷ limit | errors | wrk CPU | server CPU ms/req | other CPU (max) |",

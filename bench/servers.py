@@ -75,6 +75,17 @@ def machine_busy_seconds() -> float:
     return (sum(values) - values[3] - values[4]) / _CLOCK_TICKS
 
 
+def libraries_rss_mb() -> float:
+    """Return VmRSS in MiB of a Python process that imported the service and its libraries, no model."""
+    code = ("import numpy, onnxruntime, tokenizers, flask, waitress, prometheus_client, service, service.api, "
+            "service.classifier, service.batching\n"
+            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmRSS:')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise ServerError(f"importing the serving libraries failed: {result.stderr.strip()[-500:]}")
+    return int(result.stdout.strip()) / 1024  # kB -> MiB
+
+
 def free_port() -> int:
     """Return a loopback port that is free now (the server binds it a moment later)."""
     # Known before the spawn, so cold-start polling can begin at once instead of waiting for the log.

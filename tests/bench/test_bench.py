@@ -83,15 +83,36 @@ def test_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["tiny.json", "tiny.md", "tiny-latency.png", "tiny-throughput.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     text = (tmp_path / "tiny.md").read_text()
-    assert "| c=1 short: p50 <= in-process limit + 0.5 ms | 2.2 ms | 2.5 ms (limit p50 2.0 ms) | met |" in text
-    assert "| c=8 short: throughput >= 1.5 x Optimum pipeline | n/a | n/a | not measured |" in text
+    assert "| c=1 short: p50 <= in-process limit + 0.5 ms | 2.2 ms | 2.5 ms (limit p50 2.0 ms) | met |  |" in text
+    assert "| c=8 short: throughput >= 1.5 x Optimum pipeline | n/a | n/a | not measured |  |" in text
     row = "| short | 8 | this service (onnx) | 10.0 | 20.0 | 30.0 | 800 | 8.00 | 0.12 | 0.94 | 0 / 100 |"
     assert f"{row} 5 % | 5.00 | 0 % |" in text
 
 
 def test_targets_can_be_missed() -> None:
-    verdicts = {t["target"]: t["met"] for t in synthetic_result(onnx_p50_us=3_000)["targets"]}
+    checks = {t["target"]: t for t in synthetic_result(onnx_p50_us=3_000)["targets"]}
+    verdicts = {name: t["met"] for name, t in checks.items()}
     assert verdicts["c=1 short: p50 <= in-process limit + 0.5 ms"] is False
     assert verdicts["c=1 short: p50 <= 0.15 x PyTorch service"] is False  # 3.0 > 0.15 x 15 ms
+    # a miss says why, from the same run: the model alone takes 2.0 of the 3.0 ms, 0.13 x PyTorch's 15
+    assert checks["c=1 short: p50 <= in-process limit + 0.5 ms"]["why"] == (
+        "the service adds 1.0 ms (HTTP, JSON, hand-off to the batch worker)")
+    assert checks["c=1 short: p50 <= 0.15 x PyTorch service"]["why"].startswith(
+        "the model alone would be 0.13x PyTorch's p50; the service adds 1.0 ms")
+    assert checks["cold start <= 1 s"]["why"] == ""  # met: nothing to explain
     assert verdicts["c=8 short: throughput >= 6 x PyTorch service"] is True
     assert verdicts["cold start <= 1 s"] is True
+
+
+def test_a_missed_throughput_or_memory_target_names_its_cause() -> None:
+    summary = synthetic_result(onnx_p50_us=2_000)["summary"]
+    summary["cells"][report.cell_key("onnx", "short", 8)]["throughput_rps"]["median"] = 100.0
+    summary["servers"]["onnx"]["rss_mb"]["median"] = 200.0
+    summary["libraries_rss_mb"] = 60.0
+    checks = {t["target"]: t for t in report.targets(summary, cores=2)}
+    # 0.5 s of server CPU over 100 requests; 0.85 x 850 texts/s on 2 cores leaves 2.8 ms per request
+    assert checks["c=8 short: throughput >= 0.85 x in-process limit"]["why"] == (
+        "5.0 ms of server CPU per request; 0.85 x the limit needs at most 2.8 ms on 2 cores")
+    assert checks["server RSS <= 0.3 x PyTorch's"]["why"] == (
+        "Python with the serving libraries imported, before any model, takes 60 MiB; the model session and "
+        "its buffers the other 140")
