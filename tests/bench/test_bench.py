@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,10 +110,14 @@ def test_a_missed_throughput_or_memory_target_names_its_cause() -> None:
     summary["cells"][report.cell_key("onnx", "short", 8)]["throughput_rps"]["median"] = 100.0
     summary["servers"]["onnx"]["rss_mb"]["median"] = 200.0
     summary["libraries_rss_mb"] = 60.0
+    variant = copy.deepcopy(summary["cells"][report.cell_key("onnx", "short", 8)])
+    variant["backend"], variant["throughput_rps"]["median"] = "onnx-w2", 150.0
+    summary["cells"][report.cell_key("onnx-w2", "short", 8)] = variant
     checks = {t["target"]: t for t in report.targets(summary, cores=2)}
     # 0.5 s of server CPU over 100 requests; 0.85 x 850 texts/s on 2 cores leaves 2.8 ms per request
     assert checks["c=8 short: throughput >= 0.85 x in-process limit"]["why"] == (
-        "5.0 ms of server CPU per request; 0.85 x the limit needs at most 2.8 ms on 2 cores")
+        "5.0 ms of server CPU per request; 0.85 x the limit needs at most 2.8 ms on 2 cores; "
+        "variants in this run: onnx-w2 150.0 req/s")
     assert checks["server RSS <= 0.3 x PyTorch's"]["why"] == (
         "Python with the serving libraries imported, before any model, takes 60 MiB; the model session and "
         "its buffers the other 140")
