@@ -72,40 +72,38 @@ class Scorer:
         self.latency_inputs = {size: next(_batches([text] * size, tokenizer, max_length))[1] for size in (1, 8)}
         self.fp32_model = fp32_model
         self.fp32_session = _session(fp32_model)
-        self.reference = {name: self.scores(self.fp32_session, name) for name in self.sets}
+        self.reference = {name: self.scores(self.fp32_session, name)[0] for name in self.sets}
 
-    def scores(self, session, set_name: str) -> np.ndarray:
-        """Return the probabilities a session gives every example of a set."""
-        from export.validate import probabilities
+    def scores(self, session, set_name: str, max_disagreements: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return the probabilities a session gives a set's examples, and which examples were scored.
+
+        With max_disagreements, scoring stops as soon as more labels than that differ from fp32's: the
+        candidate already misses the gate on the whole set.
+        """
+        from export.validate import predicted, probabilities
 
         names = [i.name for i in session.get_inputs()]
-        logits = np.zeros((len(self.sets[set_name]), self.num_labels), dtype=np.float32)
+        scores = np.zeros((len(self.sets[set_name]), self.num_labels))
+        scored = np.zeros(len(self.sets[set_name]), dtype=bool)
+        flips = 0
         for idx, batch in self.batches[set_name]:
-            logits[idx] = session.run(["logits"], {n: batch[n] for n in names})[0]
-        return probabilities(logits, self.config)
+            scores[idx] = probabilities(session.run(["logits"], {n: batch[n] for n in names})[0], self.config)
+            scored[idx] = True
+            if max_disagreements is not None:
+                flips += int((predicted(scores[idx]) != predicted(self.reference[set_name][idx])).sum())
+                if flips > max_disagreements:
+                    break
+        return scores, scored
 
     def compare(self, session, set_name: str, max_disagreements: int | None = None) -> dict:
         """Return agreement, score differences and the accuracy drop of a session against fp32.
 
-        With max_disagreements, scoring stops as soon as more labels than that differ from fp32's: the
-        candidate already misses the gate on the whole set, and its figures cover the inputs scored.
+        With max_disagreements (see scores), the figures cover the inputs scored before it stopped.
         """
-        from export.validate import accuracy, compare, predicted, probabilities
+        from export.validate import accuracy, compare
 
-        reference = self.reference[set_name]
-        names = [i.name for i in session.get_inputs()]
-        logits = np.zeros((len(self.sets[set_name]), self.num_labels), dtype=np.float32)
-        scored = np.zeros(len(self.sets[set_name]), dtype=bool)
-        flips = 0
-        for idx, batch in self.batches[set_name]:
-            logits[idx] = session.run(["logits"], {n: batch[n] for n in names})[0]
-            scored[idx] = True
-            if max_disagreements is not None:
-                flips += int((predicted(probabilities(logits[idx], self.config)) != predicted(reference[idx])).sum())
-                if flips > max_disagreements:
-                    break
-        scores = probabilities(logits[scored], self.config)
-        reference = reference[scored]
+        scores, scored = self.scores(session, set_name, max_disagreements)
+        scores, reference = scores[scored], self.reference[set_name][scored]
         figures = compare(reference, scores)
         examples = [e for e, kept in zip(self.sets[set_name], scored) if kept]
         acc, acc_fp32 = accuracy(scores, examples, self.label2id), accuracy(reference, examples, self.label2id)
@@ -116,7 +114,7 @@ class Scorer:
 
     def mean_diff(self, session, set_name: str) -> float:
         """Return the mean absolute score difference of a session against fp32 on a set."""
-        return float(np.abs(self.scores(session, set_name) - self.reference[set_name]).mean())
+        return float(np.abs(self.scores(session, set_name)[0] - self.reference[set_name]).mean())
 
     def latency(self, session) -> dict:
         """Return batch-1 and batch-8 latency of a session and of fp32, measured in alternation."""
