@@ -47,12 +47,15 @@ class Recipe:
     reduce_range: bool = False
     fused: bool = False  # quantize the O2-fused graph (Attention -> QAttention)
     exclude: tuple[str, ...] = ()
+    two_pass: tuple[str, ...] = ()  # per-token MatMuls that also multiply their input's rounding remainder
     block_size: int = 32  # weight-only blocks
 
     def describe(self) -> dict:
         """Return the settings as they go into the manifest."""
         record = {"name": self.name, "kind": self.kind, "per_channel": self.per_channel,
                   "reduce_range": self.reduce_range, "fused_graph": self.fused, "fp32_nodes": list(self.exclude)}
+        if self.kind == "per-token":
+            record["two_pass_nodes"] = list(self.two_pass)
         if self.kind == "weight-only":
             record.update(bits=8, block_size=self.block_size, accuracy_level=4)
         record["activation_scales"] = {"dynamic": "per tensor", "per-token": "per token", "static": "calibrated",
@@ -119,7 +122,7 @@ def build(recipe: Recipe, source: Path, output: Path, calibration: Sequence[dict
     elif recipe.kind == "per-token":
         from export.pertoken import rewrite
 
-        changed = rewrite(source, target, exclude=recipe.exclude)
+        changed = rewrite(source, target, exclude=recipe.exclude, two_pass=recipe.two_pass)
         logger.debug("per-token int8: %s", changed)
     elif recipe.kind == "static":
         quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ,

@@ -43,7 +43,7 @@ def test_every_weight_matmul_becomes_int8_and_gelu_inputs_are_shifted(fp32, tmp_
     changed = rewrite(fp32, out)
     # 2 layers x (query, key, value, attention output, FFN in, FFN out); query, key and value share one
     # quantized input, so 4 activations per layer, of which the FFN output's (after GELU) is shifted
-    assert changed == {"matmuls": 12, "activations": 8, "shifted_activations": 2}
+    assert changed == {"matmuls": 12, "activations": 8, "shifted_activations": 2, "two_pass_matmuls": 0}
     assert len(weight_matmuls(fp32)) == 12 and weight_matmuls(out) == []
     assert _ops(out).count("MatMulInteger") == 12 and _ops(out).count("QuantizeLinear") == 8
     assert out.stat().st_size < fp32.stat().st_size
@@ -90,3 +90,47 @@ def test_an_old_opset_is_refused(fp32, tmp_path):
     onnx.save(proto, str(old))
     with pytest.raises(ValueError, match="opset >= 13"):
         rewrite(old, tmp_path / "model.onnx")
+
+
+def test_two_pass_matmuls_multiply_the_remainder_too_and_come_closer_to_fp32(fp32, tmp_path):
+    from export.quantize import weight_matmuls
+
+    nodes = weight_matmuls(fp32)
+    single, double = tmp_path / "single.onnx", tmp_path / "double.onnx"
+    rewrite(fp32, single)
+    # an excluded MatMul stays fp32 even when also named two-pass
+    changed = rewrite(fp32, double, exclude=nodes[:1], two_pass=nodes[:4])
+    assert changed["matmuls"] == 11 and changed["two_pass_matmuls"] == 3
+    # nodes[1:4] are layer 0's key, value (one shared input, so one remainder) and attention output
+    assert _ops(double).count("MatMulInteger") == 11 + 3 and _ops(double).count("QuantizeLinear") == 8 + 2
+    assert weight_matmuls(double) == nodes[:1]
+
+    # against fp32 with the same int8 weights, the activations' rounding is all that is left: the second
+    # pass shrinks it ~254-fold (what remains is float rounding)
+    everything = tmp_path / "everything.onnx"
+    assert rewrite(fp32, everything, two_pass=nodes)["two_pass_matmuls"] == 12
+    reference = _run(_with_int8_weights(fp32, tmp_path / "int8-weights.onnx"), TEXTS, fp32.parent)
+    error_single = np.abs(_run(single, TEXTS, fp32.parent) - reference).max()
+    error_double = np.abs(_run(everything, TEXTS, fp32.parent) - reference).max()
+    assert error_double < 0.1 * error_single, (error_single, error_double)
+
+
+def _with_int8_weights(fp32: Path, out: Path) -> Path:
+    """Write fp32 with every weight MatMul's weight rounded as the rewrite rounds it (per column, int8)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.quantize import weight_matmuls
+
+    proto = onnx.load(str(fp32))
+    names = set(weight_matmuls(fp32))
+    weights = {node.input[1] for node in proto.graph.node if node.name in names}
+    for tensor in proto.graph.initializer:
+        if tensor.name in weights:
+            weight = numpy_helper.to_array(tensor)
+            scale = np.abs(weight).max(axis=0) / 127.0
+            scale[scale == 0] = 1.0
+            tensor.CopyFrom(numpy_helper.from_array((np.round(weight / scale) * scale).astype(np.float32),
+                                                    tensor.name))
+    onnx.save(proto, str(out))
+    return out
