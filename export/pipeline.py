@@ -176,8 +176,11 @@ def run(options: ExportOptions) -> Path:
 
             tests = [e for name, examples in sets.items() if name.startswith("test") for e in examples]
             selection = sets["validation"] + sets.get("selection_extra", [])
+            began = time.monotonic()
             scorer = Scorer(AutoTokenizer.from_pretrained(fp32.parent), length, exported_config,
                             {"calibration": sets["calibration"], "selection": selection, "test": tests}, fp32)
+            logger.info("      tokenized %d inputs and scored them with fp32 in %.0f s", sum(
+                len(examples) for examples in scorer.sets.values()), time.monotonic() - began)
             gate = Gate(options.min_agreement, options.max_accuracy_drop)
             chosen, quant_record = search(fp32, work / "int8", options.quantization, scorer, gate,
                                           options.on_miss, stop=_check_stop)

@@ -20,7 +20,10 @@ from export.dataset import Example
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZE = 64
+# Texts are scored in batches of similar length. On the default model, 3,000 selection snippets took
+# 10.6-12.4 s in batches of 16 against 14.9 s in batches of 64 with fp32 (per-token int8: 5.7-6.5 s
+# against 7.9 s): less padding, and activations that stay in cache.
+BATCH_SIZE = 16
 
 
 def usable_cores() -> int:
@@ -66,13 +69,18 @@ def _run_all(texts: Sequence[str], tokenizer, max_length: int, run: Callable[[di
     return logits
 
 
-def ort_session(model: Path):
-    """Open an onnxruntime CPU session sized to the usable cores."""
+def ort_session(model: Path, threads: int | None = None, spinning: bool = True):
+    """Open an onnxruntime CPU session on `threads` intra-op threads (default: the usable cores).
+
+    spinning=False stops idle pool threads from busy-waiting, as the service runs them.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = usable_cores()
+    options.intra_op_num_threads = threads or usable_cores()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
