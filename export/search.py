@@ -302,10 +302,11 @@ def search(fp32_model: Path, work: Path, settings: QuantizationSettings, scorer:
         logger.info("      sensitivity pass over %d MatMuls in %.0f s; most sensitive: %s", len(ranking),
                     time.monotonic() - began, ", ".join(r["node"] for r in ranking[:3]))
         order = tuple(r["node"] for r in ranking)
-        steps = [("two-pass", count) for count in _counts(TWO_PASS_LADDER, len(order))]
+        label = "per-token int8" if base.kind == "per-token" else "dynamic int8"
+        steps = [("two-pass", count) for count in _counts(TWO_PASS_LADDER, len(order)) if base.kind == "per-token"]
         steps += [("fp32", count) for count in _counts(EXCLUSION_LADDER, len(order))]
         for how, count in steps:
-            recipe = replace(base, name=f"per-token int8, {count} most sensitive MatMuls {how}",
+            recipe = replace(base, name=f"{label}, {count} most sensitive MatMuls {how}",
                              **({"two_pass": order[:count]} if how == "two-pass"
                                 else {"exclude": (*base.exclude, *order[:count])}))
             index = attempt(recipe)
@@ -331,9 +332,11 @@ def search(fp32_model: Path, work: Path, settings: QuantizationSettings, scorer:
             break
         for i in group:
             evaluate(i)
-        base_index = indices[base.name]
+        base_index, best = indices[base.name], fastest_passing()
+        # every step of the ladder is slower than its base: none can beat a candidate that passed faster
         if (settings.mode == "auto" and base_index in group and "selection" in trials[base_index]
-                and not trials[base_index]["passed"]):
+                and not trials[base_index]["passed"]
+                and (best is None or trials[best]["batch8_speedup"] < trials[base_index]["batch8_speedup"])):
             ladder(base)
 
     measured = [i for i, t in enumerate(trials) if "selection" in t]
