@@ -46,8 +46,8 @@ def rewrite(source: Path, output: Path, exclude: Sequence[str] = (), two_pass: S
         raise ValueError(f"per-token int8 needs opset >= {MIN_OPSET}; the model has {opset}")
     graph = _Graph(model.graph, opset)
     skip, twice = set(exclude), set(two_pass) - set(exclude)
-    remainders = {node.input[0] for node in model.graph.node if node.name in twice and graph.weight(node) is not None}
-    nodes, rows, count, shifted = [], {}, 0, 0
+    remainders = {node.input[0] for node in model.graph.node if node.name in twice and graph.has_weight(node)}
+    nodes, rows, count, shifted, doubled = [], {}, 0, 0, 0
     for node in model.graph.node:
         weight = graph.weight(node)
         if weight is None or node.name in skip:
@@ -60,6 +60,7 @@ def rewrite(source: Path, output: Path, exclude: Sequence[str] = (), two_pass: S
             shifted += rows[source_input].shift > 0
         graph.matmul(node, weight, rows[source_input], nodes, remainder=node.name in twice)
         count += 1
+        doubled += node.name in twice
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     # drop the fp32 weights now unused; a graph with subgraphs (If, Loop) keeps everything, since its
@@ -73,7 +74,7 @@ def rewrite(source: Path, output: Path, exclude: Sequence[str] = (), two_pass: S
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(output))
     return {"matmuls": count, "activations": len(rows), "shifted_activations": int(shifted),
-            "two_pass_matmuls": sum(1 for node in nodes if node.name in twice)}
+            "two_pass_matmuls": doubled}
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,18 @@ class _Graph:
                 self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
         self.serial = 0
 
+    def has_weight(self, node) -> bool:
+        """Return whether node is a MatMul whose second input is a 2-D initializer (without reading it)."""
+        return (node.op_type == "MatMul" and node.input[1] in self.weights
+                and len(self.weights[node.input[1]].dims) == 2)
+
     def weight(self, node) -> np.ndarray | None:
         """Return a MatMul's 2-D weight (its second input, an initializer), or None."""
         from onnx import numpy_helper
 
-        if node.op_type != "MatMul" or node.input[1] not in self.weights:
+        if not self.has_weight(node):
             return None
-        weight = numpy_helper.to_array(self.weights[node.input[1]])
-        return weight.astype(np.float32) if weight.ndim == 2 else None
+        return numpy_helper.to_array(self.weights[node.input[1]]).astype(np.float32)
 
     def name(self, hint: str) -> str:
         self.serial += 1
