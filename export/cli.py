@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--reduce-range", dest="reduce_range", action="store_true", default=None,
                         help="7-bit weights (default: on for avx2/avx512 without VNNI)")
     parser.add_argument("--exclude-nodes", default="", help="comma-separated ONNX node names kept in fp32")
+    parser.add_argument("--smoothing", type=float, default=0.5, metavar="ALPHA",
+                        help="per-token int8: move activation outliers into the weights with SmoothQuant's "
+                             "strength ALPHA, 0-1 (0: off; default 0.5)")
     parser.add_argument("--min-agreement", type=float, default=0.995,
                         help="gate: least label agreement with the fp32 model on the selection split (0.995)")
     parser.add_argument("--max-accuracy-drop", type=float, default=0.003,
@@ -58,9 +61,11 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
         parser.error("--min-agreement must lie between 0 and 1")
     if not 0.0 <= args.max_accuracy_drop <= 1.0:
         parser.error("--max-accuracy-drop must lie between 0 and 1")
+    if not 0.0 <= args.smoothing <= 1.0:
+        parser.error("--smoothing must lie between 0 and 1")
     quantization = QuantizationSettings(
         mode=args.quantize, target=args.target, per_channel=args.per_channel, reduce_range=args.reduce_range,
-        nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()])
+        nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()], smoothing=args.smoothing)
     return ExportOptions(model=args.model, name=args.name, output_dir=args.output_dir, revision=args.revision,
                          force=args.force, quantization=quantization, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, on_miss=args.on_miss,

@@ -16,12 +16,20 @@ depends on that token only, so a text scores the same alone or in a batch.
 Two-pass MatMuls (for the most sensitive ones) also quantize what rounding left out of each token, which
 lies within half a step, on 254 finer steps, and add its int8 product: the activations then carry ~16
 bits, for a second int8 GEMM rather than an fp32 one, which costs several times more.
+
+Smoothing (SmoothQuant, Xiao et al. 2023): a few channels of a LayerNorm's output run 5-30x larger than
+the rest and set every token's scale, so the other channels get few steps. Dividing channel j of the
+rows by s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) (ranges from the calibration split) and multiplying
+row j of the weights by s_j leaves the product unchanged and moves part of that range into the weights,
+which are quantized per column. It costs one Mul per activation; on the default model it made the
+per-token model's mean score difference from fp32 18% smaller at the same speed (a scratch run).
+Only activations quantized symmetrically are smoothed: a shifted GELU output has no such channels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import permutations
 from pathlib import Path
 
@@ -29,14 +37,17 @@ import numpy as np
 
 GELU_MIN = 0.17  # the GELU's minimum is -0.16997 (at x = -0.75)
 MIN_OPSET = 13  # QuantizeLinear / DequantizeLinear with a per-axis scale
+SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength; 0.3-0.85 measured, 0.5-0.7 best
 
 
-def rewrite(source: Path, output: Path, exclude: Sequence[str] = (), two_pass: Sequence[str] = ()) -> dict:
+def rewrite(source: Path, output: Path, exclude: Sequence[str] = (), two_pass: Sequence[str] = (),
+            ranges: Mapping[str, np.ndarray] | None = None, alpha: float = SMOOTHING_ALPHA) -> dict:
     """Write source with its weight MatMuls (but exclude) as per-token int8 to output; return what changed.
 
     MatMuls named in two_pass also multiply the rounding remainder of their input, quantized in a second
     int8 pass (a 254x finer step): nearly the accuracy of int8 weights with fp32 activations, for twice
-    the int8 work instead of fp32's.
+    the int8 work instead of fp32's. With ranges (activation_ranges), inputs quantized symmetrically are
+    smoothed with strength alpha.
     """
     import onnx
 
@@ -55,8 +66,11 @@ def rewrite(source: Path, output: Path, exclude: Sequence[str] = (), two_pass: S
             continue
         source_input = node.input[0]
         if source_input not in rows:
+            smooth = None
+            if ranges is not None and alpha > 0 and source_input in ranges and graph.lower_bound(source_input) is None:
+                smooth = graph.smoothing(source_input, ranges[source_input], alpha)
             rows[source_input] = graph.quantize_rows(source_input, weight.shape[0], nodes,
-                                                     remainder=source_input in remainders)
+                                                     remainder=source_input in remainders, smooth=smooth)
             shifted += rows[source_input].shift > 0
         graph.matmul(node, weight, rows[source_input], nodes, remainder=node.name in twice)
         count += 1
@@ -74,7 +88,37 @@ def rewrite(source: Path, output: Path, exclude: Sequence[str] = (), two_pass: S
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(output))
     return {"matmuls": count, "activations": len(rows), "shifted_activations": int(shifted),
-            "two_pass_matmuls": doubled}
+            "smoothed_activations": sum(r.smooth is not None for r in rows.values()), "two_pass_matmuls": doubled}
+
+
+def activation_ranges(model: Path, batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Return the largest |value| per channel of every weight MatMul's input over the batches' tokens.
+
+    Padding tokens are left out where the activation is [batch, sequence, channels] like the attention
+    mask: their values never reach an output.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model))
+    graph = _Graph(proto.graph, 0)
+    names = list(dict.fromkeys(node.input[0] for node in proto.graph.node if graph.has_weight(node)))
+    outputs = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in names if name not in outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = [i.name for i in session.get_inputs()]
+    found: dict[str, np.ndarray] = {}
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        for name, value in zip(names, session.run(names, {n: batch[n] for n in feeds})):
+            if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
+                value = value[mask.astype(bool)]
+            peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            found[name] = np.maximum(found[name], peak) if name in found else peak
+    return found
 
 
 @dataclass(frozen=True)
@@ -90,6 +134,7 @@ class _Rows:
     shift: float
     remainder: str | None = None
     remainder_scale: str | None = None
+    smooth: np.ndarray | None = field(default=None, compare=False)  # the rows were divided by it, per channel
 
 
 class _Graph:
@@ -119,6 +164,17 @@ class _Graph:
         if not self.has_weight(node):
             return None
         return numpy_helper.to_array(self.weights[node.input[1]]).astype(np.float32)
+
+    def smoothing(self, tensor: str, peaks: np.ndarray, alpha: float) -> np.ndarray:
+        """Return the per-channel divisors of tensor: peaks^alpha / (largest |weight| of the channel's rows
+        in every weight MatMul that reads the tensor)^(1 - alpha); 1 where either is zero."""
+        rows = np.max([np.abs(self.weight(node)).max(axis=1) for node in self.graph.node
+                       if self.has_weight(node) and node.input[0] == tensor], axis=0)
+        peaks = np.asarray(peaks, dtype=np.float64)
+        factors = np.ones_like(peaks)
+        live = (peaks > 0) & (rows > 0)
+        factors[live] = peaks[live] ** alpha / rows[live] ** (1 - alpha)
+        return factors
 
     def name(self, hint: str) -> str:
         self.serial += 1
@@ -184,11 +240,15 @@ class _Graph:
                                     keepdims=0)
         return helper.make_node("ReduceMax", [tensor], [out], axes=[1], keepdims=0)
 
-    def quantize_rows(self, tensor: str, width: int, nodes: list, remainder: bool = False) -> _Rows:
-        """Append the nodes that quantize tensor row by row (and its remainder); return where they are."""
+    def quantize_rows(self, tensor: str, width: int, nodes: list, remainder: bool = False,
+                      smooth: np.ndarray | None = None) -> _Rows:
+        """Append the nodes that quantize tensor row by row (divided by smooth, per channel, if given; and
+        its remainder); return where they are."""
         from onnx import TensorProto, helper
 
         shift = self.lower_bound(tensor)
+        if smooth is not None and shift is not None:
+            raise ValueError("only activations quantized symmetrically are smoothed")
         n = self.name
         shape, lead, flat = n("shape"), n("lead"), n("rows")
         nodes += [
@@ -197,6 +257,11 @@ class _Graph:
                                        self.constant(np.array([-1], np.int64), "end")], [lead]),
             helper.make_node("Reshape", [tensor, self.constant(np.array([-1, width], np.int64), "shape")], [flat]),
         ]
+        if smooth is not None:
+            smoothed = n("smoothed")
+            nodes.append(helper.make_node("Mul", [flat, self.constant((1 / smooth).astype(np.float32), "smoothing")],
+                                          [smoothed]))
+            flat = smoothed
         if shift is None:  # symmetric: [-max|x|, max|x|] on 255 steps around zero point 128
             magnitude = n("abs")
             nodes.append(helper.make_node("Abs", [flat], [magnitude]))
@@ -220,7 +285,8 @@ class _Graph:
                              value=helper.make_tensor("zero", TensorProto.UINT8, [1], [zero])),
             helper.make_node("QuantizeLinear", [flat, scale, zero_point], [quantized], axis=0),
         ]
-        rows = _Rows(quantized, scale, lead, self.constant(np.array(zero, np.uint8), "zero_point"), shift or 0.0)
+        rows = _Rows(quantized, scale, lead, self.constant(np.array(zero, np.uint8), "zero_point"), shift or 0.0,
+                     smooth=smooth)
         if not remainder:
             return rows
         # what rounding left out lies within half a step: 254 finer steps around zero point 128
@@ -239,6 +305,8 @@ class _Graph:
         """Append the int8 product of rows and weight, restored to the MatMul's output name and shape."""
         from onnx import helper
 
+        if rows.smooth is not None:  # the rows were divided by it: the weight's rows take it on
+            weight = (weight * rows.smooth[:, None]).astype(np.float32)
         column_scale = np.abs(weight).max(axis=0) / 127.0
         column_scale[column_scale == 0] = 1.0
         quantized_weight = np.clip(np.round(weight / column_scale), -127, 127).astype(np.int8)

@@ -35,6 +35,7 @@ class QuantizationSettings:
     per_channel: bool = True  # measured here: agrees with fp32 far more often, and is not slower
     reduce_range: bool | None = None  # None: on for AVX2 / AVX-512 without VNNI (VPMADDUBSW saturates)
     nodes_to_exclude: list[str] = field(default_factory=list)
+    smoothing: float = 0.5  # per-token: SmoothQuant's alpha (export/pertoken.py); 0 turns smoothing off
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     two_pass: tuple[str, ...] = ()  # per-token MatMuls that also multiply their input's rounding remainder
     block_size: int = 32  # weight-only blocks
+    smoothing: float = 0.0  # per-token: SmoothQuant's alpha, with ranges from the calibration split
 
     def describe(self) -> dict:
         """Return the settings as they go into the manifest."""
@@ -56,6 +58,7 @@ class Recipe:
                   "reduce_range": self.reduce_range, "fused_graph": self.fused, "fp32_nodes": list(self.exclude)}
         if self.kind == "per-token":
             record["two_pass_nodes"] = list(self.two_pass)
+            record["smoothing_alpha"] = self.smoothing
         if self.kind == "weight-only":
             record.update(bits=8, block_size=self.block_size, accuracy_level=4)
         record["activation_scales"] = {"dynamic": "per tensor", "per-token": "per token", "static": "calibrated",
@@ -98,8 +101,13 @@ def fused_graph(fp32_model: Path, output: Path) -> Path:
     return fused
 
 
-def build(recipe: Recipe, source: Path, output: Path, calibration: Sequence[dict[str, np.ndarray]] = ()) -> Path:
-    """Write recipe's int8 model of source (fp32, or O2-fused when recipe.fused) to output/model.onnx."""
+def build(recipe: Recipe, source: Path, output: Path, calibration: Sequence[dict[str, np.ndarray]] = (),
+          ranges: dict[str, np.ndarray] | None = None) -> Path:
+    """Write recipe's int8 model of source (fp32, or O2-fused when recipe.fused) to output/model.onnx.
+
+    A smoothed per-token recipe uses ranges (pertoken.activation_ranges of source), measured on the
+    calibration batches when not given.
+    """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -120,9 +128,14 @@ def build(recipe: Recipe, source: Path, output: Path, calibration: Sequence[dict
                          reduce_range=recipe.reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                          extra_options=extra)
     elif recipe.kind == "per-token":
-        from export.pertoken import rewrite
+        from export.pertoken import activation_ranges, rewrite
 
-        changed = rewrite(source, target, exclude=recipe.exclude, two_pass=recipe.two_pass)
+        if recipe.smoothing and ranges is None:
+            if not calibration:
+                raise ValueError("smoothing needs calibration batches")
+            ranges = activation_ranges(source, calibration)
+        changed = rewrite(source, target, exclude=recipe.exclude, two_pass=recipe.two_pass,
+                          ranges=ranges if recipe.smoothing else None, alpha=recipe.smoothing)
         logger.debug("per-token int8: %s", changed)
     elif recipe.kind == "static":
         quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ,

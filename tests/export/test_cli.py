@@ -51,6 +51,14 @@ def test_bad_model_arguments(run_cli, tmp_path, model, message):
     _assert_clean_failure(run_cli("--model", model, "--output-dir", str(tmp_path)), message)
 
 
+@pytest.mark.parametrize(("option", "value"), [("--smoothing", "1.5"), ("--smoothing", "-0.1"),
+                                               ("--min-agreement", "2"), ("--max-accuracy-drop", "-1")])
+def test_out_of_range_settings_are_refused(run_cli, tmp_path, option, value):
+    result = run_cli(option, value, "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and f"{option} must lie between 0 and 1" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_that_is_not_a_sequence_classifier_is_refused(run_cli, tmp_path):
     from transformers import BertConfig, BertModel
 
@@ -121,12 +129,12 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
     manifest = json.loads((out / "searched" / "manifest.json").read_text())
     quant = manifest["quantization"]
     names = [c["name"] for c in quant["candidates"]]
-    assert names[:7] == ["dynamic int8", "dynamic int8, one activation scale per token",
+    assert names[:7] == ["dynamic int8", "dynamic int8, one activation scale per token, outlier channels smoothed",
                          "dynamic int8, weights per tensor", "dynamic int8, 7-bit weights (reduce_range)",
                          "dynamic int8 of the O2-fused graph (QAttention)", "static int8 (QDQ, MinMax calibration)",
                          "8-bit block weights, int8 compute (MatMulNBits)"]
     # the ladder starts from the per-token recipe, which missed the gate on this model too
-    assert len(names) > 7 and names[7].startswith("per-token int8, ") and "MatMuls two-pass" in names[7]
+    assert len(names) > 7 and names[7].startswith("smoothed per-token int8, ") and "MatMuls two-pass" in names[7]
     for candidate in quant["candidates"]:
         assert "error" not in candidate, candidate
         assert candidate["batch1_ms"] > 0 and candidate["batch8_ms"] > 0 and candidate["size_bytes"] > 0
@@ -158,6 +166,7 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
         assert counts[-1] == 12 and not two_pass[-1]["passed"]
         assert all(c["fp32_nodes"] == ranking[:len(c["fp32_nodes"])] for c in fp32)
     assert {c["activation_scales"] for c in steps} == {"per token"}
+    assert {c["smoothing_alpha"] for c in [quant["candidates"][1], *steps]} == {0.5}
     # nothing met the gate, and --on-miss fp32 asked for the fp32 model rather than the best int8 one
     if not any(c["passed"] for c in quant["candidates"]):
         assert quant["served"] == "fp32" and manifest["validation"]["served_model"] == "onnx_fp32"
@@ -218,7 +227,7 @@ def test_help_lists_the_options(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
     for option in ("--model", "--name", "--force", "--quantize", "--target", "--min-agreement",
-                   "--max-accuracy-drop", "--on-miss", "--no-gate"):
+                   "--max-accuracy-drop", "--on-miss", "--no-gate", "--smoothing"):
         assert option in result.stdout
 
 

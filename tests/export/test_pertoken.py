@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export.convert import export_fp32
-from export.pertoken import rewrite
+from export.pertoken import activation_ranges, rewrite
 from export.quantize import Recipe, build
 
 TEXTS = ["good", "a great film and a superb actor , i love this movie , it is very fun and not dull at all",
@@ -20,14 +20,14 @@ def fp32(request, checkpoints, tmp_path_factory) -> Path:
     return export_fp32(checkpoints(request.param), tmp_path_factory.mktemp(f"fp32-{request.param}"))
 
 
-def _run(model: Path, texts: list[str], tokenizer_dir: Path) -> np.ndarray:
+def _run(model: Path, texts: list[str], tokenizer_dir: Path, output: str = "logits") -> np.ndarray:
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     batch = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, padding=True, return_tensors="np")
-    return session.run(["logits"], {k: v.astype(np.int64) for k, v in batch.items() if k in names})[0]
+    return session.run([output], {k: v.astype(np.int64) for k, v in batch.items() if k in names})[0]
 
 
 def _ops(model: Path) -> list[str]:
@@ -43,7 +43,8 @@ def test_every_weight_matmul_becomes_int8_and_gelu_inputs_are_shifted(fp32, tmp_
     changed = rewrite(fp32, out)
     # 2 layers x (query, key, value, attention output, FFN in, FFN out); query, key and value share one
     # quantized input, so 4 activations per layer, of which the FFN output's (after GELU) is shifted
-    assert changed == {"matmuls": 12, "activations": 8, "shifted_activations": 2, "two_pass_matmuls": 0}
+    assert changed == {"matmuls": 12, "activations": 8, "shifted_activations": 2, "smoothed_activations": 0,
+                       "two_pass_matmuls": 0}
     assert len(weight_matmuls(fp32)) == 12 and weight_matmuls(out) == []
     assert _ops(out).count("MatMulInteger") == 12 and _ops(out).count("QuantizeLinear") == 8
     assert out.stat().st_size < fp32.stat().st_size
@@ -113,6 +114,69 @@ def test_two_pass_matmuls_multiply_the_remainder_too_and_come_closer_to_fp32(fp3
     error_single = np.abs(_run(single, TEXTS, fp32.parent) - reference).max()
     error_double = np.abs(_run(everything, TEXTS, fp32.parent) - reference).max()
     assert error_double < 0.1 * error_single, (error_single, error_double)
+
+
+def _batch(texts: list[str], tokenizer_dir: Path) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, padding=True, return_tensors="np")
+    return {k: v.astype(np.int64) for k, v in batch.items()}
+
+
+def test_activation_ranges_leave_padding_out(fp32):
+    together = activation_ranges(fp32, [_batch(TEXTS, fp32.parent)])  # short texts padded to the long one
+    alone = [activation_ranges(fp32, [_batch([text], fp32.parent)]) for text in TEXTS]
+    assert len(together) == 8  # the inputs of the 12 weight MatMuls (query, key and value share one)
+    for name, peaks in together.items():
+        expected = np.max([ranges[name] for ranges in alone], axis=0)
+        np.testing.assert_allclose(peaks, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weights(fp32, tmp_path):
+    """One channel 40x the others sets every token's scale; divided out, the rest keep their steps."""
+    import onnx
+    from onnx import numpy_helper
+
+    # an fp32 model whose first LayerNorm output (the embeddings', read by layer 0's query, key and value
+    # and by the residual) has one channel 40x larger: a real model's outlier channel
+    proto = onnx.load(str(fp32))
+    norm = next(node for node in proto.graph.node if node.op_type == "LayerNormalization")
+    for tensor in proto.graph.initializer:
+        if tensor.name in norm.input[1:]:
+            values = numpy_helper.to_array(tensor).copy()
+            values[0] *= 40.0
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    # compared where the outlier acts: the output of a MatMul that reads it (the logits of a tiny random
+    # model barely move)
+    weights = {tensor.name for tensor in proto.graph.initializer}
+    product = next(node.output[0] for node in proto.graph.node
+                   if node.op_type == "MatMul" and node.input[0] == norm.output[0] and node.input[1] in weights)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(product, onnx.TensorProto.FLOAT, None))
+    outlier = tmp_path / "outlier.onnx"
+    onnx.save(proto, str(outlier))
+    ranges = activation_ranges(outlier, [_batch(TEXTS, fp32.parent)])
+    peaks = ranges[norm.output[0]]
+    assert peaks[0] > 10 * np.median(peaks)
+
+    plain, smoothed = tmp_path / "plain.onnx", tmp_path / "smoothed.onnx"
+    rewrite(outlier, plain)
+    changed = rewrite(outlier, smoothed, ranges=ranges, alpha=0.5)
+    # every input quantized symmetrically (query/key/value's, the attention output's, the FFN's first
+    # MatMul's), not the GELU outputs: one Mul each
+    assert changed["smoothed_activations"] == 6 and changed["shifted_activations"] == 2
+    assert _ops(smoothed).count("Mul") == _ops(plain).count("Mul") + 6
+    reference = _run(outlier, TEXTS, fp32.parent, product)
+    error_plain = np.abs(_run(plain, TEXTS, fp32.parent, product) - reference).mean()
+    error_smoothed = np.abs(_run(smoothed, TEXTS, fp32.parent, product) - reference).mean()
+    assert error_smoothed < 0.5 * error_plain, (error_plain, error_smoothed)
+
+
+def test_a_smoothed_recipe_needs_calibration(fp32, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        build(Recipe("smoothed", "per-token", smoothing=0.5), fp32, tmp_path / "smoothed")
+    model = build(Recipe("smoothed", "per-token", smoothing=0.5), fp32, tmp_path / "calibrated",
+                  [_batch(TEXTS, fp32.parent)])
+    assert _ops(model).count("MatMulInteger") == 12
 
 
 def _with_int8_weights(fp32: Path, out: Path) -> Path:
