@@ -17,8 +17,9 @@ Two-pass MatMuls (for the most sensitive ones) also quantize what rounding left 
 lies within half a step, on 254 finer steps, and add its int8 product: the activations then carry ~16
 bits, for a second int8 GEMM rather than an fp32 one, which costs several times more.
 
-Smoothing (SmoothQuant, Xiao et al. 2023): a few channels of a LayerNorm's output run 5-30x larger than
-the rest and set every token's scale, so the other channels get few steps. Dividing channel j of the
+Smoothing (SmoothQuant, Xiao et al. 2023): a few channels of a LayerNorm's output run far larger than
+the rest (on the default model one reaches 21-30 where a token's largest value is typically 2-6) and
+set every token's scale, so the other channels get few steps. Dividing channel j of the
 rows by s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) (ranges from the calibration split) and multiplying
 row j of the weights by s_j leaves the product unchanged and moves part of that range into the weights,
 which are quantized per column. It costs one Mul per activation; on the default model it made the
