@@ -144,23 +144,31 @@ class Scorer:
                 self.fp32_timing[threads] = ort_session(self.fp32_model, threads, spinning=False)
             runs = (ort_session(model, threads, spinning=False), self.fp32_timing[threads])
             for size in (1, 8) if threads == 1 else (8,):
-                # fp32's fastest run so far is the canary: a window where it ran >10% slower than that was
-                # disturbed (here: other work on the machine, or seconds after the process churned through
-                # memory, as the sensitivity pass does) and is measured again, up to CANARY_WINDOWS times
-                # (only for the one-thread ranking figures; "as_served" is one window)
-                if threads == 1 and size not in self.fp32_fastest:
-                    self.fp32_fastest[size] = _alternate(runs[1:], self.latency_inputs[size], 2 * LATENCY_ROUNDS)[0]
-                for _ in range(CANARY_WINDOWS if threads == 1 else 1):
+                if threads == 1:
+                    best, best_fp32 = self._undisturbed(runs, size)
+                else:  # "as_served": one window
                     best, best_fp32 = _alternate(runs, self.latency_inputs[size], LATENCY_ROUNDS)
-                    if threads > 1:
-                        break
-                    quiet, self.fp32_fastest[size] = self.fp32_fastest[size], min(self.fp32_fastest[size], best_fp32)
-                    if best_fp32 <= 1.1 * quiet:
-                        break
                 entry = figures if threads == 1 else figures.setdefault("as_served", {"threads": threads})
                 entry.update({f"batch{size}_ms": round(best, 3), f"batch{size}_fp32_ms": round(best_fp32, 3),
                               f"batch{size}_speedup": round(best_fp32 / best, 3)})
         return figures
+
+    def _undisturbed(self, runs: Sequence, size: int) -> tuple[float, float]:
+        """Return the fastest candidate and fp32 runs (in ms) of a window that fp32 vouches for.
+
+        fp32's fastest run so far is the canary: a window where it ran >10% slower than that was disturbed
+        (here: other work on the machine, or seconds after the process churned through memory, as the
+        sensitivity pass does) and is measured again, up to CANARY_WINDOWS times.
+        """
+        batch = self.latency_inputs[size]
+        if size not in self.fp32_fastest:
+            self.fp32_fastest[size] = _alternate(runs[1:], batch, 2 * LATENCY_ROUNDS)[0]
+        for _ in range(CANARY_WINDOWS):
+            best, best_fp32 = _alternate(runs, batch, LATENCY_ROUNDS)
+            quiet, self.fp32_fastest[size] = self.fp32_fastest[size], min(self.fp32_fastest[size], best_fp32)
+            if best_fp32 <= 1.1 * quiet:
+                break
+        return best, best_fp32
 
 
 def _alternate(sessions: Sequence, batch: dict[str, np.ndarray], rounds: int) -> list[float]:

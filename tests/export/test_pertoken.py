@@ -20,14 +20,19 @@ def fp32(request, checkpoints, tmp_path_factory) -> Path:
     return export_fp32(checkpoints(request.param), tmp_path_factory.mktemp(f"fp32-{request.param}"))
 
 
+def _batch(texts: list[str], tokenizer_dir: Path) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, padding=True, return_tensors="np")
+    return {k: v.astype(np.int64) for k, v in batch.items()}
+
+
 def _run(model: Path, texts: list[str], tokenizer_dir: Path, output: str = "logits") -> np.ndarray:
     import onnxruntime as ort
-    from transformers import AutoTokenizer
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    batch = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, padding=True, return_tensors="np")
-    return session.run([output], {k: v.astype(np.int64) for k, v in batch.items() if k in names})[0]
+    return session.run([output], {k: v for k, v in _batch(texts, tokenizer_dir).items() if k in names})[0]
 
 
 def _ops(model: Path) -> list[str]:
@@ -114,13 +119,6 @@ def test_two_pass_matmuls_multiply_the_remainder_too_and_come_closer_to_fp32(fp3
     error_single = np.abs(_run(single, TEXTS, fp32.parent) - reference).max()
     error_double = np.abs(_run(everything, TEXTS, fp32.parent) - reference).max()
     assert error_double < 0.1 * error_single, (error_single, error_double)
-
-
-def _batch(texts: list[str], tokenizer_dir: Path) -> dict[str, np.ndarray]:
-    from transformers import AutoTokenizer
-
-    batch = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, padding=True, return_tensors="np")
-    return {k: v.astype(np.int64) for k, v in batch.items()}
 
 
 def test_activation_ranges_leave_padding_out(fp32):
