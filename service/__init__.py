@@ -26,6 +26,7 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
     if classifier is None:
         classifier = load_classifier(settings)
 
+    from service import tei
     from service.api import bp
 
     metrics = Metrics()
@@ -44,6 +45,7 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
     batching.init_app(app, scheduler)
     auth.init_app(app, settings.api_key)
     app.register_blueprint(bp)
+    app.register_blueprint(tei.bp)
     return app
 
 

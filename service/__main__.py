@@ -24,7 +24,7 @@ settings (environment variables; defaults in brackets):
                               BATCH_WORKERS + 32 = {threads}; without batching or with
                               another backend than onnx: 4]
   SERVICE_ORT_THREADS         onnxruntime intra-op threads [usable cores]
-  SERVICE_ORT_SPINNING        let idle onnxruntime threads spin instead of sleeping [{ORT_SPINNING}]
+  SERVICE_ORT_SPINNING        let idle onnxruntime threads spin briefly within a run [{ORT_SPINNING}]
   SERVICE_MAX_BATCH           most texts in one request [{MAX_BATCH}]
   SERVICE_MAX_CONTENT_LENGTH  largest request body in bytes [{MAX_CONTENT_LENGTH}]
   SERVICE_BACKEND             onnx, pytorch or optimum [{BACKEND}]
@@ -33,7 +33,7 @@ settings (environment variables; defaults in brackets):
   SERVICE_BATCH_MAX_TEXTS     most texts one model batch takes from the queue [{BATCH_MAX_TEXTS}]
   SERVICE_BATCH_MAX_TOKENS    most padded tokens in one model run [{BATCH_MAX_TOKENS}]
   SERVICE_BATCH_WAIT_MS       wait this long for more requests before a batch [{BATCH_WAIT_MS}]
-  SERVICE_BATCH_WORKERS       threads running model batches [{BATCH_WORKERS}]
+  SERVICE_BATCH_WORKERS       model runs at once [2, or 1 on a single usable core]
   SERVICE_MAX_QUEUE           texts that may wait for the model; more get 503 at once [{MAX_QUEUE}]
   SERVICE_QUEUE_TIMEOUT       seconds a request may wait in the queue before a 503 [{QUEUE_TIMEOUT}]
   SERVICE_CONNECTION_LIMIT    open client connections served at once [{CONNECTION_LIMIT}]

@@ -11,8 +11,8 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batching import Scheduler
-from service.classifier import Prediction
 from service.config import Settings
+from service.inference import infer
 from service.metrics import Metrics
 from service.openapi import openapi_document
 from service.schemas import ClassifyRequest, read_body
@@ -23,17 +23,13 @@ _REFERENCE = {"pytorch": ("torch", "transformers"),
               "optimum": ("torch", "transformers", "optimum", "optimum-onnx")}
 
 
-def _classify(form: Literal["sentiment", "inference_api"]) -> tuple[ClassifyRequest, list[list[Prediction]]]:
-    """Validate the body, classify its texts and record the batch in the metrics."""
+def _classify(form: Literal["sentiment", "inference_api"]) -> tuple[ClassifyRequest, list[list[Any]]]:
+    """Validate the body, classify its inputs and rank each one's labels."""
     settings: Settings = current_app.extensions["service.settings"]
     body = read_body(settings.max_batch, form)
-    started = time.perf_counter()
-    # the batch scheduler when batching, else the classifier in this thread
-    runner = current_app.extensions["service.scheduler"] or current_app.extensions["service.classifier"]
-    results = runner.classify(body.texts, top_k=body.top_k, function_to_apply=body.function_to_apply)
-    metrics: Metrics = current_app.extensions["service.metrics"]
-    metrics.observe_inference(len(body.texts), time.perf_counter() - started)
-    return body, results
+    logits = infer(body.inputs)
+    classifier = current_app.extensions["service.classifier"]
+    return body, classifier.postprocess(logits, body.top_k, body.function_to_apply)
 
 
 @bp.post("/sentiment")

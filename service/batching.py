@@ -1,19 +1,34 @@
-"""Dynamic micro-batching: request threads queue texts, one worker runs everything queued together."""
+"""Dynamic micro-batching with no hand-off: the request thread that finds the model free runs it.
+
+A request's texts are tokenized in its own thread and queued one text at a time. A request that
+finds a model slot free (at most `workers` runs at once) takes what is queued and runs it itself,
+so a lone request never waits for another thread. When a run ends, the slot passes to the thread of
+the most urgent queued text, which runs the next batch; requests whose texts ran in someone else's
+batch are woken when their last text is done.
+
+Urgency: a text's deadline is its arrival plus OVERTAKE times its expected run time, and the earliest
+deadline goes first. Among texts of one length that is first come, first served; a short text may
+overtake long ones that arrived shortly before it, so a flood of long texts cannot hold up short
+requests, while a long text waits at most OVERTAKE times its own run time for texts that came later.
+"""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
 import numpy as np
 from flask import Flask, Response, jsonify
+from tokenizers import Encoding
 
-from service.classifier import Classifier, InferenceError, Prediction
+from service.classifier import Classifier, InferenceError, Input, Prediction
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -22,7 +37,9 @@ logger = logging.getLogger(__name__)
 # about a + b x tokens with a ~3.2 ms and b ~0.17-0.19 ms per token. Length groups merge while
 # the padding this adds costs less than a run of its own.
 RUN_COST_TOKENS = 20
-_POLL = 1.0  # seconds between checks that the worker is alive while a started batch runs
+OVERTAKE = 8.0  # how many of its own run times a text may wait for more urgent texts that came later
+_SECONDS_PER_TOKEN = 0.0005  # first estimate of a run's time per padded token, refined by every run
+_POLL = 1.0  # seconds a waiting request sleeps at most before it looks at its job again
 
 
 class Unavailable(Exception):
@@ -38,14 +55,45 @@ class Unavailable(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's texts on their way through the queue; resolved by the worker."""
+    """One request's encoded inputs on their way through the queue, and their logits as they come."""
 
-    texts: Sequence[str]
+    encodings: Sequence[Encoding]
+    labels: int
     enqueued: float = field(default_factory=time.monotonic)
-    started: bool = False
-    logits: np.ndarray | None = None
+    taken: int = 0  # texts a batch has taken
+    queued_tokens: int = 0  # tokens of its texts still in the queue
+    left: int = 0  # texts without logits yet
+    logits: np.ndarray = field(init=False)
     error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # gave up or failed: its queued texts are skipped
+    lead: list[Item] | None = None  # a batch this job's thread must run next
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        """Make room for the logits."""
+        self.left = len(self.encodings)
+        self.queued_tokens = sum(len(encoding) for encoding in self.encodings)
+        self.logits = np.empty((len(self.encodings), self.labels), dtype=np.float32)
+
+    @property
+    def done(self) -> bool:
+        """Return whether every text has logits or the job failed."""
+        return self.left == 0 or self.error is not None
+
+
+@dataclass(order=True)
+class Item:
+    """One queued text: ordered by deadline, then arrival."""
+
+    deadline: float
+    order: int
+    job: Job = field(compare=False)
+    index: int = field(compare=False)
+
+    @property
+    def tokens(self) -> int:
+        """Return the text's length in tokens."""
+        return len(self.job.encodings[self.index])
 
 
 def length_groups(lengths: Sequence[int], max_tokens: int, max_texts: int,
@@ -74,23 +122,24 @@ def length_groups(lengths: Sequence[int], max_tokens: int, max_texts: int,
 
 
 class Scheduler:
-    """A bounded queue of requests and worker threads that each run one batch at a time."""
+    """A bounded queue of texts and `workers` model slots, run by the request threads themselves."""
 
     def __init__(self, classifier: Classifier, *, max_texts: int, max_tokens: int, max_queue: int,
                  queue_timeout: float, wait: float = 0.0, workers: int = 1,
                  metrics: Metrics | None = None) -> None:
-        """Configure the limits; start() starts the workers."""
+        """Configure the limits; start() opens the model slots."""
         self.classifier = classifier
         self.max_texts, self.max_tokens, self.max_queue = max_texts, max_tokens, max_queue
-        self.queue_timeout, self.wait = queue_timeout, wait
+        self.queue_timeout, self.wait, self.workers = queue_timeout, wait, workers
         self.metrics = metrics
-        self._queue: deque[Job] = deque()
-        self._pending = 0  # texts queued and not yet taken by a worker
-        self._seconds_per_text = 0.01  # running estimate, for Retry-After
-        self._stopping = False
+        self._heap: list[Item] = []
+        self._order = itertools.count()
+        self._pending = 0  # texts queued and not yet taken by a batch
+        self._pending_tokens = 0
+        self._free = 0  # model slots nobody holds; none until start()
+        self._started = self._stopping = False
+        self._seconds_per_token = _SECONDS_PER_TOKEN
         self._cond = threading.Condition()
-        self._workers = [threading.Thread(target=self._work, name=f"batch-worker-{n}", daemon=True)
-                         for n in range(workers)]
         if metrics is not None:
             metrics.track_queue(lambda: self._pending)
 
@@ -101,13 +150,17 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        """Return whether every worker thread is running."""
-        return all(worker.is_alive() for worker in self._workers)
+        """Return whether batches are being run: started and not stopped."""
+        return self._started and not self._stopping
 
     def start(self) -> None:
-        """Start the worker threads."""
-        for worker in self._workers:
-            worker.start()
+        """Open the model slots; what is already queued starts at once."""
+        with self._cond:
+            self._started = True
+            self._free = self.workers
+            while self._free and self._heap:
+                self._free -= 1
+                self._hand_over(self._take())
 
     def warmup(self) -> None:
         """Classify the classifier's warm-up batches through the queue."""
@@ -115,131 +168,179 @@ class Scheduler:
             self.classify(texts)
 
     def stop(self, timeout: float) -> bool:
-        """Let the workers finish what is queued, then stop them; return whether they did in time."""
+        """Refuse new requests, let queued ones finish; return whether they did within timeout."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        for worker in self._workers:
-            if worker.is_alive():
-                worker.join(max(0.0, deadline - time.monotonic()))
-        return not any(worker.is_alive() for worker in self._workers)
+            while self._pending or (self._started and self._free < self.workers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
 
-    def classify(self, texts: Sequence[str], top_k: int | None = None,
+    def classify(self, inputs: Sequence[Input], top_k: int | None = None,
                  function_to_apply: str | None = None) -> list[list[Prediction]]:
-        """Queue texts, wait for their batch and post-process them in the calling thread."""
-        job = Job(texts)
+        """Tokenize inputs here, run them in a batch and post-process them here."""
+        logits = self.logits(self.classifier.encode(inputs))
+        return self.classifier.postprocess(logits, top_k, function_to_apply)
+
+    def logits(self, encodings: Sequence[Encoding]) -> np.ndarray:
+        """Return the logits [texts, labels] of encoded inputs, batched with concurrent requests."""
+        job = Job(encodings, len(self.classifier.labels))
         with self._cond:
             if self._stopping:
                 raise self._unavailable("the service is shutting down", "shutting_down")
-            if self._pending + len(texts) > self.max_queue:
+            if self._pending + len(encodings) > self.max_queue:
                 raise self._unavailable("overloaded: the queue is full, retry later", "queue_full")
-            self._queue.append(job)
-            self._pending += len(texts)
-            self._cond.notify()
-        if not job.done.wait(self.queue_timeout):
-            with self._cond:
-                if not job.started:
-                    self._queue.remove(job)
-                    self._pending -= len(texts)
-                    raise self._unavailable("overloaded: timed out in the queue, retry later",
-                                            "queue_timeout")
-            # a worker has the batch: it ends in the time of one run, unless the worker is gone
-            while not job.done.wait(_POLL):
-                if not self.alive:
-                    raise InferenceError("the batch worker stopped")
+            for index, encoding in enumerate(encodings):
+                expected = (len(encoding) + RUN_COST_TOKENS) * self._seconds_per_token
+                heapq.heappush(self._heap, Item(job.enqueued + OVERTAKE * expected, next(self._order),
+                                                job, index))
+            self._pending += len(encodings)
+            self._pending_tokens += job.queued_tokens
+            self._cond.notify_all()  # a slot holder gathering a batch (wait > 0) counts the texts
+            batch = None
+            if self._free:  # then nothing else is queued: run now, in this thread
+                self._free -= 1
+                self._gather()
+                batch = self._take()
+        if batch is not None:
+            self._lead(batch)
+        self._await(job)
         if job.error is not None:
             raise InferenceError(f"the batch of this request failed: {job.error}") from job.error
-        return self.classifier.postprocess(job.logits, top_k, function_to_apply)
+        return job.logits
+
+    def _await(self, job: Job) -> None:
+        """Wait until the job is done, running any batch handed to this thread meanwhile."""
+        deadline = job.enqueued + self.queue_timeout
+        while True:
+            woken = job.wake.wait(max(0.0, min(deadline - time.monotonic(), _POLL)))
+            with self._cond:
+                batch, job.lead = job.lead, None
+                if batch is None:
+                    if job.done:
+                        return
+                    if woken:
+                        job.wake.clear()
+                        continue
+                    if time.monotonic() < deadline:
+                        continue
+                    if job.taken == 0:  # none of it has started: give up and leave the queue
+                        self._cancel(job)
+                        raise self._unavailable("overloaded: timed out in the queue, retry later",
+                                                "queue_timeout")
+                    deadline = math.inf  # part of it runs: the rest is most urgent, wait for it
+                    continue
+                job.wake.clear()
+            self._lead(batch)
+
+    def _gather(self) -> None:
+        """Wait up to `wait` seconds for a full batch, holding the slot (called with the lock held)."""
+        if self.wait <= 0:
+            return
+        deadline = time.monotonic() + self.wait
+        while self._pending < self.max_texts and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _take(self) -> list[Item]:
+        """Pop the most urgent texts, up to max_texts and max_tokens (the first whatever its size)."""
+        batch: list[Item] = []
+        tokens = 0
+        while self._heap and len(batch) < self.max_texts:
+            item = self._heap[0]
+            if item.job.cancelled:
+                heapq.heappop(self._heap)
+                continue
+            if batch and tokens + item.tokens > self.max_tokens:
+                break
+            heapq.heappop(self._heap)
+            batch.append(item)
+            tokens += item.tokens
+            self._pending -= 1
+            self._pending_tokens -= item.tokens
+            item.job.queued_tokens -= item.tokens
+            if item.job.taken == 0 and self.metrics is not None:
+                self.metrics.queue_wait.observe(time.monotonic() - item.job.enqueued)
+            item.job.taken += 1
+        return batch
+
+    def _cancel(self, job: Job) -> None:
+        """Drop a job's queued texts from the counts; the heap skips them (called with the lock held)."""
+        job.cancelled = True
+        self._pending -= len(job.encodings) - job.taken
+        self._pending_tokens -= job.queued_tokens
+        job.taken, job.queued_tokens = len(job.encodings), 0
+
+    def _hand_over(self, batch: list[Item]) -> None:
+        """Give a held slot and its next batch to the thread of the batch's most urgent text."""
+        if not batch:
+            self._free += 1
+            self._cond.notify_all()
+            return
+        owner = batch[0].job
+        owner.lead = batch
+        owner.wake.set()
+
+    def _lead(self, batch: list[Item]) -> None:
+        """Run a batch in this thread, then pass the slot on (or free it)."""
+        try:
+            self._run(batch)
+        except Exception as exc:  # a bug outside session.run: fail these requests, keep serving
+            logger.exception("batch of %d texts failed outside the model", len(batch))
+            with self._cond:
+                for item in batch:
+                    self._fail(item.job, exc)
+        finally:
+            with self._cond:
+                self._hand_over(self._take() if self._heap else [])
+
+    def _run(self, batch: list[Item]) -> None:
+        """Run each length group of the batch once, resolving each job when its last text is done."""
+        encodings = [item.job.encodings[item.index] for item in batch]
+        for group in length_groups([len(e) for e in encodings], self.max_tokens, self.max_texts):
+            members = [batch[i] for i in group]
+            if all(item.job.error is not None for item in members):
+                continue
+            started = time.monotonic()
+            try:
+                logits = self.classifier.run(self.classifier.collate([encodings[i] for i in group]))
+            except Exception as exc:  # InferenceError from session.run, or anything in collate
+                with self._cond:
+                    for item in members:
+                        self._fail(item.job, exc)
+                continue
+            padded = len(group) * max(len(encodings[i]) for i in group) + RUN_COST_TOKENS
+            self.classifier.ready = True  # the model has answered: what /ready waits for
+            with self._cond:
+                # an exponential average follows load changes within a few runs
+                self._seconds_per_token += 0.2 * ((time.monotonic() - started) / padded - self._seconds_per_token)
+                for item, row in zip(members, logits, strict=True):
+                    job = item.job
+                    job.logits[item.index] = row
+                    job.left -= 1
+                    if job.left == 0:
+                        job.wake.set()  # answer as soon as a request's own texts are done
+            if self.metrics is not None:
+                self.metrics.run_texts.observe(len(group))
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        """Fail a job once and wake its thread (called with the lock held)."""
+        if job.error is None:
+            job.error = exc
+            self._cancel(job)
+            job.wake.set()
 
     def _unavailable(self, message: str, reason: str) -> Unavailable:
         """Return the 503 error, with Retry-After from the queue's expected drain time."""
         if self.metrics is not None:
             self.metrics.rejections.labels(reason).inc()
-        drain = self._pending * self._seconds_per_text
+        drain = self._pending_tokens * self._seconds_per_token / max(1, self.workers)
         return Unavailable(message, retry_after=min(60, max(1, math.ceil(drain))), reason=reason)
-
-    def _work(self) -> None:
-        """Run batches until stopped; a failing batch fails only its own requests."""
-        while True:
-            jobs = self._take()
-            if not jobs:
-                return
-            started = time.monotonic()
-            try:
-                self._run(jobs)
-            except Exception as exc:  # a bug outside session.run: fail these requests, keep serving
-                logger.exception("batch of %d requests failed outside the model", len(jobs))
-                for job in jobs:
-                    job.error = job.error or exc
-            finally:
-                for job in jobs:
-                    job.done.set()
-            texts = sum(len(job.texts) for job in jobs)
-            # an exponential average follows load changes within a few batches
-            seconds = (time.monotonic() - started) / texts
-            self._seconds_per_text += 0.2 * (seconds - self._seconds_per_text)
-
-    def _take(self) -> list[Job]:
-        """Wait for work; take queued requests up to max_texts (the first one whatever its size)."""
-        with self._cond:
-            while not self._queue:
-                if self._stopping:
-                    return []
-                self._cond.wait()
-            if self.wait > 0:
-                deadline = time.monotonic() + self.wait
-                while self._pending < self.max_texts and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-            jobs: list[Job] = []
-            texts = 0
-            while self._queue and (not jobs or texts + len(self._queue[0].texts) <= self.max_texts):
-                job = self._queue.popleft()
-                job.started = True
-                jobs.append(job)
-                texts += len(job.texts)
-            self._pending -= texts
-        if self.metrics is not None:
-            now = time.monotonic()
-            for job in jobs:
-                self.metrics.queue_wait.observe(now - job.enqueued)
-        return jobs
-
-    def _run(self, jobs: list[Job]) -> None:
-        """Tokenize the jobs' texts together, run each length group once, resolve each job when done."""
-        owners: list[Job] = []  # the job of each text
-        first: dict[int, int] = {}  # job -> index of its first text
-        for job in jobs:
-            first[id(job)] = len(owners)
-            owners.extend([job] * len(job.texts))
-        encodings = self.classifier.encode([text for job in jobs for text in job.texts])
-        rows: dict[int, np.ndarray] = {}  # text index -> logits row
-        remaining = {id(job): len(job.texts) for job in jobs}
-        for group in length_groups([len(e) for e in encodings], self.max_tokens, self.max_texts):
-            members = list({id(owners[i]): owners[i] for i in group}.values())
-            if all(job.error is not None for job in members):
-                continue
-            try:
-                logits = self.classifier.run(self.classifier.collate([encodings[i] for i in group]))
-            except Exception as exc:  # InferenceError from session.run, or anything in collate
-                for job in members:
-                    job.error = job.error or exc
-                    job.done.set()
-                continue
-            if self.metrics is not None:
-                self.metrics.run_texts.observe(len(group))
-            self.classifier.ready = True  # the model has answered: what /ready waits for
-            for i, row in zip(group, logits, strict=True):
-                rows[i] = row
-                job = owners[i]
-                remaining[id(job)] -= 1
-                if remaining[id(job)] == 0 and job.error is None:
-                    # answer as soon as a request's own texts are done, not when the whole batch is
-                    job.logits = np.stack([rows[first[id(job)] + k] for k in range(len(job.texts))])
-                    job.done.set()
 
 
 def handle_unavailable(exc: Unavailable) -> tuple[Response, int, dict[str, str]]:
@@ -252,5 +353,5 @@ def init_app(app: Flask, scheduler: Scheduler | None) -> None:
     app.extensions["service.scheduler"] = scheduler
     app.register_error_handler(Unavailable, handle_unavailable)
     if scheduler is not None:
-        # tests build many apps: let each one's idle worker end with its app
+        # tests build many apps: let each one's scheduler refuse work once its app is gone
         weakref.finalize(app, scheduler.stop, 0)

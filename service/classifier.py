@@ -1,17 +1,15 @@
-"""The ONNX backend: a small tokenizer pool and one ONNX Runtime session for an exported model folder."""
+"""The ONNX backend: the tokenizer and one ONNX Runtime session of an exported model folder."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import queue
+import re
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +22,23 @@ FUNCTIONS = ("softmax", "sigmoid", "none")
 _ABSURD_LENGTH = 1_000_000
 # Position embeddings of these models start after the padding index, so two positions are unusable.
 _OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+# A text is cut to max_length x this many characters (at a word boundary) before it is tokenized,
+# so a 2 MiB text costs what a max-length one costs. English runs at ~5 characters per token; a cut
+# text that still overflows max_length tokens is truncated exactly as the whole text would be.
+CLIP_CHARS_PER_TOKEN = 10
+# A cut text that does not overflow (whitespace runs, very long words) is read again up to this many
+# characters per token; characters beyond that are never read.
+WIDE_CLIP_CHARS_PER_TOKEN = 100
+# Idle intra-op threads spin this long (microseconds) before they sleep, and stop spinning when no
+# run is in progress: most of spinning's latency gain at one client, little of its cost under load.
+SPIN_MICROSECONDS = 50
+
+_EDGE = 200  # characters near a cut searched for a word boundary
+_WHITESPACE = re.compile(r"\s")
+_LAST_WHITESPACE = re.compile(r"\s(?=\S*\Z)")
+
+Input = str | tuple[str, str]  # one text, or a (text, text_pair) pair for a sentence-pair model
+Direction = Literal["right", "left"]
 
 
 class ModelLoadError(RuntimeError):
@@ -34,11 +49,32 @@ class InferenceError(RuntimeError):
     """Running the model failed for a request that passed validation."""
 
 
+class InputTooLong(ValueError):
+    """An input has more tokens than the model takes and truncation was not allowed."""
+
+    def __init__(self, index: int, max_length: int) -> None:
+        """Store which input is too long and the model's limit."""
+        super().__init__(f"input {index} has more than {max_length} tokens, the model's limit; "
+                         "send it with truncation allowed or shorten it")
+        self.index = index
+        self.max_length = max_length
+
+
 class Prediction(TypedDict):
     """One label and its score."""
 
     label: str
     score: float
+
+
+class Token(TypedDict):
+    """One token of a text, as TEI's /tokenize describes it (start and stop are UTF-8 byte offsets)."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -138,26 +174,33 @@ class Classifier:
 
     backend = "onnx"
 
-    def __init__(self, model_dir: Path, intra_op_threads: int = 1, spinning: bool = True) -> None:
-        """Load and check the model folder; raise ModelLoadError with one clear line if unusable."""
+    def __init__(self, model_dir: Path, intra_op_threads: int = 1, spinning: bool = True, *,
+                 verify: bool = True) -> None:
+        """Load and check the model folder; raise ModelLoadError with one clear line if unusable.
+
+        `verify=False` skips the manifest (for a folder still being written, such as the export's).
+        """
         self.model_dir = Path(model_dir)
-        self.manifest = verify_manifest(self.model_dir)
+        self.manifest = verify_manifest(self.model_dir) if verify else {}
         self.config = read_json(self.model_dir / "config.json")
         self.labels = labels_from_config(self.config, self.model_dir / "config.json")
         self.function = default_function(self.config, len(self.labels))
         tokenizer_config = read_json(self.model_dir / "tokenizer_config.json")
         self.max_length = model_max_length(tokenizer_config, self.config)
+        self.truncation_side: Direction = ("left" if tokenizer_config.get("truncation_side") == "left"
+                                           else "right")
         self.name = str(self.manifest.get("name") or self.model_dir.name)
         self.intra_op_threads = intra_op_threads
-        configured = self._configured_tokenizer(tokenizer_config)
-        self._tokenizer_json = configured.to_str()
-        self._vocab_size = configured.get_vocab_size(with_added_tokens=True)
-        # A tokenizer shared across threads raises 'Already borrowed' (tokenizers #537), and each
-        # copy takes ~6 MB: keep a pool of at most one per usable core, made on demand.
-        self._idle: queue.SimpleQueue[Tokenizer] = queue.SimpleQueue()
-        self._pool_lock = threading.Lock()
-        self._pool_size = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
-        self._pool_created = 0
+        self.spinning = spinning
+        # One tokenizer per truncation side, configured once and never changed: encoding only reads
+        # it, so threads may share it (tokenizers #537 concerns changing settings while in use).
+        right = self._configured_tokenizer(tokenizer_config)
+        left = Tokenizer.from_str(right.to_str())
+        left.enable_truncation(max_length=self.max_length, direction="left")
+        self._tokenizers: dict[str, Tokenizer] = {"right": right, "left": left}
+        self._vocab_size = right.get_vocab_size(with_added_tokens=True)
+        self._untruncated: Tokenizer | None = None  # for tokens(), made on first use
+        self._untruncated_lock = threading.Lock()
         self.session = self._session(intra_op_threads, spinning)
         self._check_model()
         self.ready = False
@@ -171,7 +214,8 @@ class Classifier:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises plain Exception subclasses for bad files
             raise ModelLoadError(f"{path} is not a valid tokenizer ({type(exc).__name__})") from None
-        tokenizer.enable_truncation(max_length=self.max_length)
+        # longest_first, as transformers truncates pairs
+        tokenizer.enable_truncation(max_length=self.max_length, direction="right")
         padding = tokenizer.padding or {}
         pad_token = padding.get("pad_token") or _token_text(tokenizer_config.get("pad_token"))
         pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
@@ -197,9 +241,13 @@ class Classifier:
         # they only grow the arena (onnxruntime #11118, #9313).
         options.enable_mem_pattern = False
         options.log_severity_level = 3
-        # Spinning intra-op threads burn the CPU that request threads and other processes need
-        # between runs; measured on 2 shared cores, turning it off served more (README "Micro-batching").
+        # Spinning between a run's parallel sections saves the wake-up of each; spinning between
+        # runs would burn the CPU that request threads and a second run need, so it is bounded
+        # and stops as soon as no run is in progress.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning:
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_MICROSECONDS))
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
@@ -234,26 +282,57 @@ class Classifier:
             raise ModelLoadError(f"model.onnx returns logits of shape {list(logits.shape)} but "
                                  f"config.json id2label has {len(self.labels)} labels")
 
-    @contextmanager
-    def _tokenizer(self) -> Iterator[Tokenizer]:
-        """Lend a tokenizer of the pool to this thread alone, making one if the pool is not full."""
-        try:
-            tokenizer = self._idle.get_nowait()
-        except queue.Empty:
-            with self._pool_lock:
-                make = self._pool_created < self._pool_size
-                if make:
-                    self._pool_created += 1
-            tokenizer = Tokenizer.from_str(self._tokenizer_json) if make else self._idle.get()
-        try:
-            yield tokenizer
-        finally:
-            self._idle.put(tokenizer)
+    def encode(self, inputs: Sequence[Input], *, truncate: bool = True,
+               direction: Direction | None = None) -> list[Encoding]:
+        """Return the unpadded encodings of texts or pairs, truncated to max_length tokens.
 
-    def encode(self, texts: Sequence[str]) -> list[Encoding]:
-        """Return the truncated, unpadded encodings of texts."""
-        with self._tokenizer() as tokenizer:
-            return tokenizer.encode_batch_fast(list(texts))
+        Pairs are truncated longest first, as transformers does. With truncate=False an input over
+        max_length raises InputTooLong instead.
+        """
+        tokenizer = self._tokenizers[direction or self.truncation_side]
+        left = (direction or self.truncation_side) == "left"
+        items = list(inputs)
+        clipped = [_clip(item, self.max_length * CLIP_CHARS_PER_TOKEN, left) for item in items]
+        encodings = tokenizer.encode_batch_fast(clipped)
+        for index, (item, cut) in enumerate(zip(items, clipped, strict=True)):
+            if cut != item and not self._cut_is_exact(tokenizer, item, cut, encodings[index]):
+                wide = _clip(item, self.max_length * WIDE_CLIP_CHARS_PER_TOKEN, left)
+                encodings[index] = tokenizer.encode_batch_fast([wide])[0]
+            if not truncate and encodings[index].overflowing:
+                raise InputTooLong(index, self.max_length)
+        return encodings
+
+    def tokens(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[Token]]:
+        """Return every token of each text, not truncated, with its text and byte offsets."""
+        with self._untruncated_lock:
+            if self._untruncated is None:
+                self._untruncated = Tokenizer.from_str(self._tokenizers["right"].to_str())
+                self._untruncated.no_truncation()
+        encodings = self._untruncated.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        results = []
+        for text, encoding in zip(texts, encodings, strict=True):
+            tokens: list[Token] = []
+            for token_id, token, (start, stop), special in zip(encoding.ids, encoding.tokens, encoding.offsets,
+                                                              encoding.special_tokens_mask, strict=True):
+                if special:
+                    tokens.append(Token(id=token_id, text=token, special=True, start=None, stop=None))
+                    continue
+                # the Python binding counts characters; TEI's offsets count UTF-8 bytes
+                byte_start = len(text[:start].encode())
+                piece = text[start:stop]
+                tokens.append(Token(id=token_id, text=piece, special=False, start=byte_start,
+                                    stop=byte_start + len(piece.encode())))
+            results.append(tokens)
+        return results
+
+    @staticmethod
+    def _cut_is_exact(tokenizer: Tokenizer, item: Input, cut: Input, encoding: Encoding) -> bool:
+        """Return whether a cut input truncates to the same tokens as the whole one."""
+        if isinstance(cut, str):
+            return bool(encoding.overflowing)  # the cut text alone is over the limit
+        # a pair is truncated longest first: each text that was cut must be over the limit on its own
+        return all(bool(tokenizer.encode(part, add_special_tokens=False).overflowing)
+                   for part, whole in zip(cut, item, strict=True) if part != whole)
 
     def collate(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
         """Return int64 model inputs for encodings, padded to the longest of them."""
@@ -272,9 +351,9 @@ class Classifier:
             feeds["token_type_ids"] = type_ids
         return feeds
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Return int64 model inputs for texts, truncated and padded to the longest."""
-        return self.collate(self.encode(texts))
+    def tokenize(self, inputs: Sequence[Input]) -> dict[str, np.ndarray]:
+        """Return int64 model inputs for texts or pairs, truncated and padded to the longest."""
+        return self.collate(self.encode(inputs))
 
     def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """Return the inputs the graph declares, token types defaulting to zeros."""
@@ -295,12 +374,17 @@ class Classifier:
         scores = apply_function(logits, function_to_apply or self.function)
         return rank(scores, self.labels, top_k)
 
-    def classify(self, texts: Sequence[str], top_k: int | None = None,
-                 function_to_apply: str | None = None) -> list[list[Prediction]]:
-        """Return, per text, labels sorted by score (top_k of them, None: all)."""
-        predictions = self.postprocess(self.run(self.tokenize(texts)), top_k, function_to_apply)
+    def logits(self, inputs: Sequence[Input], *, truncate: bool = True,
+               direction: Direction | None = None) -> np.ndarray:
+        """Return the logits [inputs, labels] of texts or pairs in one run (no batching)."""
+        logits = self.run(self.collate(self.encode(inputs, truncate=truncate, direction=direction)))
         self.ready = True
-        return predictions
+        return logits
+
+    def classify(self, inputs: Sequence[Input], top_k: int | None = None,
+                 function_to_apply: str | None = None) -> list[list[Prediction]]:
+        """Return, per text or pair, labels sorted by score (top_k of them, None: all)."""
+        return self.postprocess(self.logits(inputs), top_k, function_to_apply)
 
     def warmup_batches(self) -> list[list[str]]:
         """Return a short and a long batch, so the first request does not pay ORT's first-run costs."""
@@ -322,6 +406,28 @@ class Classifier:
             "source": _without_paths(self.manifest.get("source")),
             **{key: self.manifest.get(key) for key in ("quantization", "validation", "created_at")},
         }
+
+
+def _clip(item: Input, limit: int, keep_end: bool) -> Input:
+    """Return a text, or each text of a pair, cut to at most `limit` characters at a word boundary."""
+    if isinstance(item, tuple):
+        return (_clip_text(item[0], limit, keep_end), _clip_text(item[1], limit, keep_end))
+    return _clip_text(item, limit, keep_end)
+
+
+def _clip_text(text: str, limit: int, keep_end: bool) -> str:
+    """Return the first (or last) `limit` characters of text, not splitting its edge word if it can."""
+    if len(text) <= limit:
+        return text
+    # Cut at whitespace near the edge, so the kept words tokenize as they do in the whole text; a
+    # longer run without whitespace is one word that tokenizers split or replace with [UNK] anyway.
+    if keep_end:
+        cut = text[-limit:]
+        space = _WHITESPACE.search(cut, 0, _EDGE)
+        return cut[space.start():] if space else cut
+    cut = text[:limit]
+    space = _LAST_WHITESPACE.search(cut, max(0, limit - _EDGE))
+    return cut[:space.start()] if space else cut
 
 
 def _without_paths(value: Any) -> Any:

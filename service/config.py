@@ -20,7 +20,9 @@ DEFAULTS: dict[str, Any] = {
     "PORT": 8000,
     "THREADS": None,  # None: see default_threads()
     "ORT_THREADS": None,  # None: the usable cores, see usable_cores()
-    "ORT_SPINNING": False,  # onnxruntime's default is on; off measured better on shared cores
+    # Idle intra-op threads spin briefly between a run's parallel sections, never between runs
+    # (see service/classifier.py): the latency of spinning without burning the cores under load.
+    "ORT_SPINNING": True,
     "MAX_BATCH": 32,  # TEI's client batch limit
     "MAX_CONTENT_LENGTH": 2 * 1024 * 1024,  # 2 MiB, TEI's payload limit
     "BACKEND": "onnx",
@@ -30,9 +32,8 @@ DEFAULTS: dict[str, Any] = {
     # padded tokens of one session.run: past ~700 the time per text rose on 2 cores (cache), README
     "BATCH_MAX_TOKENS": 512,
     "BATCH_WAIT_MS": 0,  # no artificial wait: take what is queued when the worker is free
-    # one: in `make bench` on 2 cores two workers served 1.1-1.2x the short-text requests at 8-32
-    # clients (c=1 within noise) for 26-36 MiB more RSS; a setting for throughput (README, Benchmarks)
-    "BATCH_WORKERS": 1,
+    # model runs at once; None: 2 when 2 or more cores are usable, else 1 (see default_workers())
+    "BATCH_WORKERS": None,
     "MAX_QUEUE": 64,  # texts waiting for the worker; more is answered 503 at once
     "QUEUE_TIMEOUT": 5.0,  # seconds a request may wait in the queue before a 503
     "CONNECTION_LIMIT": 512,  # open connections Waitress serves at once (TEI: 512 concurrent requests)
@@ -97,7 +98,7 @@ class Settings:
             batch_max_texts=_integer(config, "BATCH_MAX_TEXTS", 1, 100_000, "an integer 1-100000"),
             batch_max_tokens=_integer(config, "BATCH_MAX_TOKENS", 1, 10_000_000, "an integer 1-10000000"),
             batch_wait_ms=_integer(config, "BATCH_WAIT_MS", 0, 1000, "an integer 0-1000 (milliseconds)"),
-            batch_workers=_integer(config, "BATCH_WORKERS", 1, 64, "an integer 1-64"),
+            batch_workers=_workers(config),
             max_queue=_max_queue(config),
             queue_timeout=_seconds(config, "QUEUE_TIMEOUT"),
             connection_limit=_connection_limit(config),
@@ -131,8 +132,16 @@ def default_threads(config: Mapping[str, Any]) -> int:
     # plus a margin, the excess would wait unseen in Waitress' own unbounded task queue instead
     # of reaching SERVICE_MAX_QUEUE, which answers 503 at once.
     batch = _integer(config, "BATCH_MAX_TEXTS", 1, 100_000, "an integer 1-100000")
-    workers = _integer(config, "BATCH_WORKERS", 1, 64, "an integer 1-64")
-    return min(1024, _max_queue(config) + batch * workers + 32)
+    return min(1024, _max_queue(config) + batch * _workers(config) + 32)
+
+
+def _workers(config: Mapping[str, Any]) -> int:
+    """Return BATCH_WORKERS, the model runs at once: by default 2, or 1 on a single usable core."""
+    # Two runs at once keep both cores busy while one batch is collated or answered; more runs on
+    # few cores only split the same cores (the intra-op pool is shared by concurrent runs).
+    if config.get("BATCH_WORKERS") in (None, ""):
+        return min(2, usable_cores())
+    return _integer(config, "BATCH_WORKERS", 1, 64, "an integer 1-64")
 
 
 def _seconds(config: Mapping[str, Any], key: str) -> float:

@@ -17,13 +17,14 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ApiError(Exception):
-    """A client-facing error: an HTTP status and a message safe to show."""
+    """A client-facing error: an HTTP status, a message safe to show and, for TEI's routes, a type."""
 
-    def __init__(self, status: int, message: str) -> None:
-        """Store the status and the message."""
+    def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
+        """Store the status, the message and TEI's error_type (None: the body has no such key)."""
         super().__init__(message)
         self.status = status
         self.message = message
+        self.error_type = error_type
 
 
 def request_id() -> str:
@@ -34,14 +35,15 @@ def request_id() -> str:
     return g.request_id
 
 
-def _json_error(status: int, message: str) -> tuple[Response, int]:
-    """Return the error body every route uses."""
-    return jsonify(error=message), status
+def _json_error(status: int, message: str, error_type: str | None = None) -> tuple[Response, int]:
+    """Return the error body every route uses: {"error"}, plus "error_type" on TEI's routes."""
+    body = {"error": message} if error_type is None else {"error": message, "error_type": error_type}
+    return jsonify(body), status
 
 
 def handle_api_error(exc: ApiError) -> tuple[Response, int]:
     """Return an ApiError as JSON."""
-    return _json_error(exc.status, exc.message)
+    return _json_error(exc.status, exc.message, exc.error_type)
 
 
 def handle_http_exception(exc: HTTPException) -> Response:

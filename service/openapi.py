@@ -43,6 +43,88 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return responses
 
 
+def _tei_errors(locked: tuple[int, ...], *statuses: int) -> dict[str, Any]:
+    """Return TEI's error responses: {"error", "error_type"}; 429 with Retry-After."""
+    reasons = {400: "Invalid JSON, or an empty batch (error_type Empty)",
+               413: "Body over max_content_length",
+               422: "Invalid fields, more inputs than max_batch, or too long with truncate false (Validation)",
+               424: "The model failed, or cannot serve this route (Backend)",
+               429: "Overloaded: retry after Retry-After seconds (Overloaded)"}
+    # 413 may come from Waitress before the route runs, without an error_type
+    responses = {str(status): _json(_ref("Error" if status == 413 else "TeiError"), reasons[status])
+                 for status in statuses}
+    if 429 in statuses:
+        responses["429"]["headers"] = _RETRY_AFTER
+    return {**responses, **_errors(*locked, 415)}
+
+
+def tei_schemas(max_batch: int) -> dict[str, Any]:
+    """Return the schemas of TEI's /predict, /rerank and /tokenize, as TEI's own document has them."""
+    string = {"type": "string"}
+    sequence = {"type": "array", "items": string, "minItems": 1, "maxItems": 2}
+    options = {"truncate": {"type": ["boolean", "null"],
+                            "description": "Default true (truncate to max_length); false refuses a longer input "
+                                           "with 422."},
+               "truncation_direction": {"enum": ["right", "left", "Right", "Left"],
+                                        "description": "Which end is cut (default right)."},
+               "raw_scores": {"type": "boolean", "description": "Logits instead of probabilities."}}
+    return {
+        "PredictRequest": {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"description": "A text; [text, text_pair] for one pair; [[text], [text, text_pair], ...] "
+                                      "for a batch.",
+                       "anyOf": [string, sequence,
+                                 {"type": "array", "items": sequence, "minItems": 1, "maxItems": max_batch}]},
+            **options}},
+        "PredictResponse": {"description": "Every label sorted by score; a list of those for a batch.",
+                            "anyOf": [{"type": "array", "items": _ref("Prediction")},
+                                      {"type": "array", "items": {"type": "array", "items": _ref("Prediction")}}]},
+        "RerankRequest": {"type": "object", "required": ["query", "texts"], "properties": {
+            "query": string, "texts": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
+            "return_text": {"type": "boolean"},
+            "top_n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
+                      "description": "Return only the best top_n texts (default all)."},
+            **options}},
+        "Rank": {"type": "object", "required": ["index", "score"], "additionalProperties": False, "properties": {
+            "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": string}},
+        "RerankResponse": {"type": "array", "items": _ref("Rank"), "description": "Best first."},
+        "TokenizeRequest": {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"anyOf": [string, {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch}]},
+            "add_special_tokens": {"type": "boolean"},
+            "prompt_name": {"type": "null", "description": "Not supported: no prompts are applied."}}},
+        "SimpleToken": {"type": "object", "required": ["id", "text", "special", "start", "stop"],
+                        "properties": {"id": {"type": "integer", "minimum": 0}, "text": string,
+                                       "special": {"type": "boolean"},
+                                       "start": {"type": ["integer", "null"], "minimum": 0,
+                                                 "description": "UTF-8 byte offset; null for special tokens"},
+                                       "stop": {"type": ["integer", "null"], "minimum": 0}}},
+        "TokenizeResponse": {"type": "array", "items": {"type": "array", "items": _ref("SimpleToken")}},
+        "TeiError": {"type": "object", "required": ["error", "error_type"], "properties": {
+            "error": string,
+            "error_type": {"enum": ["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"]}}},
+    }
+
+
+def tei_paths(locked: tuple[int, ...]) -> dict[str, Any]:
+    """Return the paths of TEI's classifier routes."""
+    return {
+        "/predict": {"post": {
+            "summary": "Classify a text, a pair or a batch (text-embeddings-inference's contract)",
+            "requestBody": _body("PredictRequest"),
+            "responses": {"200": _json(_ref("PredictResponse"), "Predictions"),
+                          **_tei_errors(locked, 400, 413, 422, 424, 429)}}},
+        "/rerank": {"post": {
+            "summary": "Rank texts against a query with a one-label cross-encoder (TEI's contract, plus top_n)",
+            "requestBody": _body("RerankRequest"),
+            "responses": {"200": _json(_ref("RerankResponse"), "Ranks, best first"),
+                          **_tei_errors(locked, 400, 413, 422, 424, 429)}}},
+        "/tokenize": {"post": {
+            "summary": "Tokenize texts, not truncated (TEI's contract)",
+            "requestBody": _body("TokenizeRequest"),
+            "responses": {"200": _json(_ref("TokenizeResponse"), "Tokens per text"),
+                          **_tei_errors(locked, 400, 413, 422, 424)}}},
+    }
+
+
 # A text must hold a character that str.strip() keeps; this class lists every one Python calls whitespace.
 NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 
@@ -77,9 +159,12 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         },
         "InferenceRequest": {
             "type": "object", "required": ["inputs"],
-            "description": "The Hugging Face Inference API text-classification body. " + _CONTENT_TYPES,
+            "description": ("The Hugging Face Inference API text-classification body. A sentence pair is "
+                            "{\"text\", \"text_pair\"}, as transformers' pipeline takes it. " + _CONTENT_TYPES),
             "properties": {
-                "inputs": {"anyOf": [text, texts]},
+                "inputs": {"anyOf": [text, texts, _ref("TextPair"),
+                                     {"type": "array", "items": _ref("TextPair"), "minItems": 1,
+                                      "maxItems": max_batch}]},
                 "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
                     "top_k": top_k,
                     "function_to_apply": {"anyOf": [{"enum": ["softmax", "sigmoid", "none"]},
@@ -88,6 +173,9 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                 }}]},
             },
         },
+        "TextPair": {"type": "object", "required": ["text"], "additionalProperties": False,
+                     "properties": {"text": text, "text_pair": {"anyOf": [text, {"type": "null"}]}}},
+        **tei_schemas(max_batch),
         "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
                               "description": "One Ranked list per input, also for a single string input; "
                                              "all labels unless top_k is given."},
@@ -146,6 +234,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                 "responses": {"200": _json(_ref("InferenceResponse"), "Ranked predictions per input"),
                               **classify_errors},
             }},
+            **tei_paths(locked),
             "/health": {"get": {"summary": "Liveness", "security": [],
                                 "responses": {"200": _json(_ref("Health"), "Alive")}}},
             "/ready": {"get": {"summary": "Readiness: the model has answered, the batch worker runs and "

@@ -13,13 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from service.classifier import (
-    FUNCTIONS,
+    Direction,
     InferenceError,
+    Input,
+    InputTooLong,
     ModelLoadError,
     Prediction,
+    apply_function,
     default_function,
     labels_from_config,
+    rank,
     read_json,
 )
 
@@ -39,6 +45,7 @@ class _PipelineClassifier:
         self.intra_op_threads = intra_op_threads
         self._pipeline = self._build_pipeline()
         self.max_length = int(self._pipeline.tokenizer.model_max_length)
+        self._truncation_side = self._pipeline.tokenizer.truncation_side
         # The pipeline's tokenizer is not safe to share across threads (tokenizers #537).
         self._lock = threading.Lock()
         self.ready = False
@@ -52,20 +59,47 @@ class _PipelineClassifier:
         return ModelLoadError(f"SERVICE_BACKEND={self.backend} needs the dev dependencies ({exc.name} is "
                               "not installed): pip install -r requirements-dev.txt")
 
-    def classify(self, texts: Sequence[str], top_k: int | None = None,
-                 function_to_apply: str | None = None) -> list[list[Prediction]]:
-        """Return, per text, labels sorted by score (top_k of them, None: all)."""
-        if function_to_apply is not None and function_to_apply not in FUNCTIONS:
-            raise ValueError(f"unknown function_to_apply {function_to_apply!r}")
+    def logits(self, inputs: Sequence[Input], *, truncate: bool = True,
+               direction: Direction | None = None) -> np.ndarray:
+        """Return the logits [inputs, labels] the pipeline computes for texts or (text, text_pair) pairs."""
+        items = [{"text": item[0], "text_pair": item[1]} if isinstance(item, tuple) else item for item in inputs]
         try:
             with self._lock:
-                # top_k=None returns every label sorted by score; slicing keeps the pipeline's order
-                outputs = self._pipeline(list(texts), top_k=None, function_to_apply=function_to_apply)
+                tokenizer = self._pipeline.tokenizer
+                tokenizer.truncation_side = direction or self._truncation_side
+                if not truncate:
+                    self._check_lengths(inputs)
+                # function_to_apply="none": the raw logits, every label, sorted by score
+                outputs = self._pipeline(items, top_k=None, function_to_apply="none")
+        except InputTooLong:
+            raise
         except Exception as exc:  # torch, transformers and onnxruntime raise many unrelated types
             raise InferenceError(f"the {self.backend} pipeline failed") from exc
         self.ready = True
-        return [[Prediction(label=o["label"], score=float(o["score"])) for o in output[:top_k]]
-                for output in outputs]
+        position = {label: i for i, label in enumerate(self.labels)}
+        logits = np.zeros((len(items), len(self.labels)), dtype=np.float32)
+        for row, output in enumerate(outputs):
+            for prediction in output:
+                logits[row, position[prediction["label"]]] = prediction["score"]
+        return logits
+
+    def _check_lengths(self, inputs: Sequence[Input]) -> None:
+        """Raise InputTooLong for the first input over max_length tokens (called with the lock held)."""
+        tokenizer = self._pipeline.tokenizer
+        for index, item in enumerate(inputs):
+            pair = item if isinstance(item, tuple) else (item, None)
+            if len(tokenizer(*pair, truncation=False)["input_ids"]) > self.max_length:
+                raise InputTooLong(index, self.max_length)
+
+    def postprocess(self, logits: np.ndarray, top_k: int | None,
+                    function_to_apply: str | None = None) -> list[list[Prediction]]:
+        """Return ranked predictions per input, as the pipeline would."""
+        return rank(apply_function(logits, function_to_apply or self.function), self.labels, top_k)
+
+    def classify(self, inputs: Sequence[Input], top_k: int | None = None,
+                 function_to_apply: str | None = None) -> list[list[Prediction]]:
+        """Return, per input, labels sorted by score (top_k of them, None: all)."""
+        return self.postprocess(self.logits(inputs), top_k, function_to_apply)
 
     def warmup(self) -> None:
         """Run one short batch so the first request does not pay the first-run costs."""

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from flask import current_app, request
 
-from service.classifier import FUNCTIONS
+from service.classifier import FUNCTIONS, Input
 from service.errors import ApiError
 
 # The body is parsed as JSON whatever its Content-Type, because `curl -d` sends
@@ -19,17 +19,18 @@ REFUSED_MIMETYPES = ("multipart/form-data",)
 class ClassifyRequest:
     """Typed inputs of one classification request."""
 
-    texts: list[str]
-    batch: bool  # False: one text was sent as a string, answer with one result
+    inputs: list[Input]  # texts, or (text, text_pair) pairs
+    batch: bool  # False: one input was sent alone, answer with one result
     top_k: int | None  # None: all labels
     ranked: bool  # False: /sentiment's legacy single {"label", "score"} per text
     function_to_apply: str | None = None  # None: the model's default
 
 
-def read_body(max_batch: int, form: Literal["sentiment", "inference_api"]) -> ClassifyRequest:
-    """Parse and validate the current request's JSON body for /sentiment or the Inference API route."""
+def json_object(error_type: str | None = None) -> dict[str, Any]:
+    """Return the current request's JSON body, which must be an object; errors carry error_type."""
     if request.mimetype in REFUSED_MIMETYPES:
-        raise ApiError(415, "unsupported media type: send a JSON body (Content-Type: application/json)")
+        raise ApiError(415, "unsupported media type: send a JSON body (Content-Type: application/json)",
+                       error_type)
     # Read whatever the Content-Type; Werkzeug raises 413 here for a body over MAX_CONTENT_LENGTH.
     data = request.get_data(cache=False)
     try:
@@ -37,9 +38,15 @@ def read_body(max_batch: int, form: Literal["sentiment", "inference_api"]) -> Cl
         # and it accepts NaN and Infinity, which are not JSON (RFC 8259).
         body = current_app.json.loads(data, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise ApiError(400, "invalid JSON") from None
+        raise ApiError(400, "invalid JSON", error_type) from None
     if not isinstance(body, dict):
-        raise ApiError(400, "the JSON body must be an object")
+        raise ApiError(400, "the JSON body must be an object", error_type)
+    return body
+
+
+def read_body(max_batch: int, form: Literal["sentiment", "inference_api"]) -> ClassifyRequest:
+    """Parse and validate the current request's JSON body for /sentiment or the Inference API route."""
+    body = json_object()
     if form == "sentiment":
         return _sentiment(body, max_batch)
     return _inference_api(body, max_batch)
@@ -59,7 +66,10 @@ def _sentiment(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
 
 
 def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
-    """Validate the Hugging Face Inference API body {"inputs": str | [str], "parameters": {...}}."""
+    """Validate the Inference API body {"inputs": str | pair | [str | pair], "parameters": {...}}.
+
+    A pair is {"text": str, "text_pair": str}, as transformers' pipeline takes sentence pairs.
+    """
     if "inputs" not in body:
         raise ApiError(400, "missing field 'inputs'")
     parameters = body.get("parameters")
@@ -72,11 +82,30 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
         raise ApiError(400, f"parameter 'function_to_apply' must be one of {', '.join(FUNCTIONS)}")
     top_k = _top_k(parameters.get("top_k"))
     inputs = body["inputs"]
-    if not isinstance(inputs, (str, list)):
+    if isinstance(inputs, str):
+        return ClassifyRequest([_text(inputs, "inputs")], False, top_k, True, function)
+    if isinstance(inputs, dict):
+        return ClassifyRequest([_pair(inputs, "inputs")], False, top_k, True, function)
+    if not isinstance(inputs, list):
         raise ApiError(400, "field 'inputs' must be a string or a list of strings")
-    if isinstance(inputs, list):
-        return ClassifyRequest(_texts(inputs, "inputs", max_batch), True, top_k, True, function)
-    return ClassifyRequest([_text(inputs, "inputs")], False, top_k, True, function)
+    if not all(isinstance(item, dict) for item in inputs):
+        texts = _texts(inputs, "inputs", max_batch)  # the common case, with the messages of 'texts'
+        return ClassifyRequest(list(texts), True, top_k, True, function)
+    if len(inputs) > max_batch:
+        raise ApiError(413, f"batch too large: {len(inputs)} texts, the limit is {max_batch} per request")
+    return ClassifyRequest([_pair(item, f"inputs[{i}]") for i, item in enumerate(inputs)], True, top_k, True,
+                           function)
+
+
+def _pair(value: dict[str, Any], field: str) -> Input:
+    """Return (text, text_pair) from {"text": str, "text_pair": str}; without text_pair, the text."""
+    unknown = sorted(set(value) - {"text", "text_pair"})
+    if unknown or "text" not in value:
+        raise ApiError(400, f"field '{field}' must be an object with 'text' and optional 'text_pair'")
+    text = _text(value["text"], f"{field}.text")
+    if value.get("text_pair") is None:
+        return text
+    return text, _text(value["text_pair"], f"{field}.text_pair")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -90,7 +119,7 @@ def _text(value: Any, field: str) -> str:
         raise ApiError(400, f"field '{field}' must be a string")
     if not value.strip():
         raise ApiError(400, "text cannot be empty")
-    _check_unicode(value, "text")
+    check_unicode(value, "text")
     return value
 
 
@@ -105,16 +134,17 @@ def _texts(value: Any, field: str, max_batch: int) -> list[str]:
     for index, text in enumerate(value):
         if not text.strip():
             raise ApiError(400, f"text at index {index} cannot be empty")
-        _check_unicode(text, f"text at index {index}")
+        check_unicode(text, f"text at index {index}")
     return value
 
 
-def _check_unicode(text: str, name: str) -> None:
+def check_unicode(text: str, name: str, status: int = 400, error_type: str | None = None) -> None:
     """Refuse a lone surrogate (JSON "\\ud800"): the tokenizer cannot encode it (a 500 before this check)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ApiError(400, f"{name} is not valid Unicode: lone surrogate at character {exc.start}") from None
+        raise ApiError(status, f"{name} is not valid Unicode: lone surrogate at character {exc.start}",
+                       error_type) from None
 
 
 def _top_k(value: Any) -> int | None:

@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from service_testkit import NEGATIVE, POSITIVE
 
 from service import create_app
+from service.config import usable_cores
 from service.classifier import Classifier
 
 
@@ -141,8 +142,9 @@ def test_health_ready_info(client: FlaskClient) -> None:
     assert info["model"]["max_length"] == 256
     assert info["backend"] == "onnx"
     assert info["versions"]["onnxruntime"] and info["versions"]["waitress"]
-    assert info["threads"] == {"waitress": 128, "ort_intra_op": 2, "ort_inter_op": 1, "ort_spinning": False,
-                               "batch_workers": 1}
+    workers = min(2, usable_cores())
+    assert info["threads"] == {"waitress": 64 + 32 * workers + 32, "ort_intra_op": usable_cores(),
+                               "ort_inter_op": 1, "ort_spinning": True, "batch_workers": workers}
     assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 512, "wait_ms": 0,
                                 "queue_timeout_s": 5.0}
     assert info["limits"] == {"max_batch": 32, "max_content_length": 2097152, "max_queue": 64,

@@ -14,19 +14,21 @@ from service.config import ConfigError, Settings, resolve_model_dir, usable_core
 
 def test_defaults(tmp_path: Path) -> None:
     settings = Settings.from_mapping({"MODEL_DIR": str(tmp_path)})
-    assert (settings.host, settings.port, settings.threads, settings.max_batch) == ("127.0.0.1", 8000, 128, 32)
+    workers = min(2, usable_cores())  # two model runs at once, one on a single core
+    assert (settings.host, settings.port, settings.threads, settings.max_batch) == \
+        ("127.0.0.1", 8000, 64 + 32 * workers + 32, 32)
     assert settings.max_content_length == 2 * 1024 * 1024
     assert settings.backend == "onnx" and settings.warmup is True
-    assert settings.ort_threads == usable_cores() and settings.ort_spinning is False
+    assert settings.ort_threads == usable_cores() and settings.ort_spinning is True
     assert settings.batching is True
     assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_workers) \
-        == (32, 512, 0, 1)
+        == (32, 512, 0, workers)
     assert (settings.max_queue, settings.queue_timeout, settings.connection_limit) == (64, 5.0, 512)
     assert settings.shutdown_timeout == 8.0 and settings.api_key is None
 
 
 @pytest.mark.parametrize(("config", "threads"), [
-    ({}, 64 + 32 + 32),  # every text the queue holds and the worker runs, plus a margin
+    ({"BATCH_WORKERS": "1"}, 64 + 32 + 32),  # every text the queue holds and the model runs, plus a margin
     ({"MAX_QUEUE": "200", "BATCH_WORKERS": "2"}, 200 + 2 * 32 + 32),
     ({"BATCHING": "false"}, 4),  # each thread runs the model itself
     ({"BACKEND": "pytorch"}, 4),  # the reference backends never batch

@@ -1,0 +1,208 @@
+"""Text Embeddings Inference's classifier routes: /predict, /rerank and /tokenize, with TEI's errors.
+
+Errors on these routes are TEI's `{"error", "error_type"}` with TEI's statuses: 400 Empty, 422
+Validation, 424 Backend, 429 Overloaded (with Retry-After). Unlike TEI, an input is truncated unless
+the request says `"truncate": false` (TEI truncates only when started with --auto-truncate), and
+/predict scores with the model's own function (sigmoid for a multi-label model), not always softmax.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, current_app, jsonify
+from werkzeug.exceptions import HTTPException
+
+from service.batching import Unavailable
+from service.classifier import (WIDE_CLIP_CHARS_PER_TOKEN, Direction, InferenceError, Input, InputTooLong,
+                                apply_function, rank)
+from service.config import Settings
+from service.errors import ApiError, handle_http_exception, request_id
+from service.inference import infer
+from service.schemas import check_unicode, json_object
+
+bp = Blueprint("tei", __name__)
+logger = logging.getLogger(__name__)
+
+EMPTY, VALIDATION, BACKEND, OVERLOADED = "Empty", "Validation", "Backend", "Overloaded"
+_DIRECTIONS: dict[str, Direction] = {"right": "right", "left": "left"}  # TEI also takes Right / Left
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a request wants its inputs truncated and scored."""
+
+    truncate: bool
+    direction: Direction
+    raw_scores: bool
+
+
+def _invalid(message: str) -> ApiError:
+    """Return TEI's validation error."""
+    return ApiError(422, message, VALIDATION)
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    """Return an optional boolean field (null: the default)."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _invalid(f"'{key}' must be true or false")
+    return value
+
+
+def _options(body: dict[str, Any]) -> Options:
+    """Return truncate, truncation_direction and raw_scores of a /predict or /rerank body."""
+    direction = body.get("truncation_direction")
+    if direction is None:
+        direction = "right"
+    if not isinstance(direction, str) or direction.lower() not in _DIRECTIONS:
+        raise _invalid("'truncation_direction' must be \"right\" or \"left\"")
+    return Options(_flag(body, "truncate", True), _DIRECTIONS[direction.lower()], _flag(body, "raw_scores", False))
+
+
+def _string(value: Any, name: str) -> str:
+    """Return a string field (TEI accepts empty strings)."""
+    if not isinstance(value, str):
+        raise _invalid(f"'{name}' must be a string")
+    check_unicode(value, name, 422, VALIDATION)
+    return value
+
+
+def _batch_size(size: int) -> None:
+    """Refuse an empty batch (400) or one over SERVICE_MAX_BATCH (422), as TEI does."""
+    settings: Settings = current_app.extensions["service.settings"]
+    if size == 0:
+        raise ApiError(400, "Batch is empty", EMPTY)
+    if size > settings.max_batch:
+        raise _invalid(f"batch size {size} > maximum allowed batch size {settings.max_batch}")
+
+
+def _sequence(value: Any, name: str) -> Input:
+    """Return ["a"] as a text and ["a", "b"] as a pair."""
+    if not isinstance(value, list) or not 1 <= len(value) <= 2:
+        raise _invalid(f"'{name}' must be [text] or [text, text_pair]")
+    texts = [_string(text, f"{name}[{i}]") for i, text in enumerate(value)]
+    return texts[0] if len(texts) == 1 else (texts[0], texts[1])
+
+
+def predict_inputs(value: Any) -> tuple[list[Input], bool]:
+    """Return the inputs of /predict and whether they were a batch, read as TEI reads them.
+
+    "a" is one text; ["a", "b"] is one pair (not a batch of two); [["a"], ["a", "b"]] is a batch.
+    """
+    if isinstance(value, str):
+        return [_string(value, "inputs")], False
+    if not isinstance(value, list):
+        raise _invalid("'inputs' must be a string, a pair [text, text_pair] or a batch [[text], [text, text_pair]]")
+    if not value:
+        raise ApiError(400, "Batch is empty", EMPTY)
+    if not isinstance(value[0], list):
+        return [_sequence(value, "inputs")], False
+    _batch_size(len(value))
+    return [_sequence(item, f"inputs[{i}]") for i, item in enumerate(value)], True
+
+
+def _logits(inputs: list[Input], options: Options) -> np.ndarray:
+    """Return the logits of inputs, with a too-long input (truncate: false) as TEI's 422."""
+    try:
+        return infer(inputs, truncate=options.truncate, direction=options.direction)
+    except InputTooLong as exc:
+        raise _invalid(f"`inputs` must have less than {exc.max_length} tokens (input {exc.index} has more); "
+                       "send \"truncate\": true to truncate it") from None
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    """Classify a text, a pair or a batch of them: every label, sorted by score."""
+    body = json_object(VALIDATION)
+    if "inputs" not in body:
+        raise _invalid("missing field 'inputs'")
+    inputs, batch = predict_inputs(body["inputs"])
+    options = _options(body)
+    classifier = current_app.extensions["service.classifier"]
+    logits = _logits(inputs, options)
+    ranked = rank(logits if options.raw_scores else apply_function(logits, classifier.function),
+                  classifier.labels, None)
+    return jsonify(ranked if batch else ranked[0])
+
+
+@bp.post("/rerank")
+def rerank() -> Response:
+    """Score each text against the query with a one-label cross-encoder; best first."""
+    body = json_object(VALIDATION)
+    if "query" not in body or "texts" not in body:
+        raise _invalid("missing field 'query' or 'texts'")
+    query = _string(body["query"], "query")
+    texts = body["texts"]
+    if not isinstance(texts, list):
+        raise _invalid("'texts' must be a list of strings")
+    texts = [_string(text, f"texts[{i}]") for i, text in enumerate(texts)]
+    if not texts:
+        raise ApiError(400, "`texts` cannot be empty", EMPTY)
+    _batch_size(len(texts))
+    top_n = body.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise _invalid("'top_n' must be an integer >= 1 or null")
+    return_text = _flag(body, "return_text", False)
+    options = _options(body)
+    classifier = current_app.extensions["service.classifier"]
+    if len(classifier.labels) != 1:
+        raise ApiError(424, f"model is not a re-ranker model: /rerank needs a cross-encoder with one label, "
+                            f"this one has {len(classifier.labels)}", BACKEND)
+    logits = _logits([(query, text) for text in texts], options)[:, 0]
+    scores = logits.astype(np.float64) if options.raw_scores else apply_function(logits, "sigmoid")
+    order = np.argsort(-scores, kind="stable")[:top_n]
+    ranks = [{"index": int(i), "score": float(scores[i]), **({"text": texts[i]} if return_text else {})}
+             for i in order]
+    return jsonify(ranks)
+
+
+@bp.post("/tokenize")
+def tokenize() -> Response:
+    """Return the tokens of a text or a list of texts, with their ids, texts and byte offsets."""
+    body = json_object(VALIDATION)
+    if "inputs" not in body:
+        raise _invalid("missing field 'inputs'")
+    inputs = body["inputs"]
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(texts, list):
+        raise _invalid("'inputs' must be a string or a list of strings")
+    texts = [_string(text, f"inputs[{i}]") for i, text in enumerate(texts)]
+    _batch_size(len(texts))
+    add_special_tokens = _flag(body, "add_special_tokens", True)
+    if body.get("prompt_name") is not None:
+        raise _invalid("'prompt_name' is not supported: this service applies no prompts")
+    classifier = current_app.extensions["service.classifier"]
+    limit = classifier.max_length * WIDE_CLIP_CHARS_PER_TOKEN
+    for index, text in enumerate(texts):
+        if len(text) > limit:
+            raise _invalid(f"`inputs` must have less than {limit} characters. Given: {len(text)} (input {index})")
+    if classifier.backend != "onnx":
+        raise ApiError(424, f"/tokenize needs the onnx backend, not {classifier.backend}", BACKEND)
+    return jsonify(classifier.tokens(texts, add_special_tokens))
+
+
+@bp.errorhandler(Unavailable)
+def overloaded(exc: Unavailable) -> tuple[Response, int, dict[str, str]]:
+    """Answer overload as TEI does: 429 Overloaded, with Retry-After."""
+    return jsonify(error=exc.message, error_type=OVERLOADED), 429, {"Retry-After": str(exc.retry_after)}
+
+
+@bp.errorhandler(InferenceError)
+def backend_failed(exc: InferenceError) -> tuple[Response, int]:
+    """Log a model failure and answer TEI's 424 Backend."""
+    logger.error("request %s: inference failed: %s", request_id(), exc, exc_info=exc)
+    return jsonify(error="inference failed", error_type=BACKEND), 424
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> Response:
+    """Answer Werkzeug's errors inside these routes (a body over the limit: 413) with an error_type."""
+    response = handle_http_exception(exc)
+    response.set_data(current_app.json.dumps({**response.get_json(), "error_type": VALIDATION}))
+    return response
