@@ -1,8 +1,9 @@
-"""The batch scheduler on the real default model: grouping, per-request answers, limits and faults."""
+"""The batch scheduler on the real default model: grouping, per-request answers, order, limits and faults."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +84,86 @@ def test_concurrent_requests_share_a_run_and_keep_their_own_options(make_schedul
             for p, q in zip(ranked, ranked_alone, strict=True):
                 assert p["score"] == pytest.approx(q["score"], abs=1e-5 if function == "none" else 1e-6)
     assert [len(answer[0]) for answer in answers] == [1, 2, 2, 2]
+
+
+def test_a_lone_request_runs_in_its_own_thread(make_scheduler: Any, classifier: Classifier,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler = make_scheduler()
+    runners: list[str] = []
+    run = classifier.run
+
+    def recording_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        runners.append(threading.current_thread().name)
+        return run(feeds)
+
+    monkeypatch.setattr(classifier, "run", recording_run)
+    caller = threading.Thread(target=scheduler.classify, args=([POSITIVE],), name="the-request")
+    caller.start()
+    caller.join(timeout=60)
+    assert runners == ["the-request"]  # no hand-off to another thread
+
+
+def test_a_short_text_overtakes_long_texts_queued_just_before_it(make_scheduler: Any,
+                                                                classifier: Classifier) -> None:
+    # not started: the texts queue up, then one slot runs one text per batch in queue order
+    scheduler = make_scheduler(start=False, max_texts=1, workers=1)
+    order: list[str] = []
+    long_text = NEGATIVE + " really" * 300
+
+    def ask(name: str, text: str) -> None:
+        scheduler.classify([text])
+        order.append(name)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = []
+        for name, text in (("long-1", long_text), ("long-2", long_text), ("long-3", long_text),
+                           ("short", POSITIVE)):
+            futures.append(pool.submit(ask, name, text))
+            while scheduler.depth < len(futures):
+                threading.Event().wait(0.005)
+        scheduler.start()
+        for future in futures:
+            future.result(timeout=60)
+    assert order[0] == "short" and order[1:] == ["long-1", "long-2", "long-3"]
+
+
+def test_a_long_text_is_not_overtaken_by_texts_that_came_much_later(make_scheduler: Any) -> None:
+    scheduler = make_scheduler(start=False, max_texts=1, workers=1)
+    order: list[str] = []
+
+    def ask(name: str, text: str) -> None:
+        scheduler.classify([text])
+        order.append(name)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(ask, "long", NEGATIVE + " really" * 300)
+        while scheduler.depth < 1:
+            threading.Event().wait(0.005)
+        # its deadline is arrival + 8 x its expected run time: a short text arriving after that is later
+        late = scheduler._heap[0].deadline - time.monotonic() + 0.05
+        threading.Event().wait(max(0.0, late))
+        second = pool.submit(ask, "short", POSITIVE)
+        while scheduler.depth < 2:
+            threading.Event().wait(0.005)
+        scheduler.start()
+        first.result(timeout=60)
+        second.result(timeout=60)
+    assert order == ["long", "short"]
+
+
+def test_a_request_larger_than_a_batch_is_answered_whole_in_order(make_scheduler: Any,
+                                                                  classifier: Classifier) -> None:
+    scheduler = make_scheduler(max_texts=2, workers=2)
+    texts = [POSITIVE, NEGATIVE, "Terrible. I hated it.", "What a great, delightful movie.", POSITIVE]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(pool.map(lambda _: scheduler.classify(texts), range(3)))
+    expected = [ranked[0]["label"] for ranked in classifier.classify(texts)]
+    assert all([ranked[0]["label"] for ranked in answer] == expected for answer in answers)
+    assert _sample(scheduler.metrics, "service_model_run_texts_sum") == 15
+    # at most 2 texts per batch: the 15 texts took at least 8 runs, none of more than 2
+    assert _sample(scheduler.metrics, "service_model_run_texts_count") >= 8
+    assert _sample(scheduler.metrics, "service_model_run_texts_bucket", {"le": "2.0"}) == \
+        _sample(scheduler.metrics, "service_model_run_texts_count")
 
 
 def test_a_full_queue_answers_at_once_and_a_waiting_request_times_out(make_scheduler: Any) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
-from service.classifier import Classifier, InferenceError, ModelLoadError, apply_function
+from service.classifier import (WIDE_CLIP_CHARS_PER_TOKEN, Classifier, InferenceError, InputTooLong,
+                                ModelLoadError, apply_function)
 
 # Mixed cases for the tokenizer: accents, CJK, emoji, control characters, long and short texts.
 TOKENIZER_TEXTS = [
@@ -193,3 +196,76 @@ def test_unusable_model_folders_fail_with_one_clear_line(tiny_models: dict[int, 
         Classifier(folder)
     assert "\n" not in str(caught.value)
     assert caught.value.__cause__ is None  # one line for the operator, not a chained traceback
+
+
+def _ids(classifier: Classifier, inputs: list, **options: Any) -> list[list[int]]:
+    return [encoding.ids for encoding in classifier.encode(inputs, **options)]
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_huge_texts_are_cut_before_tokenizing_with_the_same_tokens(classifier: Classifier, direction: str) -> None:
+    whole = Tokenizer.from_file(str(classifier.model_dir / "tokenizer.json"))
+    whole.enable_truncation(max_length=classifier.max_length, direction=direction)
+    texts = [
+        (POSITIVE + " ") * 20_000,  # ~2 MiB of ordinary words
+        "好" * 300_000,  # no whitespace at all: one token per character
+        "word " * 40 + " " * 10_000 + "awful " * 40,  # a whitespace run longer than the first cut
+        "x" * 5_000 + " " + NEGATIVE * 50,  # one very long word first
+    ]
+    for text in texts:
+        assert _ids(classifier, [text], direction=direction) == [whole.encode(text).ids], text[:40]
+    # tokenizers computes a truncated pair's overflow as every combination of both texts' parts, so
+    # the whole pair stays small here (~4,000 tokens a text), though well past the cut
+    pair = ((NEGATIVE + " ") * 200, (POSITIVE + " ") * 200)
+    assert _ids(classifier, [pair], direction=direction) == [whole.encode(*pair).ids]
+
+
+def test_characters_past_the_wide_cut_are_never_read(classifier: Classifier) -> None:
+    # a text with fewer than max_length tokens in its first max_length x 100 characters: the rest is ignored
+    gap = classifier.max_length * WIDE_CLIP_CHARS_PER_TOKEN
+    assert _ids(classifier, ["good " + " " * gap + "awful"]) == _ids(classifier, ["good"])
+
+
+def test_a_huge_text_costs_about_what_a_max_length_text_costs(classifier: Classifier) -> None:
+    huge = (NEGATIVE + " ") * 20_000  # ~2 MiB: tokenized whole it takes seconds here
+    started = time.perf_counter()
+    classifier.encode([huge])
+    cut = time.perf_counter() - started
+    started = time.perf_counter()
+    whole = Tokenizer.from_file(str(classifier.model_dir / "tokenizer.json"))
+    whole.encode(huge)
+    assert cut < (time.perf_counter() - started) / 20
+
+
+def test_pairs_are_truncated_longest_first_and_typed(classifier: Classifier) -> None:
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(classifier.model_dir)
+    pairs = [("a short query", NEGATIVE * 30), (POSITIVE * 30, NEGATIVE * 30), ("query", "answer")]
+    for pair in pairs:
+        expected = reference(*pair, truncation=True)
+        (encoding,) = classifier.encode([pair])
+        assert encoding.ids == expected["input_ids"] and encoding.type_ids == expected["token_type_ids"]
+    left = AutoTokenizer.from_pretrained(classifier.model_dir, truncation_side="left")
+    assert _ids(classifier, [pairs[1]], direction="left") == [left(*pairs[1], truncation=True)["input_ids"]]
+
+
+def test_without_truncation_a_long_input_is_refused(classifier: Classifier) -> None:
+    assert len(classifier.encode(["fine"], truncate=False)) == 1
+    with pytest.raises(InputTooLong) as refused:
+        classifier.encode(["fine", "word " * 300], truncate=False)
+    assert (refused.value.index, refused.value.max_length) == (1, 256)
+    with pytest.raises(InputTooLong):
+        classifier.encode([("q", "word " * 300)], truncate=False)
+
+
+def test_tokens_carry_texts_and_utf8_byte_offsets(classifier: Classifier) -> None:
+    (tokens,) = classifier.tokens(["Ça va? 映画"])
+    assert [t["text"] for t in tokens] == ["[CLS]", "ça" if tokens[1]["text"] == "ça" else "Ça", "va", "?", "映",
+                                           "画", "[SEP]"]
+    assert tokens[0] == {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}
+    raw = "Ça va? 映画".encode()
+    for token in tokens[1:-1]:
+        assert raw[token["start"]:token["stop"]].decode() == token["text"]
+    (plain,) = classifier.tokens(["word " * 300], add_special_tokens=False)
+    assert len(plain) == 300 and not any(t["special"] for t in plain)  # not truncated
