@@ -1,10 +1,11 @@
 """Dynamic micro-batching with no hand-off: the request thread that finds the model free runs it.
 
 A request's texts are tokenized in its own thread and queued one text at a time. A request that
-finds a model slot free (at most `workers` runs at once) takes what is queued and runs it itself,
-so a lone request never waits for another thread. When a run ends, the slot passes to the thread of
-the most urgent queued text, which runs the next batch; requests whose texts ran in someone else's
-batch are woken when their last text is done.
+finds a model slot free (at most `workers` runs at once) runs the queue's next batch itself, so a
+lone request never waits for another thread. A batch is one session.run: the most urgent text and
+the queued texts that pad well with it. When a run ends, the slot passes to the thread of the next
+batch's most urgent text; requests whose texts ran in someone else's batch are woken when their
+last text is done.
 
 Urgency: a text's deadline is its arrival plus OVERTAKE times its expected run time, and the earliest
 deadline goes first. Among texts of one length that is first come, first served; a short text may
@@ -248,24 +249,26 @@ class Scheduler:
             self._cond.wait(remaining)
 
     def _take(self) -> list[Item]:
-        """Pop the most urgent texts, up to max_texts and max_tokens (the first whatever its size)."""
-        batch: list[Item] = []
-        tokens = 0
-        while self._heap and len(batch) < self.max_texts:
-            item = self._heap[0]
-            if item.job.cancelled:
-                heapq.heappop(self._heap)
-                continue
-            if batch and tokens + item.tokens > self.max_tokens:
-                break
-            heapq.heappop(self._heap)
-            batch.append(item)
-            tokens += item.tokens
+        """Take the next run: the most urgent text and the queued texts it shares a run with best."""
+        live = [item for item in self._heap if not item.job.cancelled]
+        if not live:
+            self._heap.clear()
+            return []
+        # Among the most urgent texts, the length grouping decides which ones pad well together;
+        # the group of the most urgent one runs now, the others stay queued.
+        candidates = heapq.nsmallest(self.max_texts, live)
+        groups = length_groups([item.tokens for item in candidates], self.max_tokens, self.max_texts)
+        batch = [candidates[i] for i in sorted(next(group for group in groups if 0 in group))]
+        chosen = {id(item) for item in batch}
+        self._heap = [item for item in live if id(item) not in chosen]
+        heapq.heapify(self._heap)
+        now = time.monotonic()
+        for item in batch:
             self._pending -= 1
             self._pending_tokens -= item.tokens
             item.job.queued_tokens -= item.tokens
             if item.job.taken == 0 and self.metrics is not None:
-                self.metrics.queue_wait.observe(time.monotonic() - item.job.enqueued)
+                self.metrics.queue_wait.observe(now - item.job.enqueued)
             item.job.taken += 1
         return batch
 
@@ -300,33 +303,31 @@ class Scheduler:
                 self._hand_over(self._take() if self._heap else [])
 
     def _run(self, batch: list[Item]) -> None:
-        """Run each length group of the batch once, resolving each job when its last text is done."""
+        """Run one batch in one session.run and resolve each job whose last text it was."""
+        if all(item.job.error is not None for item in batch):
+            return
         encodings = [item.job.encodings[item.index] for item in batch]
-        for group in length_groups([len(e) for e in encodings], self.max_tokens, self.max_texts):
-            members = [batch[i] for i in group]
-            if all(item.job.error is not None for item in members):
-                continue
-            started = time.monotonic()
-            try:
-                logits = self.classifier.run(self.classifier.collate([encodings[i] for i in group]))
-            except Exception as exc:  # InferenceError from session.run, or anything in collate
-                with self._cond:
-                    for item in members:
-                        self._fail(item.job, exc)
-                continue
-            padded = len(group) * max(len(encodings[i]) for i in group) + RUN_COST_TOKENS
-            self.classifier.ready = True  # the model has answered: what /ready waits for
+        started = time.monotonic()
+        try:
+            logits = self.classifier.run(self.classifier.collate(encodings))
+        except Exception as exc:  # InferenceError from session.run, or anything in collate
             with self._cond:
-                # an exponential average follows load changes within a few runs
-                self._seconds_per_token += 0.2 * ((time.monotonic() - started) / padded - self._seconds_per_token)
-                for item, row in zip(members, logits, strict=True):
-                    job = item.job
-                    job.logits[item.index] = row
-                    job.left -= 1
-                    if job.left == 0:
-                        job.wake.set()  # answer as soon as a request's own texts are done
-            if self.metrics is not None:
-                self.metrics.run_texts.observe(len(group))
+                for item in batch:
+                    self._fail(item.job, exc)
+            return
+        padded = len(batch) * max(len(encoding) for encoding in encodings) + RUN_COST_TOKENS
+        self.classifier.ready = True  # the model has answered: what /ready waits for
+        with self._cond:
+            # an exponential average follows load changes within a few runs
+            self._seconds_per_token += 0.2 * ((time.monotonic() - started) / padded - self._seconds_per_token)
+            for item, row in zip(batch, logits, strict=True):
+                job = item.job
+                job.logits[item.index] = row
+                job.left -= 1
+                if job.left == 0:
+                    job.wake.set()
+        if self.metrics is not None:
+            self.metrics.run_texts.observe(len(batch))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         """Fail a job once and wake its thread (called with the lock held)."""
