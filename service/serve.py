@@ -67,6 +67,7 @@ _BACKLOG = 2048  # connections the kernel holds for accept(): bursts land here f
 _LINGER = 2.0  # seconds to read and drop what a client still sends after an early error response
 _ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener
 _SHED_BATCH = 16  # connections closed at once at the connection limit (one scan, several slots)
+_EXPIRE_BATCH = 128  # connections answered or closed per sweep: a mass timeout must not stall the loop
 _REPORT_EVERY = 10.0  # seconds between two log lines about slow clients or a full connection budget
 _DISCONNECTED = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED,
                            errno.EPIPE, errno.EBADF})
@@ -140,10 +141,10 @@ class GracefulServer:
         """Serve until request_stop(), then drain; return whether every request in flight finished."""
         sweep = 0.0
         while not self._stop.is_set():
-            self._turn(_TICK)
+            self._turn(0 if sweep <= time.monotonic() else _TICK)
             if time.monotonic() >= sweep:  # not after every event: the sweep is O(connections)
-                self._sweep()
-                sweep = time.monotonic() + _SWEEP
+                # more expired than one sweep handles: the rest after the next turn's events
+                sweep = time.monotonic() + (0 if self._sweep() else _SWEEP)
         return self._drain()
 
     # ---- the event loop ------------------------------------------------------------------------
@@ -276,15 +277,22 @@ class GracefulServer:
 
     # ---- clocks ---------------------------------------------------------------------------------
 
-    def _sweep(self) -> None:
-        """Close lingering connections whose time is up and answer or close clients that waited too long."""
+    def _sweep(self) -> bool:
+        """Close lingering connections whose time is up, answer or close clients that waited too long.
+
+        Return whether it stopped at _EXPIRE_BATCH with connections left to look at.
+        """
         now, wall = time.monotonic(), time.time()
+        budget = _EXPIRE_BATCH
         limits = {FRESH: self.settings.header_timeout, HEAD: self.settings.header_timeout,
                   BODY: self.settings.body_timeout, IDLE: self.settings.keepalive_timeout}
         for channel in self._channels():
+            if not budget:
+                return True
             if channel.linger_until:
                 if now > channel.linger_until:
                     HTTPChannel.handle_close(channel)
+                    budget -= 1
                 continue
             phase = _phase(channel)
             if phase is None:  # the server is working on it: the client's clock starts afterwards
@@ -296,6 +304,7 @@ class GracefulServer:
                 waited, limit = now - channel.waiting_since, limits[phase]
             if waited <= limit:
                 continue
+            budget -= 1
             if phase in (HEAD, BODY):
                 self._answer_timeout(channel, f"the request {phase} was not received within {limit:g} s",
                                      linger=True)
@@ -307,6 +316,7 @@ class GracefulServer:
                            "; ".join(f"{what}: {count}" for what, count in self._tally.items()))
             self._tally.clear()
             self._next_report = now + _REPORT_EVERY
+        return False
 
     def _answer_timeout(self, channel: HTTPChannel, message: str, linger: bool) -> None:
         """Answer a client's unfinished request with a JSON 408 and close its connection."""
@@ -342,8 +352,7 @@ class GracefulServer:
         while self._channels() and time.monotonic() < deadline:
             self._turn(_DRAIN_TICK)
             if time.monotonic() >= sweep:
-                self._sweep()
-                sweep = time.monotonic() + _SWEEP
+                sweep = time.monotonic() + (0 if self._sweep() else _SWEEP)
             # Responses now say Connection: close, and Waitress closes those connections once sent.
             # A keep-alive connection idle since before the stop is closed after a grace period: a
             # client that just sent a request on it would see a reset if it were closed at once.

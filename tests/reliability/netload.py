@@ -137,8 +137,9 @@ def close_all(sockets: Sequence[socket.socket]) -> None:
 
 def state(sock: socket.socket) -> str:
     """Return 'open' (nothing to read), 'answered' (bytes wait to be read) or 'closed' (closed, no bytes)."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
+    poller = select.poll()  # not select.select: it cannot watch descriptors above 1023
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return "open"
     try:
         data = sock.recv(1, socket.MSG_PEEK)
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, nargs="*", default=[],
                         help="numbers of idle kept-alive connections to hold, one measurement each")
     parser.add_argument("--requests", type=int, default=200, help="timed requests per measurement")
+    parser.add_argument("--wait", type=float, default=6.0,
+                        help="seconds between opening the held connections and the timed requests (the "
+                             "server's CPU is measured over the last 5 of them)")
     parser.add_argument("--shed", action="store_true",
                         help="time how long a stalled head, a stalled body and a silent connection are kept")
     args = parser.parse_args(argv)
@@ -249,18 +253,20 @@ def main(argv: list[str] | None = None) -> int:
             before = process_stats(pid)
             held = hold(port, count) if kind == "half-sent" else hold_idle(port, count)
             try:
-                time.sleep(1)
+                window = min(5.0, args.wait)
+                time.sleep(args.wait - window)
                 quiet = process_stats(pid)
-                time.sleep(5)
+                time.sleep(window)
                 after_quiet = process_stats(pid)
                 fresh, kept = timed_requests(port, args.requests)
                 counts = states(held)
             finally:
                 close_all(held)
             print(f"{count} {kind} connections: new connection per request {_ms(fresh)}; kept-alive {_ms(kept)}")
+            cpu = (after_quiet["cpu_s"] - quiet["cpu_s"]) / max(window, 0.01) * 100
             print(f"  held connections {counts}; server RSS {before['rss_mib']:.0f} -> {quiet['rss_mib']:.0f} MiB, "
                   f"threads {before['threads']:.0f} -> {quiet['threads']:.0f}, "
-                  f"CPU while holding them quietly {(after_quiet['cpu_s'] - quiet['cpu_s']) / 5 * 100:.1f} %")
+                  f"CPU while holding them quietly {cpu:.1f} %")
             time.sleep(3)  # let the server close them before the next measurement
         if args.shed:
             head = b"POST /sentiment HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"text\": "
