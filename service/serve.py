@@ -118,11 +118,12 @@ class GracefulServer:
         for listener in self.listeners:
             listener.channel_class = channel_class
         self.selector = selectors.DefaultSelector()
-        self._registered: dict[int, int] = {}  # fd -> the events it is registered for
+        self._registered: dict[int, tuple[int, Any]] = {}  # fd -> the events and dispatcher registered
         self._watch: set[int] = set(self.map)  # fds whose interest must be looked at on the next turn
         self._accept_paused_until = 0.0
         self._tally: Counter[str] = Counter()  # slow clients answered or shed since the last report
         self._next_report = 0.0
+        self._loop_thread = threading.get_ident()  # the selector and the watch set are this thread's
         self._stop = threading.Event()
 
     def urls(self) -> list[str]:
@@ -139,6 +140,7 @@ class GracefulServer:
 
     def run(self) -> bool:
         """Serve until request_stop(), then drain; return whether every request in flight finished."""
+        self._loop_thread = threading.get_ident()
         sweep = 0.0
         while not self._stop.is_set():
             self._turn(0 if sweep <= time.monotonic() else _TICK)
@@ -151,13 +153,16 @@ class GracefulServer:
 
     def watch(self, fd: int | None) -> None:
         """Look at a connection's interest on the next turn (its state changed outside its events)."""
-        if fd is not None:
+        # A request thread's connection is looked at on every turn anyway (it has a request).
+        if fd is not None and threading.get_ident() == self._loop_thread:
             self._watch.add(fd)
 
     def forget(self, fd: int | None) -> None:
         """Drop a closing connection from the selector."""
+        if threading.get_ident() != self._loop_thread:
+            return  # closed by a request thread (a send failed): _register copes with the stale entry
         self._watch.discard(fd)
-        if self._registered.pop(fd, 0):
+        if self._registered.pop(fd, None):
             try:
                 self.selector.unregister(fd)
             except (KeyError, ValueError):
@@ -198,19 +203,32 @@ class GracefulServer:
 
     def _register(self, fd: int, dispatcher: Any, events: int) -> None:
         """Bring the selector's registration of fd to `events`."""
-        old = self._registered.get(fd, 0)
-        if events == old:
+        old, registered = self._registered.get(fd, (0, None))
+        if (events == old and dispatcher is registered) or not (old or events):
             return
-        if old and events:
-            self.selector.modify(fd, events, dispatcher)
-        elif events:
-            self.selector.register(fd, events, dispatcher)
-        else:
-            self.selector.unregister(fd)
+        try:
+            if old and dispatcher is not registered:
+                # the fd was closed without forget() (by a request thread) and is now another
+                # connection's: the kernel dropped the old registration, so start afresh
+                self.selector.unregister(fd)
+                old = 0
+            if old and events:
+                self.selector.modify(fd, events, dispatcher)
+            elif events:
+                self.selector.register(fd, events, dispatcher)
+            else:
+                self.selector.unregister(fd)
+        except (OSError, KeyError, ValueError):  # out of step with the selector: register afresh
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            if events:
+                self.selector.register(fd, events, dispatcher)
         if events:
-            self._registered[fd] = events
+            self._registered[fd] = (events, dispatcher)
         else:
-            del self._registered[fd]
+            self._registered.pop(fd, None)
 
     # ---- accepting, and making room at the connection limit -------------------------------------
 
