@@ -11,7 +11,7 @@ from typing import Any
 from service import create_app
 from service.classifier import InferenceError, ModelLoadError
 from service.config import DEFAULTS, ConfigError, Settings, default_threads
-from service.serve import GracefulServer
+from service.serve import GracefulServer, raise_open_files_limit
 
 logger = logging.getLogger("service")
 
@@ -37,6 +37,10 @@ settings (environment variables; defaults in brackets):
   SERVICE_MAX_QUEUE           texts that may wait for the model; more get 503 at once [{MAX_QUEUE}]
   SERVICE_QUEUE_TIMEOUT       seconds a request may wait in the queue before a 503 [{QUEUE_TIMEOUT}]
   SERVICE_CONNECTION_LIMIT    open client connections served at once [{CONNECTION_LIMIT}]
+  SERVICE_HEADER_TIMEOUT      seconds a client has to send a request head; then 408 [{HEADER_TIMEOUT}]
+  SERVICE_BODY_TIMEOUT        seconds a client has to send a request body; then 408 [{BODY_TIMEOUT}]
+  SERVICE_KEEPALIVE_TIMEOUT   seconds an idle kept-alive connection stays open [{KEEPALIVE_TIMEOUT}]
+  SERVICE_MAX_HEADER_BYTES    largest request head (request line + headers); more: 431 [{MAX_HEADER_BYTES}]
   SERVICE_SHUTDOWN_TIMEOUT    seconds to finish requests in flight after SIGTERM [{SHUTDOWN_TIMEOUT}]
   SERVICE_API_KEY             require "Authorization: Bearer <key>" (not on /health, /ready,
                               /openapi.json) [unset: no key]
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                        for key, value in DEFAULTS.items()}))
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_files_limit()  # before the settings check SERVICE_CONNECTION_LIMIT against it
     try:
         app = create_app()
     except (ConfigError, ModelLoadError, InferenceError) as exc:

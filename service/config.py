@@ -39,6 +39,15 @@ DEFAULTS: dict[str, Any] = {
     "CONNECTION_LIMIT": 512,  # open connections Waitress serves at once (TEI: 512 concurrent requests)
     "SHUTDOWN_TIMEOUT": 8.0,  # seconds to finish in-flight requests after SIGTERM
     "API_KEY": None,  # None: no authentication
+    # -- network bounds (service/serve.py; docs/reliability.md, Network) --
+    # a request head in one write takes well under a second; nginx's CIS benchmark sets 10 s
+    # (nginx 60 s, hyper 30 s by default)
+    "HEADER_TIMEOUT": 10.0,
+    "BODY_TIMEOUT": 30.0,  # seconds for the whole body: a 2 MiB body at 70 KB/s
+    # Waitress' own channel_timeout; above the idle time of common client pools (Go's 90 s), so a
+    # pooled connection is given up by its client before the server closes it under a new request
+    "KEEPALIVE_TIMEOUT": 120.0,
+    "MAX_HEADER_BYTES": 32 * 1024,  # nginx's large_client_header_buffers: 4 x 8 KiB
 }
 # Open file descriptors the process needs besides client connections (model, pipes, logs, ...).
 _SPARE_FILES = 64
@@ -72,6 +81,11 @@ class Settings:
     connection_limit: int
     shutdown_timeout: float
     api_key: str | None = field(repr=False)  # never in a log line or a traceback
+    # -- network bounds (service/serve.py) --
+    header_timeout: float = DEFAULTS["HEADER_TIMEOUT"]
+    body_timeout: float = DEFAULTS["BODY_TIMEOUT"]
+    keepalive_timeout: float = DEFAULTS["KEEPALIVE_TIMEOUT"]
+    max_header_bytes: int = DEFAULTS["MAX_HEADER_BYTES"]
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -104,6 +118,12 @@ class Settings:
             connection_limit=_connection_limit(config),
             shutdown_timeout=_seconds(config, "SHUTDOWN_TIMEOUT"),
             api_key=_api_key(config.get("API_KEY")),
+            # -- network bounds (service/serve.py) --
+            header_timeout=_seconds(config, "HEADER_TIMEOUT"),
+            body_timeout=_seconds(config, "BODY_TIMEOUT"),
+            keepalive_timeout=_seconds(config, "KEEPALIVE_TIMEOUT"),
+            max_header_bytes=_integer(config, "MAX_HEADER_BYTES", 1024, 1024 * 1024,
+                                      "an integer 1024-1048576 (bytes)"),
         )
 
 

@@ -1,32 +1,59 @@
-"""Waitress with a graceful stop: on SIGTERM stop accepting, finish requests in flight, then return.
+"""Waitress on its own event loop: bounded waits for slow clients, HTTP/1.1 whole, a graceful stop.
 
-Waitress' own `server.run()` turns KeyboardInterrupt into `task_dispatcher.shutdown()`: the socket
-loop stops at once, so a request not yet read (or half uploaded) is never read, requests waiting
-for a thread are cancelled, a response a thread could not send whole is never flushed, a
-keep-alive client may send its next request into a connection about to close, and connections
-still in the listen backlog are reset at exit. This runner keeps the loop running while it
-drains instead, like Go's `http.Server.Shutdown`.
+Waitress' socket loop (wasyncore) asks every connection whether it wants to read or write on every
+turn, so each idle connection slows every request; its one clock, channel_timeout, restarts on
+every byte a client sends; and once clients that never finish a request fill its connection limit,
+every other client waits in the listen backlog. This runner keeps Waitress' channels, parser and
+request threads but drives them itself:
+- a selector (epoll) in which a connection waiting for its client stays registered and is not
+  looked at again until it has something to read;
+- a clock per request phase: the head, the body, the keep-alive wait between requests. A client
+  too slow with its head or body gets a JSON 408 and a lingering close; an idle one is closed;
+- at the connection limit, the accept path closes the connections that cost least to lose
+  (lingering after an answer, idle between requests, then the oldest without a whole request yet,
+  which get a 408) so a new client is served instead of waiting in the backlog.
 
-It also answers the errors Waitress raises itself (bad framing, a declared body over
-SERVICE_MAX_CONTENT_LENGTH, oversized headers) as JSON, and after such an error reads and drops
-what the client still sends before closing (nginx's lingering close), so the client gets the answer
-instead of a reset.
+On the connection (HTTP/1.1): a request with `Expect: 100-continue` is first shown to the app's
+routing and API-key check, so a refusal (401, 404, 405) is answered without reading the body, and a
+body declared over the limit gets its 413 (Waitress sent 100 Continue and then never answered).
+Pipelined requests are Waitress' own: parsed from one read, answered in order, one at a time.
+
+The stop: Waitress' own `server.run()` turns KeyboardInterrupt into `task_dispatcher.shutdown()`,
+which stops the socket loop at once, so a request not yet read is never read, requests waiting for a
+thread are cancelled and connections still in the listen backlog are reset. On SIGTERM this runner
+stops accepting, answers what was received, closes each connection once it is quiet and returns,
+like Go's `http.Server.Shutdown`.
+
+Errors Waitress raises itself (bad framing, a declared body over SERVICE_MAX_CONTENT_LENGTH, a head
+over SERVICE_MAX_HEADER_BYTES) are answered as JSON, and after such an error the runner reads and
+drops what the client still sends before closing (nginx's lingering close), so the client gets the
+answer instead of a reset.
 """
 
 from __future__ import annotations
 
+import errno
+import heapq
+import io
 import json
 import logging
+import resource
+import selectors
 import socket
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask
-from waitress import create_server, wasyncore
+from flask import request as flask_request
+from waitress import create_server, utilities, wasyncore
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, WSGITask
+from werkzeug.wrappers import Response
 
 from service.config import Settings
 
@@ -34,9 +61,38 @@ logger = logging.getLogger(__name__)
 
 _TICK = 0.1  # seconds the socket loop may sleep before it looks at the stop flag
 _DRAIN_TICK = 0.02  # the same while draining, to exit soon after the last response
+_SWEEP = 0.5  # seconds between two looks at every connection's clock
 _IDLE_GRACE = 0.5  # seconds a keep-alive connection must have been quiet before a stop closes it
 _BACKLOG = 2048  # connections the kernel holds for accept(): bursts land here first
 _LINGER = 2.0  # seconds to read and drop what a client still sends after an early error response
+_ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener
+_SHED_BATCH = 16  # connections closed at once at the connection limit (one scan, several slots)
+_EXPIRE_BATCH = 128  # connections answered or closed per sweep: a mass timeout must not stall the loop
+_REPORT_EVERY = 10.0  # seconds between two log lines about slow clients or a full connection budget
+_DISCONNECTED = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED,
+                           errno.EPIPE, errno.EBADF})
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+# What a connection waits for from its client (None: the server is working on it).
+FRESH, HEAD, BODY, IDLE, SEND = "fresh", "head", "body", "idle", "send"
+
+
+class RequestTimeout(utilities.Error):
+    """A request whose head or body did not arrive in time, answered like Waitress' own errors."""
+
+    code = 408
+    reason = "Request Timeout"
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one, as Go does at start-up; return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. macOS refuses an unlimited hard limit: keep the soft one
+            return soft
+    return hard
 
 
 class GracefulServer:
@@ -47,19 +103,27 @@ class GracefulServer:
         self.app = app
         self.settings = settings
         self.draining: threading.Event = app.extensions["service.draining"]
-        self.server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
-                                    connection_limit=settings.connection_limit, backlog=_BACKLOG,
+        self.server = create_server(_answer_refusals(app), host=settings.host, port=settings.port,
+                                    threads=settings.threads, connection_limit=settings.connection_limit,
+                                    backlog=_BACKLOG, channel_timeout=settings.keepalive_timeout,
+                                    max_request_header_size=settings.max_header_bytes,
                                     # refuse a declared body over the limit before reading it (Waitress'
                                     # own limit is 1 GiB, spooled to disk); the limit itself still passes
                                     max_request_body_size=settings.max_content_length + 1,
-                                    # select() cannot watch descriptors above 1023; poll() can
-                                    asyncore_use_poll=True, expose_tracebacks=False, ident="onnx-classifier")
+                                    expose_tracebacks=False, ident="onnx-classifier")
         # a MultiSocketServer (a host with several addresses) keeps its map public, a single server not
         self.map: dict[int, Any] = getattr(self.server, "map", None) or self.server._map
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
-        channel_class = _channel_class(self.draining, settings.max_content_length)
+        channel_class = _channel_class(self)
         for listener in self.listeners:
             listener.channel_class = channel_class
+        self.selector = selectors.DefaultSelector()
+        self._registered: dict[int, tuple[int, Any]] = {}  # fd -> the events and dispatcher registered
+        self._watch: set[int] = set(self.map)  # fds whose interest must be looked at on the next turn
+        self._accept_paused_until = 0.0
+        self._tally: Counter[str] = Counter()  # slow clients answered or shed since the last report
+        self._next_report = 0.0
+        self._loop_thread = threading.get_ident()  # the selector and the watch set are this thread's
         self._stop = threading.Event()
 
     def urls(self) -> list[str]:
@@ -76,14 +140,224 @@ class GracefulServer:
 
     def run(self) -> bool:
         """Serve until request_stop(), then drain; return whether every request in flight finished."""
-        adj = self.server.adj
+        self._loop_thread = threading.get_ident()
         sweep = 0.0
         while not self._stop.is_set():
-            wasyncore.loop(timeout=_TICK, map=self.map, use_poll=adj.asyncore_use_poll, count=1)
-            if time.monotonic() >= sweep:  # not after every event: the scan is O(connections)
-                _close_expired_lingering(self._channels())
-                sweep = time.monotonic() + _TICK
+            self._turn(0 if sweep <= time.monotonic() else _TICK)
+            if time.monotonic() >= sweep:  # not after every event: the sweep is O(connections)
+                # more expired than one sweep handles: the rest after the next turn's events
+                sweep = time.monotonic() + (0 if self._sweep() else _SWEEP)
         return self._drain()
+
+    # ---- the event loop ------------------------------------------------------------------------
+
+    def watch(self, fd: int | None) -> None:
+        """Look at a connection's interest on the next turn (its state changed outside its events)."""
+        # A request thread's connection is looked at on every turn anyway (it has a request).
+        if fd is not None and threading.get_ident() == self._loop_thread:
+            self._watch.add(fd)
+
+    def forget(self, fd: int | None) -> None:
+        """Drop a closing connection from the selector."""
+        if threading.get_ident() != self._loop_thread:
+            return  # closed by a request thread (a send failed): _register copes with the stale entry
+        self._watch.discard(fd)
+        if self._registered.pop(fd, None):
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _turn(self, timeout: float) -> None:
+        """Update the interest of the connections that may have changed, wait for events, handle them."""
+        watch, self._watch = self._watch, set()
+        for fd in watch:
+            dispatcher = self.map.get(fd)
+            if dispatcher is None:
+                self.forget(fd)
+                continue
+            events = self._interest(dispatcher)
+            self._register(fd, dispatcher, events)
+            # A connection that only waits to read and has no request in a thread changes state only
+            # through its own events or this loop's sweeps: it needs no look until then.
+            if not (events == READ and isinstance(dispatcher, HTTPChannel) and not dispatcher.requests):
+                self._watch.add(fd)
+        for key, events in self.selector.select(timeout):
+            dispatcher = key.data
+            if self.map.get(key.fd) is not dispatcher:  # closed (and its fd maybe reused) this turn
+                continue
+            self._watch.add(key.fd)
+            if dispatcher in self.listeners:
+                self._accept(dispatcher, _ACCEPT_BATCH)
+            else:
+                _handle(dispatcher, events, lambda: self.map.get(key.fd) is dispatcher)
+
+    def _interest(self, dispatcher: Any) -> int:
+        """Return the events a dispatcher waits for, as wasyncore's poll loop would ask it."""
+        if dispatcher in self.listeners:
+            return READ if dispatcher.accepting and time.monotonic() >= self._accept_paused_until else 0
+        events = READ if dispatcher.readable() else 0
+        if dispatcher.writable() and not dispatcher.accepting:
+            events |= WRITE
+        return events
+
+    def _register(self, fd: int, dispatcher: Any, events: int) -> None:
+        """Bring the selector's registration of fd to `events`."""
+        old, registered = self._registered.get(fd, (0, None))
+        if (events == old and dispatcher is registered) or not (old or events):
+            return
+        try:
+            if old and dispatcher is not registered:
+                # the fd was closed without forget() (by a request thread) and is now another
+                # connection's: the kernel dropped the old registration, so start afresh
+                self.selector.unregister(fd)
+                old = 0
+            if old and events:
+                self.selector.modify(fd, events, dispatcher)
+            elif events:
+                self.selector.register(fd, events, dispatcher)
+            else:
+                self.selector.unregister(fd)
+        except (OSError, KeyError, ValueError):  # out of step with the selector: register afresh
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            if events:
+                self.selector.register(fd, events, dispatcher)
+        if events:
+            self._registered[fd] = (events, dispatcher)
+        else:
+            self._registered.pop(fd, None)
+
+    # ---- accepting, and making room at the connection limit -------------------------------------
+
+    def _open(self) -> int:
+        """Return the number of open client connections."""
+        return sum(len(listener.active_channels) for listener in self.listeners)
+
+    def _accept(self, listener: BaseWSGIServer, most: int, make_room: bool = True) -> int:
+        """Accept up to `most` waiting connections; return how many were accepted."""
+        accepted = 0
+        while accepted < most:
+            if self._open() >= self.settings.connection_limit and not (make_room and self._make_room()):
+                self._accept_paused_until = time.monotonic() + _TICK  # they wait in the backlog
+                self._count("accepting paused at the connection limit (every connection busy)")
+                break
+            try:
+                pair = listener.accept()  # None when nothing waits
+            except OSError as exc:  # out of descriptors or memory: retry later, without a traceback
+                self._accept_paused_until = time.monotonic() + _TICK
+                self._count(f"accept failed ({exc.strerror})")
+                break
+            if pair is None:
+                break
+            connection, address = pair
+            try:
+                listener.set_socket_options(connection)
+                listener.channel_class(listener, connection, listener.fix_addr(address), listener.adj,
+                                       map=self.map)
+            except OSError:  # the client hung up before we got to it
+                connection.close()
+                continue
+            accepted += 1
+        return accepted
+
+    def _make_room(self) -> bool:
+        """Close the connections that cost least to lose to admit new clients; return whether any was."""
+        ranked = [(rank, channel.waiting_since, id(channel), channel) for channel in self._channels()
+                  if (rank := _shed_rank(channel)) is not None]
+        closed = 0
+        for rank, *_, channel in heapq.nsmallest(_SHED_BATCH, ranked):
+            closed += self._shed(channel, rank)
+        if closed:
+            self._tally["closed to make room at the connection limit"] += closed
+        return bool(closed)
+
+    def _shed(self, channel: HTTPChannel, rank: int) -> bool:
+        """Close one connection to make room; return False when it turns out to carry a whole request."""
+        fd = channel._fileno
+        if rank and _has_input(channel):
+            # Bytes this loop has not read yet (a new connection's request, or the next request on a
+            # kept-alive one): read them first, so a request that arrived whole is served, not lost.
+            channel.handle_read()
+            self.watch(fd)
+            if self.map.get(fd) is not channel:  # the client had closed it
+                return True
+        phase = _phase(channel)
+        if not rank or phase in (FRESH, IDLE):
+            HTTPChannel.handle_close(channel)
+        elif phase == HEAD:
+            self._answer_timeout(channel, "the server needed the connection for another client", linger=False)
+        else:
+            return False
+        return True
+
+    # ---- clocks ---------------------------------------------------------------------------------
+
+    def _sweep(self) -> bool:
+        """Close lingering connections whose time is up, answer or close clients that waited too long.
+
+        Return whether it stopped at _EXPIRE_BATCH with connections left to look at.
+        """
+        now, wall = time.monotonic(), time.time()
+        budget = _EXPIRE_BATCH
+        limits = {FRESH: self.settings.header_timeout, HEAD: self.settings.header_timeout,
+                  BODY: self.settings.body_timeout, IDLE: self.settings.keepalive_timeout}
+        for channel in self._channels():
+            if not budget:
+                return True
+            if channel.linger_until:
+                if now > channel.linger_until:
+                    HTTPChannel.handle_close(channel)
+                    budget -= 1
+                continue
+            phase = _phase(channel)
+            if phase is None:  # the server is working on it: the client's clock starts afterwards
+                channel.waiting_since = now
+                continue
+            if phase == SEND:  # a client not reading its answer: no progress for the keep-alive time
+                waited, limit = wall - channel.last_activity, self.settings.keepalive_timeout
+            else:
+                waited, limit = now - channel.waiting_since, limits[phase]
+            if waited <= limit:
+                continue
+            budget -= 1
+            if phase in (HEAD, BODY):
+                self._answer_timeout(channel, f"the request {phase} was not received within {limit:g} s",
+                                     linger=True)
+                self._count(f"408 for a request {phase} too slow")
+            else:
+                channel.handle_close()
+        if self._tally and now >= self._next_report:
+            logger.warning("slow clients and the connection limit, since the last report: %s",
+                           "; ".join(f"{what}: {count}" for what, count in self._tally.items()))
+            self._tally.clear()
+            self._next_report = now + _REPORT_EVERY
+        return False
+
+    def _answer_timeout(self, channel: HTTPChannel, message: str, linger: bool) -> None:
+        """Answer a client's unfinished request with a JSON 408 and close its connection."""
+        request = channel.request
+        request.error = RequestTimeout(message)
+        request.completed = True
+        with channel.requests_lock:
+            channel.request = None
+            channel.requests.append(request)
+        channel.service()  # the error task, on this thread: no request of this connection is running
+        if linger:
+            self.watch(channel._fileno)
+            return
+        channel.linger = False
+        channel.handle_write()  # what the socket takes now; then close at once, the slot is needed
+        if self.map.get(channel._fileno) is channel:
+            HTTPChannel.handle_close(channel)
+
+    def _count(self, what: str) -> None:
+        """Tally an event about slow clients or the connection budget for the next report."""
+        self._tally[what] += 1
+
+    # ---- the stop -------------------------------------------------------------------------------
 
     def _drain(self) -> bool:
         """Stop accepting, serve what was accepted, close the connections and the request threads."""
@@ -92,27 +366,29 @@ class GracefulServer:
         accepted = self._stop_accepting()
         logger.info("stopping: no longer accepting connections (%d more accepted from the backlog), "
                     "finishing requests in flight (at most %g s)", accepted, self.settings.shutdown_timeout)
-        adj = self.server.adj
+        sweep = 0.0
         while self._channels() and time.monotonic() < deadline:
-            wasyncore.loop(timeout=_DRAIN_TICK, map=self.map, use_poll=adj.asyncore_use_poll, count=1)
+            self._turn(_DRAIN_TICK)
+            if time.monotonic() >= sweep:
+                sweep = time.monotonic() + (0 if self._sweep() else _SWEEP)
             # Responses now say Connection: close, and Waitress closes those connections once sent.
             # A keep-alive connection idle since before the stop is closed after a grace period: a
             # client that just sent a request on it would see a reset if it were closed at once.
             quiet_since = time.time() - _IDLE_GRACE
-            _close_expired_lingering(self._channels())
             for channel in self._channels():
-                if not _busy(channel) and channel.last_activity < quiet_since:
+                if not _busy(channel) and not channel.linger_until and channel.last_activity < quiet_since:
                     channel.handle_close()
         unfinished = self._channels()
         if unfinished:
             logger.warning("stopping: %d connection(s) still busy after %g s are closed unanswered",
                            len(unfinished), self.settings.shutdown_timeout)
             for channel in unfinished:
-                channel.handle_close()
+                HTTPChannel.handle_close(channel)
         self.server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
         scheduler = self.app.extensions.get("service.scheduler")
         if scheduler is not None:
             scheduler.stop(timeout=max(0.1, deadline - time.monotonic()))
+        self.selector.close()
         wasyncore.close_all(self.map)
         return not unfinished
 
@@ -120,13 +396,9 @@ class GracefulServer:
         """Accept what already waits in the backlog (those clients connected in time), then close."""
         accepted = 0
         for listener in self.listeners:
-            room = max(0, self.settings.connection_limit - len(self._channels()))
-            for _ in range(room):
-                before = len(self.map)
-                listener.handle_accept()
-                if len(self.map) == before:  # nothing was waiting (or accept failed)
-                    break
-                accepted += 1
+            room = max(0, self.settings.connection_limit - self._open())
+            accepted += self._accept(listener, room, make_room=False)
+            self.forget(listener._fileno)
             # the base close: BaseWSGIServer.close would also close the trigger that task threads
             # pull to wake this loop when a response is ready
             wasyncore.dispatcher.close(listener)
@@ -134,7 +406,70 @@ class GracefulServer:
 
     def _channels(self) -> list[HTTPChannel]:
         """Return the open client connections."""
-        return [d for d in list(self.map.values()) if isinstance(d, HTTPChannel)]
+        return [channel for listener in self.listeners for channel in list(listener.active_channels.values())]
+
+    def refusal(self, channel: HTTPChannel, request: HTTPRequestParser) -> Response | None:
+        """Return the app's answer to a request head alone, or None when it needs the body to answer."""
+        environ = WSGITask(channel, request).get_environment()
+        environ["wsgi.input"] = io.BytesIO()  # the body is not here yet, and is not read for this
+        with self.app.request_context(environ):
+            try:
+                answer = self.app.preprocess_request()  # before_request hooks: the API key check
+                if answer is None:
+                    if flask_request.routing_exception is None:
+                        return None
+                    raise flask_request.routing_exception  # 404, 405: the route does not take it
+            except Exception as exc:  # the app's own error handlers make it a JSON answer
+                answer = self.app.handle_user_exception(exc)
+            return self.app.finalize_request(answer)
+
+
+def _handle(dispatcher: Any, events: int, still_open: Callable[[], bool]) -> None:
+    """Run a dispatcher's read and write handlers for the events it got, as wasyncore's loop does."""
+    try:
+        if events & READ:
+            dispatcher.handle_read_event()
+        if events & WRITE and still_open():
+            dispatcher.handle_write_event()
+    except OSError as exc:
+        if exc.args[0] in _DISCONNECTED:
+            dispatcher.handle_close()
+        else:
+            dispatcher.handle_error()
+    except Exception:
+        dispatcher.handle_error()
+
+
+def _phase(channel: HTTPChannel) -> str | None:
+    """Return what a connection waits for from its client, or None while the server works on it."""
+    if channel.requests or channel.will_close or channel.close_when_flushed:
+        return None
+    if channel.total_outbufs_len:
+        return SEND
+    request = channel.request
+    if request is None:
+        return FRESH if channel.fresh else IDLE
+    return BODY if request.headers_finished else HEAD
+
+
+def _shed_rank(channel: HTTPChannel) -> int | None:
+    """Return how cheaply a connection can be closed for a new one (lowest first), None if it cannot."""
+    if channel.linger_until:
+        return 0  # answered already
+    phase = _phase(channel)
+    if phase == IDLE:
+        return 1  # between requests: a client reconnects
+    if phase in (FRESH, HEAD):
+        return 2  # no whole request yet; the oldest first, so a just accepted client is the last
+    return None  # a request in a thread, a body on its way, an answer on its way
+
+
+def _has_input(channel: HTTPChannel) -> bool:
+    """Return whether a connection has received bytes not read yet."""
+    try:
+        return bool(channel.socket.recv(1, socket.MSG_PEEK))
+    except OSError:  # nothing yet (the socket does not block), or the connection is gone
+        return False
 
 
 def _busy(channel: HTTPChannel) -> bool:
@@ -142,15 +477,42 @@ def _busy(channel: HTTPChannel) -> bool:
     return bool(channel.requests or channel.request is not None or channel.total_outbufs_len)
 
 
-def _channel_class(draining: threading.Event, max_content_length: int) -> type[HTTPChannel]:
-    """Return Waitress' channel with JSON errors, lingering close and `Connection: close` when draining."""
+def _answer_refusals(app: Flask) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
+    """Return the WSGI app Waitress calls: the app, or the answer it already gave to a request's head."""
+
+    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        refusal = environ.get("service.refusal")
+        return (app if refusal is None else refusal)(environ, start_response)
+
+    return application
+
+
+def _channel_class(runner: GracefulServer) -> type[HTTPChannel]:
+    """Return Waitress' channel with the runner's loop hooks, clocks, JSON errors and HTTP/1.1 fixes."""
+    draining = runner.draining
+    max_content_length = runner.settings.max_content_length
 
     class ClosingTask(WSGITask):
+        def get_environment(self) -> dict[str, Any]:
+            environ = super().get_environment()
+            refusal = getattr(self.request, "refusal", None)
+            if refusal is not None:
+                environ["service.refusal"] = refusal
+            return environ
+
+        def execute(self) -> None:
+            if getattr(self.request, "refusal", None) is not None:
+                # answered from the head: the body was not read, so nothing more can be read as a request
+                self.set_close_on_finish()
+                self.channel.linger = True
+            super().execute()
+
         def build_response_header(self) -> bytes:
             # A WSGI app may not set hop-by-hop headers (PEP 3333), so the server must: a keep-alive
             # client then opens a new connection (refused: the listener is closed) instead of
-            # sending another request on one about to be closed under it.
-            if draining.is_set():
+            # sending another request on one about to be closed under it. Requests already received
+            # behind this one (pipelined) are answered first; the last answer carries the close.
+            if draining.is_set() and len(self.channel.requests) <= 1:
                 self.set_close_on_finish()
             return super().build_response_header()
 
@@ -178,6 +540,65 @@ def _channel_class(draining: threading.Event, max_content_length: int) -> type[H
         error_task_class = JsonErrorTask
         linger = False  # set by an error answered before the request was read whole
         linger_until = 0.0
+        fresh = True  # nothing received yet
+        receiving: int | None = None  # the thread inside received(), whose loop queues completed requests
+
+        def __init__(self, server: BaseWSGIServer, sock: socket.socket, addr: Any, adj: Any,
+                     map: dict[int, Any] | None = None) -> None:
+            self.waiting_since = time.monotonic()  # since when the client's current phase runs
+            super().__init__(server, sock, addr, adj, map)
+
+        def add_channel(self, map: dict[int, Any] | None = None) -> None:
+            super().add_channel(map)
+            runner.watch(self._fileno)
+
+        def del_channel(self, map: dict[int, Any] | None = None) -> None:
+            fd = self._fileno
+            super().del_channel(map)
+            runner.forget(fd)
+
+        def _progress(self) -> tuple[Any, bool, int]:
+            request = self.request
+            return request, bool(request is not None and request.headers_finished), len(self.requests)
+
+        def received(self, data: bytes) -> bool:
+            # A phase's clock restarts when the request moves on (a new request, its head complete,
+            # a request handed to a thread), not on every byte: a client sending one byte a second
+            # must still meet the head timeout. A new connection's first head counts from accept.
+            before, fresh = self._progress(), self.fresh
+            self.fresh = False
+            self.receiving = threading.get_ident()
+            try:
+                result = super().received(data)
+            finally:
+                self.receiving = None
+            after = self._progress()
+            if after != before and not (fresh and after[0] is not None and not after[1]):
+                self.waiting_since = time.monotonic()
+            return result
+
+        def send_continue(self) -> None:
+            request = self.request
+            if request.completed:
+                # Nothing to wait for: the parser refused the head (a declared body over the limit) or
+                # there is no body. Waitress would send 100 Continue and mark the request incomplete,
+                # and it was never answered.
+                request.expect_continue = False
+                return
+            refusal = runner.refusal(self, request)
+            if refusal is None:
+                super().send_continue()
+                return
+            request.expect_continue = False
+            request.refusal = refusal
+            request.completed = True
+            if self.receiving != threading.get_ident():  # by a request thread after a pipelined one
+                self.request = None
+                self.requests.append(request)
+                self.server.add_task(self)
+
+        def writable(self) -> bool:
+            return not self.linger_until and super().writable()
 
         def handle_close(self) -> None:
             # Closing a socket with unread input makes the kernel send a reset, which can destroy
@@ -191,14 +612,12 @@ def _channel_class(draining: threading.Event, max_content_length: int) -> type[H
                 else:
                     self.linger_until = time.monotonic() + _LINGER
                     self.will_close = self.close_when_flushed = False
+                    runner.watch(self._fileno)
                     return
             super().handle_close()
 
         def readable(self) -> bool:
             return bool(self.linger_until) or super().readable()
-
-        def writable(self) -> bool:
-            return not self.linger_until and super().writable()
 
         def handle_read(self) -> None:
             if not self.linger_until:
@@ -209,14 +628,6 @@ def _channel_class(draining: threading.Event, max_content_length: int) -> type[H
             except OSError:
                 data = b""
             if not data or time.monotonic() > self.linger_until:
-                super().handle_close()
+                HTTPChannel.handle_close(self)
 
     return Channel
-
-
-def _close_expired_lingering(channels: list[HTTPChannel]) -> None:
-    """Close connections that lingered after an error longer than _LINGER without closing."""
-    now = time.monotonic()
-    for channel in channels:
-        if getattr(channel, "linger_until", 0.0) and now > channel.linger_until:
-            HTTPChannel.handle_close(channel)
