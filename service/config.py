@@ -1,56 +1,26 @@
-"""Service settings: defaults, validation and the CPU budget, checked once at start-up."""
+"""Service settings, declared once: name, default, validation and help, checked once at start-up.
+
+`SETTINGS` is the one declaration; `Settings.from_mapping` validates it, `python -m service --help`
+and the table in docs/serving.md are generated from it (a test keeps the docs equal).
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import resource
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("onnx", "pytorch", "optimum")
-
-# Flask config keys, as `app.config.from_prefixed_env("SERVICE")` names them (SERVICE_PORT -> PORT).
-DEFAULTS: dict[str, Any] = {
-    "MODEL_DIR": "onnx_models/minilm-l6-sentiment",
-    "HOST": "127.0.0.1",
-    "PORT": 8000,
-    "THREADS": None,  # None: see default_threads()
-    "ORT_THREADS": None,  # None: the usable cores, see usable_cores()
-    # Idle intra-op threads spin briefly between a run's parallel sections, never between runs
-    # (see service/classifier.py): the latency of spinning without burning the cores under load.
-    "ORT_SPINNING": True,
-    "MAX_BATCH": 32,  # TEI's client batch limit
-    "MAX_CONTENT_LENGTH": 2 * 1024 * 1024,  # 2 MiB, TEI's payload limit
-    "BACKEND": "onnx",
-    "WARMUP": True,
-    "BATCHING": True,
-    "BATCH_MAX_TEXTS": 32,  # texts one worker batch takes from the queue
-    # padded tokens of one session.run: past ~700 the time per text rose on 2 cores (cache), README
-    "BATCH_MAX_TOKENS": 512,
-    "BATCH_WAIT_MS": 0,  # no artificial wait: take what is queued when the worker is free
-    # model runs at once; None: 2 when 2 or more cores are usable, else 1 (see default_workers())
-    "BATCH_WORKERS": None,
-    "MAX_QUEUE": 64,  # texts waiting for the worker; more is answered 503 at once
-    "QUEUE_TIMEOUT": 5.0,  # seconds a request may wait in the queue before a 503
-    "CONNECTION_LIMIT": 512,  # open connections Waitress serves at once (TEI: 512 concurrent requests)
-    "SHUTDOWN_TIMEOUT": 8.0,  # seconds to finish in-flight requests after SIGTERM
-    "API_KEY": None,  # None: no authentication
-    # -- network bounds (service/serve.py; docs/reliability.md, Network) --
-    # a request head in one write takes well under a second; nginx's CIS benchmark sets 10 s
-    # (nginx 60 s, hyper 30 s by default)
-    "HEADER_TIMEOUT": 10.0,
-    "BODY_TIMEOUT": 30.0,  # seconds for the whole body: a 2 MiB body at 70 KB/s
-    # Waitress' own channel_timeout; above the idle time of common client pools (Go's 90 s), so a
-    # pooled connection is given up by its client before the server closes it under a new request
-    "KEEPALIVE_TIMEOUT": 120.0,
-    "MAX_HEADER_BYTES": 32 * 1024,  # nginx's large_client_header_buffers: 4 x 8 KiB
-}
 # Open file descriptors the process needs besides client connections (model, pipes, logs, ...).
 _SPARE_FILES = 64
+
+Parser = Callable[[Mapping[str, Any], str], Any]
 
 
 class ConfigError(ValueError):
@@ -58,78 +28,44 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Validated settings of one service process."""
+class Setting:
+    """One SERVICE_* environment variable: its default, how it is read, and what it does."""
 
-    model_dir: Path
-    host: str
-    port: int
-    threads: int
-    ort_threads: int
-    ort_spinning: bool
-    max_batch: int
-    max_content_length: int
-    backend: str
-    warmup: bool
-    batching: bool
-    batch_max_texts: int
-    batch_max_tokens: int
-    batch_wait_ms: int
-    batch_workers: int
-    max_queue: int
-    queue_timeout: float
-    connection_limit: int
-    shutdown_timeout: float
-    api_key: str | None = field(repr=False)  # never in a log line or a traceback
-    # -- network bounds (service/serve.py) --
-    header_timeout: float = DEFAULTS["HEADER_TIMEOUT"]
-    body_timeout: float = DEFAULTS["BODY_TIMEOUT"]
-    keepalive_timeout: float = DEFAULTS["KEEPALIVE_TIMEOUT"]
-    max_header_bytes: int = DEFAULTS["MAX_HEADER_BYTES"]
+    key: str  # the Flask config key, as from_prefixed_env("SERVICE") names it: SERVICE_PORT -> PORT
+    default: Any  # None: unset, or computed as `computed` says
+    parse: Parser
+    help: str
+    computed: str | None = None  # how the default is worked out when it is None
 
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
-        """Validate a Flask-style config mapping (keys without the SERVICE_ prefix)."""
-        ort_threads = config.get("ORT_THREADS")
-        backend = str(config.get("BACKEND", DEFAULTS["BACKEND"])).strip().lower()
-        if backend not in BACKENDS:
-            raise ConfigError(f"SERVICE_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        return cls(
-            model_dir=resolve_model_dir(config.get("MODEL_DIR", DEFAULTS["MODEL_DIR"])),
-            host=_host(config.get("HOST", DEFAULTS["HOST"])),
-            port=_integer(config, "PORT", 0, 65535, "an integer 0-65535 (0: any free port)"),
-            threads=(default_threads(config) if config.get("THREADS") in (None, "")
-                     else _integer(config, "THREADS", 1, 1024, "an integer 1-1024")),
-            ort_threads=(usable_cores() if ort_threads in (None, "")
-                         else _integer(config, "ORT_THREADS", 1, 1024, "an integer 1-1024")),
-            ort_spinning=_boolean(config, "ORT_SPINNING"),
-            max_batch=_integer(config, "MAX_BATCH", 1, 100_000, "an integer 1-100000"),
-            max_content_length=_integer(config, "MAX_CONTENT_LENGTH", 1, 2**40,
-                                        "a positive integer (bytes)"),
-            backend=backend,
-            warmup=_boolean(config, "WARMUP"),
-            batching=_boolean(config, "BATCHING"),
-            batch_max_texts=_integer(config, "BATCH_MAX_TEXTS", 1, 100_000, "an integer 1-100000"),
-            batch_max_tokens=_integer(config, "BATCH_MAX_TOKENS", 1, 10_000_000, "an integer 1-10000000"),
-            batch_wait_ms=_integer(config, "BATCH_WAIT_MS", 0, 1000, "an integer 0-1000 (milliseconds)"),
-            batch_workers=_workers(config),
-            max_queue=_max_queue(config),
-            queue_timeout=_seconds(config, "QUEUE_TIMEOUT"),
-            connection_limit=_connection_limit(config),
-            shutdown_timeout=_seconds(config, "SHUTDOWN_TIMEOUT"),
-            api_key=_api_key(config.get("API_KEY")),
-            # -- network bounds (service/serve.py) --
-            header_timeout=_seconds(config, "HEADER_TIMEOUT"),
-            body_timeout=_seconds(config, "BODY_TIMEOUT"),
-            keepalive_timeout=_seconds(config, "KEEPALIVE_TIMEOUT"),
-            max_header_bytes=_integer(config, "MAX_HEADER_BYTES", 1024, 1024 * 1024,
-                                      "an integer 1024-1048576 (bytes)"),
-        )
+    @property
+    def variable(self) -> str:
+        """Return the environment variable's name."""
+        return f"SERVICE_{self.key}"
+
+    def default_text(self) -> str:
+        """Return the default as --help and the docs show it."""
+        if self.computed is not None:
+            return self.computed
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return "unset" if self.default is None else f"{self.default:g}" if isinstance(self.default, float) \
+            else str(self.default)
 
 
-def _integer(config: Mapping[str, Any], key: str, low: int, high: int, expected: str) -> int:
+def _value(config: Mapping[str, Any], key: str) -> Any:
+    """Return the configured value of key, or its declared default."""
+    return config.get(key, DEFAULTS[key])
+
+
+def _unset(config: Mapping[str, Any], key: str) -> bool:
+    """Return whether key is unset or empty (then a computed default applies)."""
+    return config.get(key) in (None, "")
+
+
+def _integer(config: Mapping[str, Any], key: str, low: int, high: int, expected: str | None = None) -> int:
     """Return config[key] as an int within [low, high] or raise ConfigError naming the variable."""
-    value = config.get(key, DEFAULTS[key])
+    value = _value(config, key)
+    expected = expected or f"an integer {low}-{high}"
     # bool is an int subclass: SERVICE_PORT=true must not become port 1
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
@@ -142,77 +78,14 @@ def _integer(config: Mapping[str, Any], key: str, low: int, high: int, expected:
     return number
 
 
-def default_threads(config: Mapping[str, Any]) -> int:
-    """Return the default THREADS: enough for every text queued or running when batching, else 4."""
-    # only the onnx backend batches; the reference backends stand for the original per-request service
-    backend = str(config.get("BACKEND", DEFAULTS["BACKEND"])).strip().lower()
-    if not _boolean(config, "BATCHING") or backend != "onnx":
-        return 4  # each thread runs the model itself: more would oversubscribe the cores
-    # Request threads mostly wait for the worker. With fewer of them than queued + running texts
-    # plus a margin, the excess would wait unseen in Waitress' own unbounded task queue instead
-    # of reaching SERVICE_MAX_QUEUE, which answers 503 at once.
-    batch = _integer(config, "BATCH_MAX_TEXTS", 1, 100_000, "an integer 1-100000")
-    return min(1024, _max_queue(config) + batch * _workers(config) + 32)
-
-
-def _workers(config: Mapping[str, Any]) -> int:
-    """Return BATCH_WORKERS, the model runs at once: by default 2, or 1 on a single usable core."""
-    # Two runs at once keep both cores busy while one batch is collated or answered; more runs on
-    # few cores only split the same cores (the intra-op pool is shared by concurrent runs).
-    if config.get("BATCH_WORKERS") in (None, ""):
-        return min(2, usable_cores())
-    return _integer(config, "BATCH_WORKERS", 1, 64, "an integer 1-64")
-
-
-def _seconds(config: Mapping[str, Any], key: str) -> float:
-    """Return config[key] as a number of seconds, 0 < s <= 3600, or raise ConfigError."""
-    value = config.get(key, DEFAULTS[key])
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not 0 < number <= 3600:  # also false for NaN
-        raise ConfigError(f"SERVICE_{key} must be a number of seconds > 0 and <= 3600, got {value!r}")
-    return number
-
-
-def _max_queue(config: Mapping[str, Any]) -> int:
-    """Return MAX_QUEUE, which must hold the largest request (MAX_BATCH texts)."""
-    max_queue = _integer(config, "MAX_QUEUE", 1, 1_000_000, "an integer 1-1000000")
-    max_batch = _integer(config, "MAX_BATCH", 1, 100_000, "an integer 1-100000")
-    if max_queue < max_batch:
-        raise ConfigError(f"SERVICE_MAX_QUEUE must be at least SERVICE_MAX_BATCH ({max_batch}) so the "
-                          f"largest request fits, got {config.get('MAX_QUEUE')!r}")
-    return max_queue
-
-
-def _connection_limit(config: Mapping[str, Any]) -> int:
-    """Return CONNECTION_LIMIT, checked against the open-files limit so accept() cannot fail."""
-    limit = _integer(config, "CONNECTION_LIMIT", 1, 1_000_000, "an integer 1-1000000")
-    # Waitress logs and retries a failing accept() in a busy loop when no descriptor is left.
-    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if files != resource.RLIM_INFINITY and limit + _SPARE_FILES > files:
-        raise ConfigError(f"SERVICE_CONNECTION_LIMIT {limit} needs more open files than the limit of "
-                          f"{files} (ulimit -n) allows: lower it below {max(files - _SPARE_FILES, 1)} "
-                          "or raise ulimit -n")
-    return limit
-
-
-def _api_key(value: Any) -> str | None:
-    """Return the API key, or None when unset; an empty or unsendable key is an error."""
-    if value is None:
-        return None
-    # an empty variable is more likely a deployment mistake than a wish to turn authentication off
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError("SERVICE_API_KEY must not be empty (unset it to turn authentication off)")
-    if not all("!" <= char <= "~" for char in value):
-        raise ConfigError("SERVICE_API_KEY must be printable ASCII without spaces (a Bearer token)")
-    return value
+def integer(low: int, high: int, expected: str | None = None) -> Parser:
+    """Return a parser of integers within [low, high]."""
+    return lambda config, key: _integer(config, key, low, high, expected)
 
 
 def _boolean(config: Mapping[str, Any], key: str) -> bool:
     """Return config[key] as a bool, accepting the usual spellings of true and false."""
-    value = config.get(key, DEFAULTS[key])
+    value = _value(config, key)
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -223,11 +96,213 @@ def _boolean(config: Mapping[str, Any], key: str) -> bool:
     raise ConfigError(f"SERVICE_{key} must be true or false, got {value!r}")
 
 
-def _host(value: Any) -> str:
+def _seconds(config: Mapping[str, Any], key: str) -> float:
+    """Return config[key] as a number of seconds, 0 < s <= 3600, or raise ConfigError."""
+    value = _value(config, key)
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number <= 3600:  # also false for NaN
+        raise ConfigError(f"SERVICE_{key} must be a number of seconds > 0 and <= 3600, got {value!r}")
+    return number
+
+
+def _host(config: Mapping[str, Any], key: str) -> str:
     """Return a non-empty host string."""
+    value = _value(config, key)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"SERVICE_HOST must be a host name or IP address, got {value!r}")
     return value.strip()
+
+
+def _backend(config: Mapping[str, Any], key: str) -> str:
+    """Return one of BACKENDS."""
+    backend = str(_value(config, key)).strip().lower()
+    if backend not in BACKENDS:
+        raise ConfigError(f"SERVICE_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def _model_dir(config: Mapping[str, Any], key: str) -> Path:
+    """Return the model folder (see resolve_model_dir)."""
+    return resolve_model_dir(_value(config, key))
+
+
+def _threads(config: Mapping[str, Any], key: str) -> int:
+    """Return THREADS: enough for every text queued or running when batching, else 4."""
+    if not _unset(config, key):
+        return _integer(config, key, 1, 1024)
+    # only the onnx backend batches; the reference backends stand for the original per-request service
+    if not _boolean(config, "BATCHING") or _backend(config, "BACKEND") != "onnx":
+        return 4  # each thread runs the model itself: more would oversubscribe the cores
+    # Request threads mostly wait for a model slot. With fewer of them than queued + running texts
+    # plus a margin, the excess would wait unseen in Waitress' own unbounded task queue instead
+    # of reaching SERVICE_MAX_QUEUE, which answers 503 at once.
+    batch = _integer(config, "BATCH_MAX_TEXTS", 1, 100_000)
+    return min(1024, _max_queue(config, "MAX_QUEUE") + batch * _workers(config, "BATCH_WORKERS") + 32)
+
+
+def _ort_threads(config: Mapping[str, Any], key: str) -> int:
+    """Return ORT_THREADS: by default every usable core."""
+    return usable_cores() if _unset(config, key) else _integer(config, key, 1, 1024)
+
+
+def _workers(config: Mapping[str, Any], key: str) -> int:
+    """Return BATCH_WORKERS, the model runs at once: by default 2, or 1 on a single usable core."""
+    # Two runs at once keep both cores busy while one batch is collated or answered; more runs on
+    # few cores only split the same cores (the intra-op pool is shared by concurrent runs).
+    return min(2, usable_cores()) if _unset(config, key) else _integer(config, key, 1, 64)
+
+
+def _max_queue(config: Mapping[str, Any], key: str) -> int:
+    """Return MAX_QUEUE, which must hold the largest request (MAX_BATCH texts)."""
+    max_queue = _integer(config, key, 1, 1_000_000)
+    max_batch = _integer(config, "MAX_BATCH", 1, 100_000)
+    if max_queue < max_batch:
+        raise ConfigError(f"SERVICE_MAX_QUEUE must be at least SERVICE_MAX_BATCH ({max_batch}) so the "
+                          f"largest request fits, got {config.get('MAX_QUEUE')!r}")
+    return max_queue
+
+
+def _connection_limit(config: Mapping[str, Any], key: str) -> int:
+    """Return CONNECTION_LIMIT, checked against the open-files limit so accept() cannot fail."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if _unset(config, key):
+        # a body over 512 KiB is spooled to a temporary file: two descriptors per connection at worst
+        return 4000 if files == resource.RLIM_INFINITY else max(1, min(4000, (files - _SPARE_FILES) // 2))
+    limit = _integer(config, key, 1, 1_000_000)
+    # Waitress logs and retries a failing accept() in a busy loop when no descriptor is left.
+    if files != resource.RLIM_INFINITY and limit + _SPARE_FILES > files:
+        raise ConfigError(f"SERVICE_CONNECTION_LIMIT {limit} needs more open files than the limit of "
+                          f"{files} (ulimit -n) allows: lower it below {max(files - _SPARE_FILES, 1)} or "
+                          "raise the hard limit (ulimit -Hn; the service raises the soft limit to it)")
+    return limit
+
+
+def _api_key(config: Mapping[str, Any], key: str) -> str | None:
+    """Return the API key, or None when unset; an empty or unsendable key is an error."""
+    value = config.get(key)
+    if value is None:
+        return None
+    # an empty variable is more likely a deployment mistake than a wish to turn authentication off
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("SERVICE_API_KEY must not be empty (unset it to turn authentication off)")
+    if not all("!" <= char <= "~" for char in value):
+        raise ConfigError("SERVICE_API_KEY must be printable ASCII without spaces (a Bearer token)")
+    return value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("MODEL_DIR", "onnx_models/minilm-l6-sentiment", _model_dir,
+            "exported model folder; a relative path not found from the working directory is looked up "
+            "from the repository root"),
+    Setting("HOST", "127.0.0.1", _host, "listen address; 0.0.0.0 accepts other machines"),
+    Setting("PORT", 8000, integer(0, 65535, "an integer 0-65535 (0: any free port)"),
+            "listen port; 0 takes a free one, shown in the start-up line"),
+    Setting("BACKEND", "onnx", _backend,
+            "onnx; pytorch (a transformers checkpoint through the original pipeline) or optimum "
+            "(Optimum's ORTModelForSequenceClassification): the references of the tests and the "
+            "benchmark, which need the dev dependencies and never batch"),
+    Setting("THREADS", None, _threads,
+            "Waitress request threads; with batching they mostly wait for a model slot, and fewer "
+            "than the queue holds would leave requests waiting unseen in Waitress' own queue",
+            computed="batching: MAX_QUEUE + BATCH_MAX_TEXTS x BATCH_WORKERS + 32; else 4"),
+    Setting("ORT_THREADS", None, _ort_threads, "onnxruntime intra-op threads, shared by concurrent runs",
+            computed="usable cores (CPU affinity, capped by the cgroup's cpu.max)"),
+    # Idle intra-op threads spin briefly between a run's parallel sections, never between runs
+    # (see service/classifier.py): the latency of spinning without burning the cores under load.
+    Setting("ORT_SPINNING", True, _boolean,
+            "let idle intra-op threads spin briefly within a run (never between runs) instead of sleeping"),
+    Setting("WARMUP", True, _boolean, "run the model before serving; /ready answers 503 until it has"),
+    Setting("MAX_BATCH", 32, integer(1, 100_000), "most texts in one request (TEI's client batch limit)"),
+    Setting("MAX_CONTENT_LENGTH", 2 * 1024 * 1024, integer(1, 2**40, "a positive integer (bytes)"),
+            "largest request body in bytes (TEI's payload limit)"),
+    Setting("BATCHING", True, _boolean,
+            "batch concurrent requests into shared model runs; false: each request runs the model alone"),
+    Setting("BATCH_WORKERS", None, _workers, "model runs at once (each run is one batch)",
+            computed="2, or 1 on a single usable core"),
+    Setting("BATCH_MAX_TEXTS", 32, integer(1, 100_000), "most texts in one model run"),
+    # past ~700 padded tokens per run the time per text rose on 2 cores (caches): docs/serving.md
+    Setting("BATCH_MAX_TOKENS", 512, integer(1, 10_000_000), "most padded tokens in one model run "
+            "(a longer text runs alone)"),
+    Setting("BATCH_WAIT_MS", 0, integer(0, 1000, "an integer 0-1000 (milliseconds)"),
+            "a free model slot waits this long for BATCH_MAX_TEXTS texts; 0: run what is queued at once"),
+    Setting("MAX_QUEUE", 64, _max_queue, "texts that may wait for a model slot; a request that does not "
+            "fit gets 503 at once"),
+    Setting("QUEUE_TIMEOUT", 5.0, _seconds, "seconds a request may wait in the queue before a 503"),
+    Setting("CONNECTION_LIMIT", None, _connection_limit,
+            "open client connections; at the limit the idlest ones are closed for new clients",
+            computed="4000, or (open-files limit - 64) / 2 if lower"),
+    # a request head in one write takes well under a second; nginx's CIS benchmark sets 10 s
+    # (nginx 60 s, hyper 30 s by default)
+    Setting("HEADER_TIMEOUT", 10.0, _seconds, "seconds a client has to send a request head; then 408"),
+    Setting("BODY_TIMEOUT", 30.0, _seconds, "seconds a client has to send a request body; then 408"),
+    # Waitress' own channel_timeout; above the idle time of common client pools (Go's 90 s), so a
+    # pooled connection is given up by its client before the server closes it under a new request
+    Setting("KEEPALIVE_TIMEOUT", 120.0, _seconds, "seconds an idle kept-alive connection stays open"),
+    # nginx's large_client_header_buffers: 4 x 8 KiB
+    Setting("MAX_HEADER_BYTES", 32 * 1024, integer(1024, 1024 * 1024, "an integer 1024-1048576 (bytes)"),
+            "largest request head (request line and headers); more gets 431"),
+    Setting("SHUTDOWN_TIMEOUT", 8.0, _seconds, "seconds SIGTERM waits for requests in flight"),
+    Setting("API_KEY", None, _api_key, 'require "Authorization: Bearer <key>" on every route but /health, '
+            "/ready, /openapi.json and the v2 health probes", computed="unset: no key"),
+)
+DEFAULTS: dict[str, Any] = {setting.key: setting.default for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one service process: one field per entry of SETTINGS."""
+
+    model_dir: Path
+    host: str
+    port: int
+    backend: str
+    threads: int
+    ort_threads: int
+    ort_spinning: bool
+    warmup: bool
+    max_batch: int
+    max_content_length: int
+    batching: bool
+    batch_workers: int
+    batch_max_texts: int
+    batch_max_tokens: int
+    batch_wait_ms: int
+    max_queue: int
+    queue_timeout: float
+    connection_limit: int
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+    max_header_bytes: int
+    shutdown_timeout: float
+    api_key: str | None = field(repr=False)  # never in a log line or a traceback
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
+        """Validate a Flask-style config mapping (keys without the SERVICE_ prefix)."""
+        return cls(**{setting.key.lower(): setting.parse(config, setting.key) for setting in SETTINGS})
+
+
+
+def help_text(width: int = 100) -> str:
+    """Return the settings part of `python -m service --help`."""
+    lines = ["settings (environment variables; defaults in brackets):"]
+    for setting in SETTINGS:
+        text = f"{setting.help} [{setting.default_text()}]"
+        wrapped = textwrap.wrap(text, width - 30) or [""]
+        lines.append(f"  {setting.variable:<27} {wrapped[0]}")
+        lines += [f"  {'':<27} {line}" for line in wrapped[1:]]
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """Return the settings as the Markdown table of docs/serving.md."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{s.variable}` | {s.default_text()} | {s.help} |" for s in SETTINGS]
+    return "\n".join(rows)
 
 
 def resolve_model_dir(value: Any) -> Path:

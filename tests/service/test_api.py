@@ -147,8 +147,9 @@ def test_health_ready_info(client: FlaskClient) -> None:
                                "ort_inter_op": 1, "ort_spinning": True, "batch_workers": workers}
     assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 512, "wait_ms": 0,
                                 "queue_timeout_s": 5.0}
+    settings = client.application.extensions["service.settings"]
     assert info["limits"] == {"max_batch": 32, "max_content_length": 2097152, "max_queue": 64,
-                              "connection_limit": 512}
+                              "connection_limit": settings.connection_limit}
     assert info["auth"] == {"api_key_required": False}
     manifest = json.loads((Path(client.application.extensions["service.classifier"].model_dir)
                            / "manifest.json").read_text())

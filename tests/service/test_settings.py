@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from service_testkit import REPO
 
-from service.config import ConfigError, Settings, resolve_model_dir, usable_cores
+from service.config import SETTINGS, ConfigError, Settings, help_text, resolve_model_dir, usable_cores
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -23,7 +26,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.batching is True
     assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_workers) \
         == (32, 512, 0, workers)
-    assert (settings.max_queue, settings.queue_timeout, settings.connection_limit) == (64, 5.0, 512)
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # two per connection at worst, and spares
+    limit = 4000 if files == resource.RLIM_INFINITY else min(4000, (files - 64) // 2)
+    assert (settings.max_queue, settings.queue_timeout, settings.connection_limit) == (64, 5.0, limit)
     assert settings.shutdown_timeout == 8.0 and settings.api_key is None
 
 
@@ -102,3 +107,13 @@ def test_a_connection_limit_over_the_open_files_limit_is_refused(tmp_path: Path)
     with pytest.raises(ConfigError, match=rf"SERVICE_CONNECTION_LIMIT {files} needs more open files than "
                                           rf"the limit of {files} \(ulimit -n\) allows"):
         Settings.from_mapping({"MODEL_DIR": str(tmp_path), "CONNECTION_LIMIT": str(files)})
+
+
+def test_every_setting_is_declared_once_and_listed_by_help() -> None:
+    assert [field.name for field in fields(Settings)] == [setting.key.lower() for setting in SETTINGS]
+    result = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and help_text() in result.stdout
+    for setting in SETTINGS:
+        assert setting.variable in result.stdout
+        assert setting.default_text() in " ".join(result.stdout.split())  # wrapped over lines
