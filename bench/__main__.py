@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import infinity, report
+from bench import infinity, inprocess, report
 from bench.load import LoadError, Protocol, run_wrk, wrk_path
 from bench.servers import REPO, Server, ServerError, ServerSpec, machine_busy_seconds, serving_libraries, start, stop
 from bench.sizes import footprint, venv_footprint
@@ -76,10 +76,13 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path) -> tuple[dic
     return specs, skipped
 
 
-def run_inprocess(model_dir: str, seconds: float, workloads: list[str], turn: int) -> dict[str, Any]:
-    """Run the in-process sweep in its own process and return its JSON."""
+def run_inprocess(model_dir: str, seconds: float, workloads: list[str], turn: int,
+                  only: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Run the in-process sweep (`only`: these settings per workload) in its own process; return its JSON."""
     command = [sys.executable, "-m", "bench.inprocess", "--model-dir", model_dir, "--seconds", f"{seconds:g}",
                "--turn", str(turn), "--workloads", *workloads]
+    if only:
+        command += ["--only", *(f"{workload}={key}" for workload, keys in only.items() for key in keys)]
     # a bound in case the machine stalls: a window is at least one call, and a batch of 8 long texts is slow
     limit = 120 + 60 * len(workloads)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit)
@@ -139,7 +142,11 @@ def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namesp
     result["meta"]["load"]["per_repetition"].append(load_average())
     progress(f"[{rep + 1}/{args.repetitions}] in-process sweep (load {load_average()})")
     began = time.monotonic()
-    limit = run_inprocess(args.model_dir, args.inprocess_seconds, args.workloads, turn=rep)
+    # the first repetition sweeps every setting; the others re-measure its finalists, which bounds
+    # the time and re-measures the winners in windows that did not pick them
+    first = result["inprocess"][0]["result"] if result["inprocess"] else None
+    limit = run_inprocess(args.model_dir, args.inprocess_seconds, args.workloads, turn=rep,
+                          only=inprocess.finalists(first) if first else None)
     result["inprocess"].append({"rep": rep, "wall_s": round(time.monotonic() - began, 1), "result": limit})
     for workload, found in limit["workloads"].items():
         progress(f"[{rep + 1}/{args.repetitions}] in-process {workload:5}: "

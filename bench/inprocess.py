@@ -128,15 +128,44 @@ def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"best": limits([r for r in rows if r["session"] == "bench"]), "service": limits(served, workers)}
 
 
-def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], turn: int = 0) -> dict[str, Any]:
-    """Measure every setting on every workload in alternating windows; return rows and limits."""
+def setting_of(row: dict[str, Any]) -> Setting:
+    """Return the Setting a result row was measured at."""
+    return Setting(row["session"], row["intra_op"], row["spinning"], row["threads"], row["batch"])
+
+
+def finalists(result: dict[str, Any], places: int = 2) -> dict[str, list[str]]:
+    """Return per workload the keys of the sweep's fastest and lowest-latency settings (the top places each)."""
+    chosen: dict[str, list[str]] = {}
+    for name, found in result["workloads"].items():
+        rows = [r for r in found["settings"] if r["session"] == "bench"]
+        alone = [r for r in rows if r["threads"] == 1 and r["batch"] == 1]
+        top = (sorted(rows, key=lambda r: -r["texts_per_s"])[:places]
+               + sorted(alone, key=lambda r: r["p50_ms"])[:places])
+        chosen[name] = list(dict.fromkeys(setting_of(r).key() for r in top))
+    return chosen
+
+
+def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], turn: int = 0,
+          only: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Measure the settings on every workload in alternating windows; return rows and limits.
+
+    `only` restricts a workload's sweep rows to the given keys; the service's rows always run.
+    """
     model_dir = Path(model_dir).resolve()
     settings = service_settings(model_dir)
     # the service's classifier: its session is the "service" rows, its tokenizer pool serves every row
     classifier = Classifier(model_dir, intra_op_threads=settings.ort_threads, spinning=settings.ort_spinning)
     grid = settings_grid(usable_cores(), settings)
+    for name, keys in (only or {}).items():
+        known = {s.key(): s for s in grid if s.session == "bench"}
+        if unknown := sorted(set(keys) - set(known)):
+            raise ValueError(f"unknown in-process setting {unknown[0]!r} (e.g. {next(iter(known))})")
+        if not any(known[k].threads == 1 and known[k].batch == 1 for k in keys):
+            raise ValueError(f"the settings of {name} need one with 1 thread and batch 1 (the latency limit)")
+    chosen = {name: [s for s in grid if s.session == "service" or only is None or name not in only
+                     or s.key() in only[name]] for name in workloads}
     sessions: dict[tuple[int, bool], Any] = {}
-    for setting in grid:
+    for setting in (s for rows in chosen.values() for s in rows):
         if setting.session == "bench" and (setting.intra_op, setting.spinning) not in sessions:
             sessions[setting.intra_op, setting.spinning] = bench_session(model_dir, setting.intra_op,
                                                                          setting.spinning)
@@ -150,17 +179,17 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
     results: dict[str, Any] = {}
     for name in workloads:
         texts = WORKLOADS[name].texts
-        rates: dict[Setting, list[float]] = {s: [] for s in grid}
-        calls: dict[Setting, list[float]] = {s: [] for s in grid}
+        rates: dict[Setting, list[float]] = {s: [] for s in chosen[name]}
+        calls: dict[Setting, list[float]] = {s: [] for s in chosen[name]}
         for index in range(rounds):
             # every other round backwards, so no setting always runs early or after the same one
-            for setting in grid if (turn + index) % 2 == 0 else grid[::-1]:
+            for setting in chosen[name] if (turn + index) % 2 == 0 else chosen[name][::-1]:
                 rate, latencies = window(session_of(setting), classifier, texts, setting.threads,
                                          setting.batch, seconds)
                 rates[setting].append(rate)
                 calls[setting] += latencies
                 time.sleep(GAP)
-        rows = [summarise(s, rates[s], calls[s]) for s in grid]
+        rows = [summarise(s, rates[s], calls[s]) for s in chosen[name]]
         results[name] = {"settings": rows, **best(rows)}
     return {"cores": usable_cores(), "service_setting": {"ort_threads": settings.ort_threads,
                                                          "ort_spinning": settings.ort_spinning,
@@ -176,10 +205,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="windows per setting and workload (default 1)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--turn", type=int, default=0, help="odd: start with the grid backwards (the repetition)")
+    parser.add_argument("--only", nargs="*", default=[], metavar="WORKLOAD=KEY",
+                        help="measure only these sweep settings of a workload, e.g. short=bench/intra1/spin0/thr2/b8")
     args = parser.parse_args(argv)
+    only: dict[str, list[str]] = {}
+    for item in args.only:
+        workload, _, key = item.partition("=")
+        if workload not in WORKLOADS or not key:
+            parser.error(f"--only takes WORKLOAD=KEY, got {item!r}")
+        only.setdefault(workload, []).append(key)
     if args.seconds <= 0 or args.rounds < 1:
         parser.error("--seconds must be > 0 and --rounds at least 1")
-    print(json.dumps(sweep(args.model_dir, args.seconds, args.rounds, args.workloads, args.turn)))
+    try:
+        result = sweep(args.model_dir, args.seconds, args.rounds, args.workloads, args.turn, only or None)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(result))
     return 0
 
 

@@ -137,15 +137,25 @@ def test_the_limits_are_the_best_rows_and_latency_comes_from_one_call_alone() ->
     assert found["service"]["throughput"]["texts_per_s"] == 600 and found["service"]["latency"]["p50_ms"] == 2.7
 
 
-def test_a_short_real_sweep_returns_every_row() -> None:
+def test_a_short_real_sweep_returns_every_row_then_its_finalists() -> None:
     result = inprocess.sweep(DEFAULT_MODEL_DIR, seconds=0.01, rounds=1, workloads=["short"])
     short = result["workloads"]["short"]
-    assert len(short["settings"]) == len(inprocess.settings_grid(result["cores"],
-                                                                 inprocess.service_settings(DEFAULT_MODEL_DIR)))
+    grid = inprocess.settings_grid(result["cores"], inprocess.service_settings(DEFAULT_MODEL_DIR))
+    assert len(short["settings"]) == len(grid)
     assert all(r["calls"] >= r["threads"] and r["texts_per_s"] > 0 and r["p50_ms"] > 0 for r in short["settings"])
     rates = [r["texts_per_s"] for r in short["settings"] if r["session"] == "bench"]
     assert short["best"]["throughput"]["texts_per_s"] == max(rates)
     assert short["service"]["latency"]["session"] == "service"
+    # the later repetitions: the two fastest and the two lowest-latency settings, and the service's rows
+    chosen = inprocess.finalists(result)
+    assert 2 <= len(chosen["short"]) <= 4
+    assert inprocess.setting_of(short["best"]["throughput"]).key() in chosen["short"]
+    assert inprocess.setting_of(short["best"]["latency"]).key() in chosen["short"]
+    with pytest.raises(ValueError, match="need one with 1 thread and batch 1"):
+        inprocess.sweep(DEFAULT_MODEL_DIR, 0.01, 1, ["short"], only={"short": ["bench/intra1/spin0/thr2/b8"]})
+    again = inprocess.sweep(DEFAULT_MODEL_DIR, seconds=0.01, rounds=1, workloads=["short"], only=chosen)
+    keys = [inprocess.setting_of(r).key() for r in again["workloads"]["short"]["settings"]]
+    assert keys == [s.key() for s in grid if s.key() in chosen["short"] or s.session == "service"]
 
 
 def test_a_failed_infinity_install_is_one_line_and_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
