@@ -404,14 +404,19 @@ def markdown(result: dict[str, Any]) -> str:
     if summary["limit"]:
         workloads = list(summary["limit"])
         lines += ["", "### Every in-process setting (median over the repetitions: texts/s, p50 ms per call)", "",
+                  "The first repetition measures every setting; the others re-measure its finalists (the two "
+                  "fastest and the two lowest one-call p50s of each workload) and the service's rows. "
+                  "A figure marked * comes from the first repetition alone.", "",
                   "| setting | " + " | ".join(f"{w} texts/s | {w} p50 ms" for w in workloads) + " |",
                   "|---|" + "---|---|" * len(workloads)]
         for setting in summary["limit"][workloads[0]]["sweep"]:
             figures = []
             for workload in workloads:
                 row = summary["limit"][workload]["sweep"].get(setting, {})
-                figures += [_fmt((row.get("texts_per_s") or {}).get("median"), 0),
-                            _fmt((row.get("p50_ms") or {}).get("median"), 2)]
+                rate, p50 = row.get("texts_per_s") or {}, row.get("p50_ms") or {}
+                repetitions = (summary["limit"][workload]["texts_per_s"] or {}).get("n", 1)
+                once = "*" if repetitions > 1 and rate.get("n") == 1 else ""
+                figures += [_fmt(rate.get("median"), 0) + once, _fmt(p50.get("median"), 2) + once]
             lines.append(f"| {setting} | " + " | ".join(figures) + " |")
     lines += ["", "## Installed size of the serving dependencies (MiB on disk)", "",
               "| serving set | total | largest |", "|---|---|---|"]
