@@ -136,9 +136,18 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def restarted(name: str) -> bool:
+    """Return whether a backend gets a fresh process every repetition (else one for the whole run)."""
+    # this service's cold start is a target and takes a second; the peers' take 5-40 s each here
+    return name == "floor" or name.startswith("onnx")
+
+
 def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namespace, log_dir: Path,
-               raw: list[str], result: dict[str, Any]) -> None:
-    """Measure the in-process limit, then every server on every cell, alternating backends per cell."""
+               raw: list[str], result: dict[str, Any], kept: dict[str, Server]) -> None:
+    """Measure the in-process limit, then every server on every cell, alternating backends per cell.
+
+    Servers that are not restarted every repetition are taken from, and left in, `kept`.
+    """
     result["meta"]["load"]["per_repetition"].append(load_average())
     progress(f"[{rep + 1}/{args.repetitions}] in-process sweep (load {load_average()})")
     began = time.monotonic()
@@ -158,9 +167,16 @@ def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namesp
     names = list(specs)
     order = names[rep % len(names):] + names[:rep % len(names)]  # rotate, so no backend always goes first
     servers: dict[str, Server] = {}
+    started: set[str] = set()
     try:
         for name in order:
+            if name in kept:
+                servers[name] = kept[name]
+                continue
             servers[name] = start(specs[name]["server"], log_dir)
+            started.add(name)
+            if not restarted(name):
+                kept[name] = servers[name]
             progress(f"[{rep + 1}/{args.repetitions}] {name}: cold start {servers[name].cold_start_s:.2f} s")
             # unrecorded: the first requests of every length grow ORT's arena and warm caches
             warmup = "mixed" if "mixed" in specs[name].get("workloads", WORKLOADS) else "short"
@@ -184,11 +200,13 @@ def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namesp
                          f"{run['throughput_rps']:6.0f} req/s  errors {run['errors']}  "
                          f"other CPU {max(foreign, 0.0) / args.duration:4.0%}")
         for name in order:
-            result["servers"].append({"rep": rep, "backend": name, "cold_start_s": servers[name].cold_start_s,
+            cold = servers[name].cold_start_s if name in started else None  # a kept process started once
+            result["servers"].append({"rep": rep, "backend": name, "cold_start_s": cold,
                                       "label": servers[name].label, **servers[name].memory_mb()})
     finally:
-        for server in servers.values():
-            stop(server)
+        for name, server in servers.items():
+            if name not in kept:
+                stop(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,12 +289,16 @@ def measure(args: argparse.Namespace, began: float, today: dt.datetime, wrk_vers
         "sizes": sizes, "runs": [], "servers": [], "inprocess": [],
     }
     raw: list[str] = []
+    kept: dict[str, Server] = {}
     try:
         for rep in range(args.repetitions):
-            repetition(rep, specs, args, log_dir, raw, result)
+            repetition(rep, specs, args, log_dir, raw, result, kept)
     except (ServerError, LoadError, RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"error: {exc}\n(server logs kept in {log_dir})", file=sys.stderr)
         return 1
+    finally:
+        for server in kept.values():
+            stop(server)
     shutil.rmtree(work_dir, ignore_errors=True)
     result["meta"]["load"]["after"] = load_average()
     if model_identity(args.model_dir) != result["meta"]["model"]:  # an export replaced the model folder mid-run

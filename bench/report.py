@@ -69,7 +69,8 @@ def summarise(runs: list[dict[str, Any]], servers: list[dict[str, Any]],
     by_backend: dict[str, list[dict[str, Any]]] = {}
     for server in servers:
         by_backend.setdefault(server["backend"], []).append(server)
-    summary_servers = {name: {"cold_start_s": spread(s["cold_start_s"] for s in group),
+    summary_servers = {name: {"cold_start_s": spread(s["cold_start_s"] for s in group
+                                                     if s["cold_start_s"] is not None),
                               "rss_mb": spread(s["rss_mb"] for s in group),
                               "peak_rss_mb": spread(s["peak_rss_mb"] for s in group)}
                        for name, group in by_backend.items()}

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench import infinity, inprocess, report
-from bench.__main__ import backend_specs, cells
+from bench.__main__ import backend_specs, cells, restarted
 from bench.floor import server_settings
 from bench.load import SENTIMENT, LoadError, Protocol, lua_script, parse_summary, run_wrk
 from bench.servers import Server, ServerSpec, start, stop
@@ -360,3 +360,13 @@ def test_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     sweep_row = "| service session: intra 2, spinning off, 1 thread, batch 1 | 500 | 2.60 | 30 | 41.00 | 100 | 6.50 |"
     assert sweep_row in text
     assert json.loads((tmp_path / "tiny.json").read_text())["targets"] == result["targets"]
+
+
+def test_a_peer_kept_for_the_whole_run_has_one_cold_start() -> None:
+    assert restarted("onnx") and restarted("onnx-w2") and restarted("floor")
+    assert not restarted("infinity") and not restarted("optimum") and not restarted("pytorch")
+    servers = [{"rep": rep, "backend": "optimum", "cold_start_s": 6.0 if rep == 0 else None, "rss_mb": 480.0 + rep,
+                "peak_rss_mb": 490.0} for rep in range(3)]
+    summary = report.summarise([], servers, [])["servers"]["optimum"]
+    assert summary["cold_start_s"] == {"median": 6.0, "min": 6.0, "max": 6.0, "n": 1}
+    assert summary["rss_mb"]["n"] == 3
