@@ -138,7 +138,7 @@ def progress(message: str) -> None:
 
 def restarted(name: str) -> bool:
     """Return whether a backend gets a fresh process every repetition (else one for the whole run)."""
-    # this service's cold start is a target and takes a second; the peers' take 5-40 s each here
+    # this service's cold start is a target and it starts quickly; the peers start slowly (torch, transformers)
     return name == "floor" or name.startswith("onnx")
 
 
