@@ -14,6 +14,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,8 @@ def settings_grid(cores: int, service: Settings) -> list[Setting]:
     return grid
 
 
-def window(session: Any, classifier: Classifier, texts: tuple[str, ...], threads: int, batch: int,
-           seconds: float) -> tuple[float, list[float]]:
+def window(infer: Callable[[dict[str, Any]], Any], classifier: Classifier, texts: tuple[str, ...], threads: int,
+           batch: int, seconds: float) -> tuple[float, list[float]]:
     """Return texts per second and per-call seconds of `threads` loops of tokenize + run."""
     latencies: list[list[float]] = [[] for _ in range(threads)]
     start_line = threading.Barrier(threads + 1)
@@ -90,7 +91,7 @@ def window(session: Any, classifier: Classifier, texts: tuple[str, ...], threads
             chunk = [texts[(position + i) % len(texts)] for i in range(batch)]
             position += batch
             began = time.perf_counter()
-            session.run(["logits"], classifier.tokenize(chunk))
+            infer(classifier.tokenize(chunk))
             latencies[index].append(time.perf_counter() - began)
             if began >= deadline:
                 break
@@ -170,12 +171,15 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
             sessions[setting.intra_op, setting.spinning] = bench_session(model_dir, setting.intra_op,
                                                                          setting.spinning)
 
-    def session_of(setting: Setting) -> Any:
-        return classifier.session if setting.session == "service" else sessions[setting.intra_op, setting.spinning]
+    runners = {key: _runner(session) for key, session in sessions.items()}
 
-    for session in [classifier.session, *sessions.values()]:  # first runs pay ORT's one-off costs
+    def infer_of(setting: Setting) -> Callable[[dict[str, Any]], Any]:
+        # the service's rows go through Classifier.run, so they follow whatever the service does there
+        return classifier.run if setting.session == "service" else runners[setting.intra_op, setting.spinning]
+
+    for infer in [classifier.run, *runners.values()]:  # first runs pay ORT's one-off costs
         for batch in (["warm up"], [LONG] * max(BATCHES)):
-            session.run(["logits"], classifier.tokenize(batch))
+            infer(classifier.tokenize(batch))
     results: dict[str, Any] = {}
     for name in workloads:
         texts = WORKLOADS[name].texts
@@ -184,7 +188,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
         for index in range(rounds):
             # every other round backwards, so no setting always runs early or after the same one
             for setting in chosen[name] if (turn + index) % 2 == 0 else chosen[name][::-1]:
-                rate, latencies = window(session_of(setting), classifier, texts, setting.threads,
+                rate, latencies = window(infer_of(setting), classifier, texts, setting.threads,
                                          setting.batch, seconds)
                 rates[setting].append(rate)
                 calls[setting] += latencies
@@ -195,6 +199,11 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
                                                          "ort_spinning": settings.ort_spinning,
                                                          "batch_workers": settings.batch_workers},
             "workloads": results}
+
+
+def _runner(session: ort.InferenceSession) -> Callable[[dict[str, Any]], Any]:
+    """Return a function running the session on model inputs, returning its logits."""
+    return lambda feeds: session.run(["logits"], feeds)
 
 
 def main(argv: list[str] | None = None) -> int:
