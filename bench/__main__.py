@@ -1,4 +1,4 @@
-"""`python -m bench`: the PyTorch service, Optimum's pipeline, this service and the in-process limit."""
+"""`python -m bench`: this service against the PyTorch service, Optimum, Infinity, the HTTP floor and the model."""
 
 from __future__ import annotations
 
@@ -14,69 +14,87 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.load import LoadError, run_wrk, wrk_path
-from bench.servers import (REPO, Server, ServerError, ServerSpec, libraries_rss_mb, machine_busy_seconds, start,
-                           stop)
-from bench.sizes import footprint
+from bench import infinity, inprocess, report
+from bench.load import LoadError, Protocol, run_wrk, wrk_path
+from bench.servers import REPO, Server, ServerError, ServerSpec, machine_busy_seconds, serving_libraries, start, stop
+from bench.sizes import footprint, venv_footprint
 from bench.workloads import WORKLOADS
 from service.config import usable_cores
 
 DEFAULT_MODEL = "onnx_models/minilm-l6-sentiment"
-CONNECTIONS = (1, 8, 32)
-MIXED_CONNECTIONS = 8  # the mixed workload runs at one concurrency only, to keep `make bench` under 10 min
-ALL_BACKENDS = ("pytorch", "optimum", "onnx", "onnx-w2", "onnx-t2o1")
-DEFAULT_BACKENDS = ("pytorch", "optimum", "onnx", "onnx-w2")  # a fifth would push `make bench` past 10 min
+CONNECTIONS = (1, 8, 32)  # short text
+LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
+ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx", "onnx-w2", "onnx-t2o1")
+DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
+FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
 
 
-def backend_specs(names: list[str], model_dir: str) -> dict[str, dict[str, Any]]:
-    """Return label, server spec and serving-set key of each backend, in measuring order."""
+def backend_specs(names: list[str], model_dir: str, work_dir: Path) -> tuple[dict[str, dict[str, Any]],
+                                                                               dict[str, str]]:
+    """Return each backend's label, server spec, serving-set key and workloads, and those skipped with why."""
     specs: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for name in names:
         if name == "pytorch":
             from export.recipe import ensure_checkpoint  # the default model's fp32 checkpoint (cached)
 
             env = {"SERVICE_BACKEND": "pytorch", "SERVICE_MODEL_DIR": str(ensure_checkpoint())}
-            specs[name] = {"label": "PyTorch service", "env": env, "size_key": "pytorch"}
+            specs[name] = {"label": "PyTorch service", "server": ServerSpec(name, env), "size_key": "pytorch"}
         elif name == "optimum":
-            specs[name] = {"label": "Optimum pipeline", "size_key": "optimum",
-                           "env": {"SERVICE_BACKEND": "optimum", "SERVICE_MODEL_DIR": model_dir}}
+            env = {"SERVICE_BACKEND": "optimum", "SERVICE_MODEL_DIR": model_dir}
+            specs[name] = {"label": "Optimum pipeline", "server": ServerSpec(name, env), "size_key": "optimum"}
+        elif name == "infinity":
+            try:
+                program = infinity.ensure_installed(announce=progress)
+            except infinity.InstallError as exc:
+                progress(f"warning: {exc}; going on without Infinity")
+                skipped[name] = str(exc)
+                continue
+            folder = infinity.prepare_model(REPO / model_dir, work_dir)
+            served = Path(model_dir).name
+            server = ServerSpec(name, infinity.environment(), tuple(infinity.command(program, served, "{port}")),
+                                cwd=folder, protocol=Protocol("/classify", served))
+            specs[name] = {"label": f"Infinity {infinity.INFINITY.split('==')[1]}", "server": server,
+                           "size_key": "infinity"}
+        elif name == "floor":
+            server = ServerSpec(name, {}, (sys.executable, "-m", "bench.floor"))
+            specs[name] = {"label": "HTTP floor (Flask + Waitress, constant answer)", "server": server,
+                           "size_key": None, "workloads": FLOOR_WORKLOADS}
         elif name == "onnx":
             specs[name] = {"label": "this service (onnx)", "size_key": "onnx",
-                           "env": {"SERVICE_MODEL_DIR": model_dir}}
+                           "server": ServerSpec(name, {"SERVICE_MODEL_DIR": model_dir})}
         elif name == "onnx-w2":
             # the lever: a second batch worker, so one batch is gathered and tokenized while another runs
-            specs[name] = {"label": "onnx, 2 batch workers", "size_key": "onnx",
-                           "env": {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_WORKERS": "2"}}
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_WORKERS": "2"}
+            specs[name] = {"label": "onnx, 2 batch workers", "size_key": "onnx", "server": ServerSpec(name, env)}
         elif name == "onnx-t2o1":
-            # the lever: 2 Waitress threads x 1 ORT thread instead of 4 x 2 on 2 cores
+            # the lever: 2 Waitress threads x 1 ORT thread, unbatched
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1",
+                   "SERVICE_BATCHING": "false"}
             specs[name] = {"label": "onnx unbatched, THREADS=2 ORT_THREADS=1", "size_key": "onnx",
-                           "env": {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2",
-                                   "SERVICE_ORT_THREADS": "1", "SERVICE_BATCHING": "false"}}
-    return specs
+                           "server": ServerSpec(name, env)}
+    return specs, skipped
 
 
-def run_inprocess(model_dir: str, seconds: float, workloads: list[str]) -> dict[str, Any]:
-    """Run the in-process limit in its own process and return its JSON."""
+def run_inprocess(model_dir: str, seconds: float, workloads: list[str], turn: int,
+                  only: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Run the in-process sweep (`only`: these settings per workload) in its own process; return its JSON."""
     command = [sys.executable, "-m", "bench.inprocess", "--model-dir", model_dir, "--seconds", f"{seconds:g}",
-               "--workloads", *workloads]
-    # 8 settings per workload, plus model loading; a bound in case the machine stalls
-    limit = 60 + 8 * len(workloads) * (seconds + 2)
+               "--turn", str(turn), "--workloads", *workloads]
+    if only:
+        command += ["--only", *(f"{workload}={key}" for workload, keys in only.items() for key in keys)]
+    # a bound in case the machine stalls: a window is at least one call, and a batch of 8 long texts is slow
+    limit = 120 + 60 * len(workloads)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit)
     if result.returncode != 0:
         raise RuntimeError(f"bench.inprocess exited with {result.returncode}: {result.stderr[-800:]}")
     return json.loads(result.stdout)
 
 
-def cells(workloads: list[str], connections: list[int]) -> list[tuple[str, int]]:
-    """Return the (workload, concurrency) cells: every concurrency for short and long, one for mixed."""
-    chosen = []
-    for workload in workloads:
-        if workload == "mixed":
-            chosen.append((workload, MIXED_CONNECTIONS if MIXED_CONNECTIONS in connections else max(connections)))
-        else:
-            chosen += [(workload, c) for c in connections]
-    return chosen
+def cells(workloads: list[str], connections: list[int], long_connections: list[int]) -> list[tuple[str, int]]:
+    """Return the (workload, concurrency) cells: short text at `connections`, long and mixed at `long_connections`."""
+    return [(workload, c) for workload in workloads
+            for c in (connections if workload == "short" else long_connections)]
 
 
 def model_identity(model_dir: str) -> dict[str, Any]:
@@ -118,27 +136,58 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def restarted(name: str) -> bool:
+    """Return whether a backend gets a fresh process every repetition (else one for the whole run)."""
+    # this service's cold start is a target and it starts quickly; the peers start slowly (torch, transformers)
+    return name == "floor" or name.startswith("onnx")
+
+
 def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namespace, log_dir: Path,
-               raw: list[str], result: dict[str, Any]) -> None:
-    """Measure the in-process limit, then every server on every cell, alternating backends per cell."""
+               raw: list[str], result: dict[str, Any], kept: dict[str, Server]) -> None:
+    """Measure the in-process limit, then every server on every cell, alternating backends per cell.
+
+    Servers that are not restarted every repetition are taken from, and left in, `kept`.
+    """
     result["meta"]["load"]["per_repetition"].append(load_average())
-    progress(f"[{rep + 1}/{args.repetitions}] in-process limit (load {load_average()})")
-    limit = run_inprocess(args.model_dir, args.inprocess_seconds, args.workloads)
-    result["inprocess"].append({"rep": rep, "result": limit})
+    progress(f"[{rep + 1}/{args.repetitions}] in-process sweep (load {load_average()})")
+    began = time.monotonic()
+    # the first repetition sweeps every setting; the others re-measure its finalists, which bounds
+    # the time and re-measures the winners in windows that did not pick them
+    first = result["inprocess"][0]["result"] if result["inprocess"] else None
+    limit = run_inprocess(args.model_dir, args.inprocess_seconds, args.workloads, turn=rep,
+                          only=inprocess.finalists(first) if first else None)
+    result["inprocess"].append({"rep": rep, "wall_s": round(time.monotonic() - began, 1), "result": limit})
+    for workload, found in limit["workloads"].items():
+        progress(f"[{rep + 1}/{args.repetitions}] in-process {workload:5}: "
+                 f"{found['best']['throughput']['texts_per_s']:6.0f} texts/s best, "
+                 f"{found['service']['throughput']['texts_per_s']:6.0f} at the service's setting; "
+                 f"p50 {found['best']['latency']['p50_ms']:6.2f} ms best, "
+                 f"{found['service']['latency']['p50_ms']:6.2f} ms at the service's setting")
+    progress(f"[{rep + 1}/{args.repetitions}] in-process sweep took {time.monotonic() - began:.0f} s")
     names = list(specs)
     order = names[rep % len(names):] + names[:rep % len(names)]  # rotate, so no backend always goes first
     servers: dict[str, Server] = {}
+    started: set[str] = set()
     try:
         for name in order:
-            servers[name] = start(ServerSpec(name, specs[name]["env"]), log_dir)
+            if name in kept:
+                servers[name] = kept[name]
+                continue
+            servers[name] = start(specs[name]["server"], log_dir)
+            started.add(name)
+            if not restarted(name):
+                kept[name] = servers[name]
             progress(f"[{rep + 1}/{args.repetitions}] {name}: cold start {servers[name].cold_start_s:.2f} s")
             # unrecorded: the first requests of every length grow ORT's arena and warm caches
-            run_wrk(servers[name].port, WORKLOADS["mixed"], 8, args.warmup)
-        for workload, connections in cells(args.workloads, args.connections):
+            warmup = "mixed" if "mixed" in specs[name].get("workloads", WORKLOADS) else "short"
+            run_wrk(servers[name].port, WORKLOADS[warmup], 8, args.warmup, servers[name].spec.protocol)
+        for workload, connections in cells(args.workloads, args.connections, args.long_connections):
             for name in order:
+                if workload not in specs[name].get("workloads", WORKLOADS):
+                    continue
                 server = servers[name]
                 cpu_before, busy_before = server.cpu_seconds(), machine_busy_seconds()
-                run = run_wrk(server.port, WORKLOADS[workload], connections, args.duration)
+                run = run_wrk(server.port, WORKLOADS[workload], connections, args.duration, server.spec.protocol)
                 server_cpu = server.cpu_seconds() - cpu_before
                 # CPU that neither the server nor wrk used: other jobs on this shared machine
                 foreign = machine_busy_seconds() - busy_before - server_cpu - run["client_cpu_s"]
@@ -151,11 +200,13 @@ def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namesp
                          f"{run['throughput_rps']:6.0f} req/s  errors {run['errors']}  "
                          f"other CPU {max(foreign, 0.0) / args.duration:4.0%}")
         for name in order:
-            result["servers"].append({"rep": rep, "backend": name, "cold_start_s": servers[name].cold_start_s,
-                                      **servers[name].memory_mb()})
+            cold = servers[name].cold_start_s if name in started else None  # a kept process started once
+            result["servers"].append({"rep": rep, "backend": name, "cold_start_s": cold,
+                                      "label": servers[name].label, **servers[name].memory_mb()})
     finally:
-        for server in servers.values():
-            stop(server)
+        for name, server in servers.items():
+            if name not in kept:
+                stop(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,12 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=4, help="whole seconds of load per cell (default 4)")
     parser.add_argument("--repetitions", type=int, default=3, help="repetitions of every cell (default 3)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run in about a minute: 1 s cells, 1 repetition, c=1 and 8")
+                        help="a smoke run: 1 s cells, 1 repetition, short text at c=1 and 8")
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=ALL_BACKENDS,
-                        help="default: all but onnx-t2o1 (the unbatched service, 2 Waitress x 1 ORT thread)")
+                        help=f"default: {' '.join(DEFAULT_BACKENDS)} (onnx-w2: 2 batch workers, onnx-t2o1: "
+                             "unbatched, 2 Waitress x 1 ORT thread, are opt-in)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--connections", nargs="+", type=int, default=list(CONNECTIONS))
-    parser.add_argument("--inprocess-seconds", type=float, default=0.6, help="per in-process setting")
+    parser.add_argument("--connections", nargs="+", type=int, default=list(CONNECTIONS),
+                        help="concurrencies of the short text (default 1 8 32)")
+    parser.add_argument("--long-connections", nargs="+", type=int, default=list(LONG_CONNECTIONS),
+                        help="concurrencies of the long and mixed texts (default 8)")
+    parser.add_argument("--inprocess-seconds", type=float, default=0.2,
+                        help="window per in-process setting and repetition (default 0.2)")
     parser.add_argument("--warmup", type=int, default=1, help="unrecorded whole seconds of load per start")
     parser.add_argument("--model-dir", default=DEFAULT_MODEL,
                         help=f"exported model folder the ONNX backends serve, relative to the repository "
@@ -179,9 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.repetitions, args.connections = 1, 1, [1, 8]
-        args.inprocess_seconds, args.warmup = 0.2, 1
-    if args.duration < 1 or args.warmup < 1 or args.repetitions < 1 or min(args.connections) < 1:
-        parser.error("--duration, --warmup, --repetitions and --connections must be at least 1")
+        args.inprocess_seconds, args.warmup = 0.1, 1
+    if (args.duration < 1 or args.warmup < 1 or args.repetitions < 1
+            or min(args.connections + args.long_connections) < 1):
+        parser.error("--duration, --warmup, --repetitions and the connections must be at least 1")
+    if args.inprocess_seconds <= 0:
+        parser.error("--inprocess-seconds must be > 0")
+    args.command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     began, today = time.monotonic(), dt.datetime.now(dt.timezone.utc)
     try:
         wrk = wrk_path()
@@ -191,35 +251,63 @@ def main(argv: list[str] | None = None) -> int:
     wrk_version = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10).stdout.split()
     if not (REPO / args.model_dir / "manifest.json").is_file():
         parser.error(f"--model-dir {args.model_dir} has no manifest.json")
-    specs = backend_specs(args.backends, args.model_dir)
-    command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    log_dir = work_dir / "logs"
+    log_dir.mkdir()
+    try:
+        return measure(args, began, today, wrk_version, work_dir, log_dir)
+    finally:  # a successful run removed work_dir; a failed one keeps only the logs
+        for path in work_dir.iterdir() if work_dir.is_dir() else ():
+            if path != log_dir:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, began: float, today: dt.datetime, wrk_version: list[str], work_dir: Path,
+            log_dir: Path) -> int:
+    """Run every repetition, then summarise and write the results; return the exit code."""
+    specs, skipped = backend_specs(args.backends, args.model_dir, work_dir)
+    if not specs:
+        print("error: no backend left to measure", file=sys.stderr)
+        return 1
+    sizes = footprint()
+    if "infinity" in specs:
+        sizes["infinity"] = venv_footprint(infinity.VENV) or {"total_mb": 0.0, "packages": {}}
     result: dict[str, Any] = {
         "meta": {"date": today.strftime("%Y-%m-%d"), "started_at": today.isoformat(timespec="seconds"),
-                 "command": command, "duration_s": args.duration, "repetitions": args.repetitions,
-                 "connections": args.connections, "wrk": wrk_version[1] if len(wrk_version) > 1 else "?",
+                 "command": args.command, "duration_s": args.duration, "repetitions": args.repetitions,
+                 "connections": args.connections, "long_connections": args.long_connections,
+                 "inprocess_seconds": args.inprocess_seconds,
+                 "wrk": wrk_version[1] if len(wrk_version) > 1 else "?",
                  "machine": machine(), "commit": git_commit(), "model": model_identity(args.model_dir),
                  "load": {"before": load_average(), "per_repetition": []}},
-        "backends": {name: {"label": spec["label"], "env": spec["env"], "size_key": spec["size_key"]}
+        "backends": {name: {"label": spec["label"], "env": spec["server"].env,
+                            "command": list(spec["server"].argv), "size_key": spec["size_key"],
+                            "workloads": list(spec.get("workloads", args.workloads))}
                      for name, spec in specs.items()},
+        "skipped": skipped,
         "workloads": {name: list(WORKLOADS[name].texts) for name in args.workloads},
-        "sizes": footprint(), "runs": [], "servers": [], "inprocess": [],
+        "sizes": sizes, "runs": [], "servers": [], "inprocess": [],
     }
     raw: list[str] = []
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    kept: dict[str, Server] = {}
     try:
         for rep in range(args.repetitions):
-            repetition(rep, specs, args, log_dir, raw, result)
+            repetition(rep, specs, args, log_dir, raw, result, kept)
     except (ServerError, LoadError, RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"error: {exc}\n(server logs kept in {log_dir})", file=sys.stderr)
         return 1
-    shutil.rmtree(log_dir, ignore_errors=True)
+    finally:
+        for server in kept.values():
+            stop(server)
+    shutil.rmtree(work_dir, ignore_errors=True)
     result["meta"]["load"]["after"] = load_average()
     if model_identity(args.model_dir) != result["meta"]["model"]:  # an export replaced the model folder mid-run
         print("error: the model folder changed during the run; results discarded", file=sys.stderr)
         return 1
     result["meta"]["wall_s"] = round(time.monotonic() - began, 1)
     result["summary"] = report.summarise(result["runs"], result["servers"], result["inprocess"])
-    result["summary"]["libraries_rss_mb"] = round(libraries_rss_mb(), 1)
+    result["summary"]["libraries"] = serving_libraries()
+    result["summary"]["skipped"] = skipped
     result["targets"] = report.targets(result["summary"], cores=usable_cores())
     stem = args.name or result["meta"]["date"] + ("-quick" if args.quick else "")
     paths = report.write(result, args.output_dir, stem)

@@ -7,6 +7,7 @@ import resource
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from bench.workloads import Workload
@@ -24,7 +25,7 @@ wrk.headers["Content-Type"] = "application/json"
 
 request = function()
   next_body = next_body %% #bodies + 1
-  return wrk.format(nil, "/sentiment", nil, bodies[next_body])
+  return wrk.format(nil, "%(path)s", nil, bodies[next_body])
 end
 
 done = function(summary, latency, requests)
@@ -43,11 +44,38 @@ class LoadError(RuntimeError):
     """wrk is missing, failed or printed no summary."""
 
 
-def lua_script(workload: Workload) -> str:
-    """Return the wrk Lua script that posts the workload's bodies in turn."""
+@dataclass(frozen=True)
+class Protocol:
+    """How one backend is asked to classify one text: the path, the JSON body, where the answer's label is."""
+
+    path: str = "/sentiment"
+    model: str | None = None  # set: Infinity's POST /classify {"input": [text], "model": model}
+
+    def body(self, text: str) -> str:
+        """Return the request body for one text."""
+        if self.model is None:
+            return json.dumps({"text": text})
+        return json.dumps({"input": [text], "model": self.model})
+
+    def label(self, answer: Any) -> str:
+        """Return the top label of the answer to one text; raise KeyError, IndexError or TypeError if malformed."""
+        if self.model is None:
+            label = answer["label"]
+        else:  # {"data": [[{"score", "label"}, ...]], ...}: all labels of the one input
+            label = max(answer["data"][0], key=lambda entry: entry["score"])["label"]
+        if not isinstance(label, str):
+            raise TypeError(f"label {label!r} is not a string")
+        return label
+
+
+SENTIMENT = Protocol()  # this service, the reference backends and the HTTP floor
+
+
+def lua_script(workload: Workload, protocol: Protocol = SENTIMENT) -> str:
+    """Return the wrk Lua script that posts the workload's texts in turn, shaped for the protocol."""
     # a Lua long string [==[...]==] needs no escaping; JSON bodies never contain "]==]"
-    bodies = ", ".join(f"[==[{body}]==]" for body in workload.bodies())
-    return LUA % {"bodies": bodies, "marker": MARKER}
+    bodies = ", ".join(f"[==[{protocol.body(text)}]==]" for text in workload.texts)
+    return LUA % {"bodies": bodies, "marker": MARKER, "path": protocol.path}
 
 
 def wrk_path() -> str:
@@ -58,17 +86,18 @@ def wrk_path() -> str:
     return path
 
 
-def run_wrk(port: int, workload: Workload, connections: int, duration_s: int) -> dict[str, Any]:
+def run_wrk(port: int, workload: Workload, connections: int, duration_s: int,
+            protocol: Protocol = SENTIMENT) -> dict[str, Any]:
     """Run wrk against 127.0.0.1:port for duration_s; return its summary, rates and client CPU."""
     if not isinstance(duration_s, int) or duration_s < 1:
         raise LoadError(f"wrk takes whole seconds >= 1, got {duration_s!r}")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as script:
-        script.write(lua_script(workload))
+        script.write(lua_script(workload, protocol))
         script.flush()
         # One wrk thread: it sustains far more requests than these servers answer, and every
         # client core-second is taken from the two cores the server runs on.
         command = [wrk_path(), "-t1", f"-c{connections}", f"-d{duration_s}s", f"--timeout={WRK_TIMEOUT}",
-                   "--latency", "-s", script.name, f"http://127.0.0.1:{port}/sentiment"]
+                   "--latency", "-s", script.name, f"http://127.0.0.1:{port}{protocol.path}"]
         # wrk is the only child that exits during the run, so the children's rusage delta is its CPU
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:

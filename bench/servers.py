@@ -1,4 +1,4 @@
-"""Start a service process, time its cold start, read its CPU time and RSS, stop it."""
+"""Start a server process (this service, the HTTP floor, Infinity), time its cold start, read its CPU and RSS."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.load import SENTIMENT, Protocol
 from bench.workloads import SHORT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,10 +28,13 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One backend configuration: SERVICE_* variables on top of the service defaults."""
+    """One backend: its command ("{port}" is replaced), working folder, variables and request shape."""
 
     name: str
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # SERVICE_* settings on top of the defaults, ...
+    argv: tuple[str, ...] = (sys.executable, "-m", "service")
+    cwd: Path = REPO
+    protocol: Protocol = SENTIMENT
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Server:
     port: int
     log_path: Path
     cold_start_s: float = 0.0
+    label: str = ""  # the top label of its first answer (the short review: POSITIVE)
 
     @property
     def pid(self) -> int:
@@ -75,15 +80,19 @@ def machine_busy_seconds() -> float:
     return (sum(values) - values[3] - values[4]) / _CLOCK_TICKS
 
 
-def libraries_rss_mb() -> float:
-    """Return VmRSS in MiB of a Python process that imported the service and its libraries, no model."""
-    code = ("import numpy, onnxruntime, tokenizers, flask, waitress, prometheus_client, service, service.api, "
+def serving_libraries() -> dict[str, float]:
+    """Return RSS (MiB) and import time (s) of a Python process that imported the service, no model."""
+    code = ("import time\nbegan = time.perf_counter()\n"
+            "import numpy, onnxruntime, tokenizers, flask, waitress, prometheus_client, service, service.api, "
             "service.classifier, service.batching\n"
-            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmRSS:')))")
+            "took = time.perf_counter() - began\n"
+            "rss = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmRSS:'))\n"
+            "print(rss, took)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise ServerError(f"importing the serving libraries failed: {result.stderr.strip()[-500:]}")
-    return int(result.stdout.strip()) / 1024  # kB -> MiB
+    rss_kb, seconds = result.stdout.split()
+    return {"rss_mb": int(rss_kb) / 1024, "import_s": float(seconds)}
 
 
 def free_port() -> int:
@@ -95,7 +104,7 @@ def free_port() -> int:
 
 
 def service_env(spec: ServerSpec, port: int) -> dict[str, str]:
-    """Return the server's environment: the caller's without SERVICE_*, loopback, the spec's settings."""
+    """Return the server's environment: the caller's without SERVICE_*, loopback, the spec's variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
     # the Hub is unreachable here: fail at once instead of waiting for timeouts
     env.update({"HF_HUB_OFFLINE": "1", "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(port), **spec.env})
@@ -103,35 +112,43 @@ def service_env(spec: ServerSpec, port: int) -> dict[str, str]:
 
 
 def start(spec: ServerSpec, log_dir: Path, timeout: float = START_TIMEOUT) -> Server:
-    """Spawn the service and poll POST /sentiment until the first 200; that time is the cold start."""
+    """Spawn the server and poll it with the short review until the first 200; that time is the cold start."""
     port = free_port()
     log_path = log_dir / f"{spec.name}-{port}.log"
     with log_path.open("w") as log:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=service_env(spec, port),
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([arg.replace("{port}", str(port)) for arg in spec.argv], cwd=spec.cwd,
+                                   env=service_env(spec, port), stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT)
     server = Server(spec, process, port, log_path)
     deadline = started + timeout
     while time.perf_counter() < deadline:
         if process.poll() is not None:
             raise ServerError(f"{spec.name} exited with {process.returncode}:\n{server.log_tail()}")
-        if classify_once(port) == 200:
+        status, body = classify_once(port, spec.protocol)
+        if status == 200:
             server.cold_start_s = time.perf_counter() - started
+            try:  # a 200 in another shape would make every measured request a wrong one
+                server.label = spec.protocol.label(json.loads(body))
+            except (ValueError, LookupError, TypeError):
+                stop(server)
+                raise ServerError(f"{spec.name} answered 200 with an unexpected body: {body[:200]!r}") from None
             return server
         time.sleep(POLL_INTERVAL)
     stop(server)
     raise ServerError(f"{spec.name} did not answer 200 within {timeout:.0f} s:\n{server.log_tail()}")
 
 
-def classify_once(port: int, timeout: float = 5.0) -> int | None:
-    """Return the status of one POST /sentiment, or None when nothing listens yet."""
+def classify_once(port: int, protocol: Protocol = SENTIMENT, timeout: float = 5.0) -> tuple[int | None, bytes]:
+    """Return the status and body of one request for the short review, or (None, b"") when nothing listens."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("POST", "/sentiment", body=json.dumps({"text": SHORT}),
+        connection.request("POST", protocol.path, body=protocol.body(SHORT),
                            headers={"Content-Type": "application/json"})
-        return connection.getresponse().status
+        response = connection.getresponse()
+        return response.status, response.read()
     except OSError:
-        return None  # not listening yet (refused) or reset while starting: poll again
+        return None, b""  # not listening yet (refused) or reset while starting: poll again
     finally:
         connection.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import Distribution, PackageNotFoundError, distribution, distributions
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -49,10 +49,10 @@ def closure(roots: tuple[str, ...] | list[str]) -> set[str]:
     return seen
 
 
-def disk_mb(name: str) -> float:
+def disk_mb(name: str | Distribution) -> float:
     """Return the disk usage (du's blocks, MiB) of the files a distribution installed."""
     total = 0
-    for file in distribution(name).files or []:
+    for file in (distribution(name) if isinstance(name, str) else name).files or []:
         path = Path(file.locate())
         try:
             total += os.lstat(path).st_blocks * 512
@@ -70,6 +70,20 @@ def footprint() -> dict[str, dict[str, object]]:
         result[backend] = {"total_mb": round(sum(sizes.values()), 1),
                            "packages": dict(sorted(sizes.items(), key=lambda item: -item[1]))}
     return result
+
+
+def venv_footprint(venv: Path) -> dict[str, object] | None:
+    """Return the total and per-package MiB of every distribution in a virtualenv but the installers."""
+    folders = sorted(venv.glob("lib/python*/site-packages"))
+    if not folders:
+        return None
+    sizes = {}
+    for dist in distributions(path=[str(folder) for folder in folders]):
+        name = _canonical(dist.metadata["Name"])
+        if name not in ("pip", "setuptools", "wheel"):
+            sizes[name] = round(disk_mb(dist), 1)
+    return {"total_mb": round(sum(sizes.values()), 1),
+            "packages": dict(sorted(sizes.items(), key=lambda item: -item[1]))}
 
 
 def _canonical(name: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 # ~20 tokens: one review sentence, the typical request of the original service.
@@ -40,14 +39,10 @@ MIXED = [
 
 @dataclass(frozen=True)
 class Workload:
-    """A named list of texts; the load generator sends them in turn as POST /sentiment bodies."""
+    """A named list of texts; the load generator sends them in turn, one per request."""
 
     name: str
     texts: tuple[str, ...]
-
-    def bodies(self) -> list[str]:
-        """Return the JSON request bodies."""
-        return [json.dumps({"text": text}) for text in self.texts]
 
 
 WORKLOADS = {
