@@ -24,14 +24,14 @@ LABEL org.opencontainers.image.title="onnx-classifier" \
       org.opencontainers.image.description="ONNX Runtime CPU inference service for Hugging Face text classifiers" \
       org.opencontainers.image.base.name="${BASE}"
 # A fixed numeric user, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
-RUN useradd --system --no-log-init --uid 10001 --user-group --home-dir /nonexistent \
+RUN useradd --no-log-init --uid 10001 --user-group --home-dir /nonexistent \
         --shell /usr/sbin/nologin service
 COPY --from=build /opt/venv /opt/venv
 COPY onnx_models/minilm-l6-sentiment /app/onnx_models/minilm-l6-sentiment
 COPY --from=build /app/service /app/service
 WORKDIR /app
-# ORT_DISABLE_TELEMETRY: onnxruntime's Linux builds otherwise keep a device id and an event store
-# under $HOME/.cache and try to upload usage events; an offline or edge service must do neither.
+# ORT_DISABLE_TELEMETRY: onnxruntime's Linux builds otherwise start their usage telemetry, which
+# keeps a device id and an event store for upload under $HOME/.cache: not for an offline service.
 ENV PATH=/opt/venv/bin:$PATH \
     ORT_DISABLE_TELEMETRY=1 \
     PYTHONDONTWRITEBYTECODE=1 \

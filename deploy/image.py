@@ -126,10 +126,11 @@ def debootstrap_base(mirror: str) -> str:
         raise BuildError("building the Debian base with debootstrap needs root: run as root, or give "
                          "BASE= an image this docker daemon has or can pull")
     if shutil.which("debootstrap") is None:
-        run(["apt-get", "install", "-y", "-qq", "debootstrap"])
+        run(["apt-get", "update", "-qq"], capture_output=True)
+        run(["apt-get", "install", "-y", "-qq", "debootstrap"], capture_output=True)
     root = Path(tempfile.mkdtemp(prefix="onnx-classifier-base-", dir="/var/tmp"))
     try:
-        print(f"debootstrap {SUITE} from {mirror} (about a minute) ...", file=sys.stderr)
+        print(f"debootstrap {SUITE} from {mirror} (a minute or two) ...", file=sys.stderr)
         run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), mirror],
             capture_output=True)
         run(["sh", "-c", _TRIM], cwd=root)
