@@ -17,9 +17,12 @@ ORT_THREADS ?=
 PYTEST_ARGS ?=
 # bench (python -m bench --help)
 BENCH_ARGS ?=
+# image (python3 deploy/image.py --help; docs/deployment.md)
+IMAGE ?= onnx-classifier:latest
+BASE ?= python:3.11-slim
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev export serve test test-fast bench wrk clean
+.PHONY: help install install-dev export serve test test-fast bench wrk image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +61,9 @@ test-fast: $(VENV)/.dev-installed wrk ## Run the tests not marked slow
 
 bench: $(VENV)/.dev-installed wrk ## Benchmark against the PyTorch service, Optimum and the in-process limit (~8 min; installs wrk if missing)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+image: ## Build the container image IMAGE on BASE (if BASE cannot be pulled: a Debian base made with debootstrap)
+	$(PYTHON) deploy/image.py --image "$(IMAGE)" --base "$(BASE)"
 
 clean: ## Remove the virtualenv and caches (keeps .cache downloads and checkpoints)
 	rm -rf $(VENV) .pytest_cache
