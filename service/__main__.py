@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import tempfile
 from typing import Any
 
 from service import create_app
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_files_limit()  # before the settings check SERVICE_CONNECTION_LIMIT against it
     try:
+        _check_spool_folder()
         app = create_app()
     except (ConfigError, ModelLoadError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -60,9 +63,31 @@ def main(argv: list[str] | None = None) -> int:
         drained = server.run()
     except KeyboardInterrupt:
         logger.warning("stopped at once by a second signal: requests in flight were dropped")
-        return 1
-    logger.info("stopped" if drained else "stopped; some requests in flight were dropped")
+        _exit_now(1)
+    if not drained:
+        logger.info("stopped; some requests in flight were dropped")
+        _exit_now(0)
+    logger.info("stopped")
     return 0
+
+
+def _check_spool_folder() -> None:
+    """Fail start-up if Waitress cannot spool a large request body (over 512 KiB) to a temporary file."""
+    try:
+        with tempfile.TemporaryFile():  # gettempdir() raises too when no candidate folder is writable
+            pass
+    except OSError:
+        raise ConfigError("no writable temporary folder (TMPDIR, /tmp, /var/tmp or the working folder): "
+                          "request bodies over 512 KiB are spooled there; mount a tmpfs on /tmp or set "
+                          "TMPDIR") from None
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown, which aborts while a thread is inside session.run."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -12,7 +13,11 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import numpy as np
-import onnxruntime as ort
+
+# onnxruntime's telemetry writes a device id and events under ~/.cache on Linux unless told not to;
+# a service for offline machines sends nothing home (set before onnxruntime is imported)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402
 from tokenizers import Encoding, Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -319,13 +319,25 @@ def resolve_model_dir(value: Any) -> Path:
 
 
 def usable_cores() -> int:
-    """Return the cores this process may use: CPU affinity, capped by a cgroup v2 cpu.max quota."""
+    """Return the cores this process may use: CPU affinity, capped by the cgroup's CPU quota."""
     # ORT sizes its pool from the host's cores, not from the affinity mask or the container quota.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return max(cores, 1)
-    if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
-        cores = min(cores, math.ceil(int(quota) / int(period)))
+    quota = _cgroup_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
     return max(cores, 1)
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """Return the CPU quota in cores (cgroup v2 cpu.max, else v1 cfs_quota_us), or None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:  # cgroup v1: docker --cpus and Kubernetes limits set the CFS quota
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if not (quota.isdigit() and period.isdigit() and int(period) > 0):
+        return None  # "max", or v1's -1: no quota
+    return int(quota) / int(period)

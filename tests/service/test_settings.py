@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from service_testkit import REPO
 
-from service.config import SETTINGS, ConfigError, Settings, help_text, resolve_model_dir, usable_cores
+from service.config import (SETTINGS, ConfigError, Settings, _cgroup_quota, help_text, resolve_model_dir,
+                            usable_cores)
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -117,3 +118,18 @@ def test_every_setting_is_declared_once_and_listed_by_help() -> None:
     for setting in SETTINGS:
         assert setting.variable in result.stdout
         assert setting.default_text() in " ".join(result.stdout.split())  # wrapped over lines
+
+
+@pytest.mark.parametrize(("files", "cores"), [
+    ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, docker --cpus 1.5
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_the_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path: Path, files: dict[str, str],
+                                                    cores: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_quota(tmp_path) == cores
