@@ -173,9 +173,6 @@ def test_onnxruntime_threads_follow_the_containers_cpu_set(image: str) -> None:
         assert request(f"{container.url}/info")[1]["threads"]["ort_intra_op"] == 1
 
 
-@pytest.mark.xfail(not Path("/sys/fs/cgroup/cgroup.controllers").exists(), strict=True,
-                   reason="cgroup v1 host: service/config.py usable_cores() reads only cgroup v2's cpu.max, so a "
-                          "CPU quota (docker --cpus, a Kubernetes CPU limit) does not reach the thread count")
 def test_onnxruntime_threads_follow_the_containers_cpu_quota(image: str) -> None:
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs 2 cores to tell a quota of 1 from the machine")
