@@ -359,7 +359,7 @@ def respond(body: InferRequest, classifier: Any, logits: np.ndarray) -> Response
         answer["id"] = body.id
     if not chunks:
         return jsonify(answer)
-    header = current_app.json.dumps(answer).encode()
+    header = current_app.json.dumps(answer, separators=(",", ":")).encode()
     return Response(header + b"".join(chunks), content_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(header))})
 
