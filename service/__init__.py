@@ -26,7 +26,7 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
     if classifier is None:
         classifier = load_classifier(settings)
 
-    from service import tei
+    from service import tei, v2
     from service.api import bp
 
     metrics = Metrics()
@@ -46,6 +46,7 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
     auth.init_app(app, settings.api_key)
     app.register_blueprint(bp)
     app.register_blueprint(tei.bp)
+    app.register_blueprint(v2.bp)  # the Open Inference Protocol v2 (KServe, Triton)
     return app
 
 

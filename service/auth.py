@@ -9,7 +9,8 @@ from flask import Flask, Response, jsonify, request
 # Probes must work without the key (TEI and Kubernetes practice); /openapi.json describes how to
 # authenticate, so a client needs it before it has the key. /metrics and /info stay closed: they
 # describe traffic and versions, and Prometheus sends a bearer token (`authorization` in scrape_config).
-OPEN_ENDPOINTS = frozenset({"api.health", "api.ready", "api.openapi"})
+OPEN_ENDPOINTS = frozenset({"api.health", "api.ready", "api.openapi",
+                            "v2.live", "v2.ready"})  # the Open Inference Protocol's /health and /ready
 REALM = "onnx-classifier"
 
 

@@ -125,6 +125,132 @@ def tei_paths(locked: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
+# ---- the Open Inference Protocol v2 (service/v2.py) -------------------------------------------------
+
+_V2_BINARY = ("The binary tensor data extension is accepted as well, and is tritonclient's default: the body is "
+              "this JSON object followed by raw tensor data, with the header Inference-Header-Content-Length "
+              "giving the JSON's length and an input's parameters.binary_data_size its byte count (each BYTES "
+              "element a 4-byte little-endian length, then its UTF-8 bytes). See docs/v2.md.")
+_V2_MODEL = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "The served model's name (GET /info: model.name); any other is 404."}
+_V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"enum": ["1"]},
+               "description": "The one version served; any other is 404."}
+
+
+def v2_schemas(max_batch: int) -> dict[str, Any]:
+    """Return the schemas of the Open Inference Protocol v2 routes (JSON form)."""
+    string = {"type": "string"}
+    parameters = {"type": ["object", "null"]}
+    tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+        "name": string, "datatype": string, "shape": {"type": "array", "items": {"type": "integer"}}}}
+    return {
+        "V2ServerMetadata": {"type": "object", "required": ["name", "version", "extensions"], "properties": {
+            "name": string, "version": string, "extensions": {"type": "array", "items": string}}},
+        "V2Live": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
+        "V2Ready": {"type": "object", "required": ["ready"], "properties": {
+            "ready": {"type": "boolean"}, "error": string}},
+        "V2ModelReady": {"type": "object", "required": ["name", "ready"], "properties": {
+            "name": string, "ready": {"type": "boolean"}, "error": string}},
+        "V2TensorMetadata": tensor,
+        "V2ModelMetadata": {"type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"],
+                            "properties": {"name": string, "versions": {"type": "array", "items": string},
+                                           "platform": string,
+                                           "inputs": {"type": "array", "items": _ref("V2TensorMetadata")},
+                                           "outputs": {"type": "array", "items": _ref("V2TensorMetadata")}}},
+        "V2InferenceRequest": {
+            "type": "object", "required": ["inputs"],
+            "description": ("Input 'text' (BYTES, shape [n], n <= max_batch) and optionally 'text_pair' (the same "
+                            "shape: the pair of each text). shape[0] must equal the number of strings in data. "
+                            "Without 'outputs', all four are returned. " + _V2_BINARY),
+            "properties": {
+                "id": {"type": "string", "description": "Echoed in the response."},
+                "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                    "binary_data_output": {"type": "boolean", "description": "Outputs as binary data by default."},
+                    "truncate": {"type": "boolean", "description": "Default true; false refuses a text over the "
+                                                                   "model's max_length tokens with 400."},
+                    "truncation_direction": {"enum": ["right", "left"]}}}]},
+                "inputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+                    "type": "object", "required": ["name", "shape", "datatype"], "properties": {
+                        "name": {"enum": ["text", "text_pair"]},
+                        "datatype": {"const": "BYTES"},
+                        "shape": {"type": "array", "minItems": 1, "maxItems": 1,
+                                  "items": {"type": "integer", "minimum": 1, "maximum": max_batch}},
+                        "data": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
+                        "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                            "binary_data_size": {"type": "integer", "minimum": 0}}}]}}}},
+                "outputs": {"type": "array", "maxItems": 4, "items": {
+                    "type": "object", "required": ["name"], "properties": {
+                        "name": {"enum": ["label", "score", "probabilities", "logits"]},
+                        "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                            "binary_data": {"type": "boolean"},
+                            "classification": {"type": "integer", "minimum": 0,
+                                               "description": "Top-k as BYTES \"<value>:<index>:<label>\" "
+                                                              "(probabilities and logits only)."}}}]}}}},
+            }},
+        "V2Tensor": {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+            "name": string, "datatype": {"enum": ["BYTES", "FP32"]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "data": {"type": "array", "items": {"type": ["string", "number"]}},
+            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}}}},
+        "V2InferenceResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+            "model_name": string, "model_version": string, "id": string,
+            "outputs": {"type": "array", "items": _ref("V2Tensor")}}},
+    }
+
+
+def v2_paths(locked: tuple[int, ...]) -> dict[str, Any]:
+    """Return the paths of the Open Inference Protocol v2 routes."""
+    unknown = {"404": _json(_ref("Error"), "Unknown model or version")}
+    not_ready = "Not ready: loading, stopping (shutting down) or failed (the batch worker stopped)"
+    binary = {"Inference-Header-Content-Length": {"description": "Length of the JSON header when binary "
+                                                                 "outputs follow it",
+                                                  "schema": {"type": "integer", "minimum": 1}}}
+    infer = {"post": {
+        "summary": "Classify texts or pairs (Open Inference Protocol v2; binary tensor data accepted)",
+        "requestBody": {"required": True, "description": _V2_BINARY,
+                        "content": {"application/json": {"schema": _ref("V2InferenceRequest")}}},
+        "responses": {"200": {"description": "The outputs: JSON, or (when an output is binary) "
+                                             "application/octet-stream holding the JSON then the tensor data",
+                              "headers": binary,
+                              "content": {"application/json": {"schema": _ref("V2InferenceResponse")},
+                                          "application/octet-stream": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}}},
+                      **_errors(400, *locked, 413, 415, 500, 503), **unknown}}}
+    infer["post"]["responses"]["400"]["description"] = ("Invalid JSON, tensors or binary data, or more texts "
+                                                        "than max_batch")
+    infer["post"]["responses"]["413"]["description"] = "Body over max_content_length"
+    metadata = {"get": {"summary": "Model metadata: inputs and outputs with datatype and shape",
+                        "responses": {"200": _json(_ref("V2ModelMetadata"), "Model metadata"),
+                                      **_errors(*locked), **unknown}}}
+    model_ready = {"get": {"summary": "Model readiness (as /ready)",
+                           "responses": {"200": _json(_ref("V2ModelReady"), "Ready"),
+                                         "503": _json(_ref("V2ModelReady"), not_ready),
+                                         **_errors(*locked), **unknown}}}
+
+    def at(operations: dict[str, Any], parameters: list[dict[str, Any]]) -> dict[str, Any]:
+        # on each operation, not the path item, so every key of a path item stays a method
+        return {method: {**operation, "parameters": parameters} for method, operation in operations.items()}
+
+    model = [_V2_MODEL]
+    versioned = [_V2_MODEL, _V2_VERSION]
+    return {
+        "/v2": {"get": {"summary": "Server metadata: name, version, extensions",
+                        "responses": {"200": _json(_ref("V2ServerMetadata"), "Server metadata"),
+                                      **_errors(*locked)}}},
+        "/v2/health/live": {"get": {"summary": "Liveness (as /health)", "security": [],
+                                    "responses": {"200": _json(_ref("V2Live"), "Alive")}}},
+        "/v2/health/ready": {"get": {"summary": "Readiness (as /ready)", "security": [],
+                                     "responses": {"200": _json(_ref("V2Ready"), "Ready"),
+                                                   "503": _json(_ref("V2Ready"), not_ready)}}},
+        "/v2/models/{model_name}": at(metadata, model),
+        "/v2/models/{model_name}/versions/{model_version}": at(metadata, versioned),
+        "/v2/models/{model_name}/ready": at(model_ready, model),
+        "/v2/models/{model_name}/versions/{model_version}/ready": at(model_ready, versioned),
+        "/v2/models/{model_name}/infer": at(infer, model),
+        "/v2/models/{model_name}/versions/{model_version}/infer": at(infer, versioned),
+    }
+
+
 # A text must hold a character that str.strip() keeps; this class lists every one Python calls whitespace.
 NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 
@@ -176,6 +302,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         "TextPair": {"type": "object", "required": ["text"], "additionalProperties": False,
                      "properties": {"text": text, "text_pair": {"anyOf": [text, {"type": "null"}]}}},
         **tei_schemas(max_batch),
+        **v2_schemas(max_batch),
         "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
                               "description": "One Ranked list per input, also for a single string input; "
                                              "all labels unless top_k is given."},
@@ -235,6 +362,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                               **classify_errors},
             }},
             **tei_paths(locked),
+            **v2_paths(locked),
             "/health": {"get": {"summary": "Liveness", "security": [],
                                 "responses": {"200": _json(_ref("Health"), "Alive")}}},
             "/ready": {"get": {"summary": "Readiness: the model has answered, the batch worker runs and "

@@ -136,7 +136,7 @@ def test_every_requirement_is_an_exact_pin_and_installed_as_pinned() -> None:
             line = line.split("#", 1)[0].strip()
             if not line or line == "-r requirements.txt":
                 continue
-            found = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+]+)", line)
+            found = re.fullmatch(r"([A-Za-z0-9._-]+)(?:\[[A-Za-z0-9,._-]+\])?==([A-Za-z0-9.+]+)", line)  # name[extras]
             assert found, f"{name}: {line!r} is not an exact pin"
             installed = version(found.group(1))
             assert installed.split("+")[0] == found.group(2), f"{name}: {line} but {installed} is installed"

@@ -1,0 +1,425 @@
+"""The Open Inference Protocol v2 over REST (KServe, Triton), with Triton's binary tensor data and
+classification extensions.
+
+One model is served: the classifier, under its manifest name, as version "1". It takes `text` and an
+optional `text_pair` (BYTES, shape [n]) and returns `label` (BYTES [n], the top label), `score`
+(FP32 [n], its probability), `probabilities` (FP32 [n, labels], the model's function applied) and
+`logits` (FP32 [n, labels]). Errors are `{"error": ...}` with Triton's statuses: 400 for a request
+that cannot be served, 404 for an unknown model or version, 503 when not ready or overloaded
+(Retry-After), 500 when the model fails.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from service import api
+from service.classifier import Direction, Input, InputTooLong, apply_function
+from service.config import Settings
+from service.errors import ApiError
+from service.inference import infer
+from service.schemas import REFUSED_MIMETYPES, check_unicode
+
+bp = Blueprint("v2", __name__, url_prefix="/v2")
+
+SERVER_NAME = "onnx-classifier"
+SERVER_VERSION = "1"  # the API version, as /openapi.json's info.version
+EXTENSIONS = ("binary_tensor_data", "classification")  # Triton's names for them
+VERSION = "1"  # the one model version served
+HEADER_LENGTH = "Inference-Header-Content-Length"
+TEXT, TEXT_PAIR = "text", "text_pair"
+OUTPUTS = ("label", "score", "probabilities", "logits")
+CLASSIFIABLE = ("probabilities", "logits")  # one value per label, so top-k names labels
+# Triton's platform names ("<runtime>_<format>"); the reference backend runs a transformers pipeline.
+PLATFORMS = {"onnx": "onnxruntime_onnx", "optimum": "onnxruntime_onnx", "pytorch": "pytorch_transformers"}
+
+_LENGTH = struct.Struct("<I")  # a BYTES element's length prefix
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_DIRECTIONS: dict[str, Direction] = {"right": "right", "left": "left"}
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+@dataclass(frozen=True)
+class Requested:
+    """One output the response carries: its name, whether as binary data, and top-k (0: the tensor)."""
+
+    name: str
+    binary: bool
+    classification: int
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A validated inference request."""
+
+    id: str | None
+    inputs: list[Input]
+    outputs: list[Requested]
+    truncate: bool
+    direction: Direction | None
+
+
+def _bad(message: str) -> ApiError:
+    """Return a 400 error."""
+    return ApiError(400, message)
+
+
+def _model(model_name: str, model_version: str | None) -> Any:
+    """Return the classifier if the path names it (and version "1", if any), else raise 404."""
+    classifier = current_app.extensions["service.classifier"]
+    if model_name != classifier.name:
+        raise ApiError(404, f"Request for unknown model: '{_shown(model_name)}' is not found")
+    if model_version is not None and model_version != VERSION:
+        raise ApiError(404, f"Request for unknown model: '{_shown(model_name)}' version '{_shown(model_version)}' "
+                            "is not found "
+                            f"(the served version is '{VERSION}')")
+    return classifier
+
+
+def _not_ready() -> str | None:
+    """Return why the service is not ready (the /ready route's answer), or None when it is."""
+    response, status = api.ready()
+    return None if status == 200 else response.get_json()["error"]
+
+
+@bp.get("", strict_slashes=False)
+def server_metadata() -> Response:
+    """Describe the server: name, version and the protocol extensions it implements."""
+    return jsonify(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+
+
+@bp.get("/health/live")
+def live() -> Response:
+    """Say the process is alive."""
+    return jsonify(live=True)
+
+
+@bp.get("/health/ready")
+def ready() -> tuple[Response, int]:
+    """Say whether inference requests will be served, exactly when /ready does."""
+    error = _not_ready()
+    if error is None:
+        return jsonify(ready=True), 200
+    return jsonify(ready=False, error=error), 503
+
+
+@bp.get("/models/<model_name>", defaults={"model_version": None})
+@bp.get("/models/<model_name>/versions/<model_version>")
+def model_metadata(model_name: str, model_version: str | None) -> Response:
+    """Describe the model's inputs and outputs."""
+    classifier = _model(model_name, model_version)
+    labels = len(classifier.labels)
+    tensors = {TEXT: ("BYTES", [-1]), TEXT_PAIR: ("BYTES", [-1]), "label": ("BYTES", [-1]),
+               "score": ("FP32", [-1]), "probabilities": ("FP32", [-1, labels]), "logits": ("FP32", [-1, labels])}
+    described = {name: {"name": name, "datatype": datatype, "shape": shape}
+                 for name, (datatype, shape) in tensors.items()}
+    return jsonify(name=classifier.name, versions=[VERSION],
+                   platform=PLATFORMS.get(classifier.backend, classifier.backend),
+                   inputs=[described[TEXT], described[TEXT_PAIR]], outputs=[described[name] for name in OUTPUTS])
+
+
+@bp.get("/models/<model_name>/ready", defaults={"model_version": None})
+@bp.get("/models/<model_name>/versions/<model_version>/ready")
+def model_ready(model_name: str, model_version: str | None) -> tuple[Response, int]:
+    """Say whether the model will serve inference requests (it is the only one: as the server)."""
+    classifier = _model(model_name, model_version)
+    error = _not_ready()
+    if error is None:
+        return jsonify(name=classifier.name, ready=True), 200
+    return jsonify(name=classifier.name, ready=False, error=error), 503
+
+
+@bp.post("/models/<model_name>/infer", defaults={"model_version": None})
+@bp.post("/models/<model_name>/versions/<model_version>/infer")
+def model_infer(model_name: str, model_version: str | None) -> Response:
+    """Classify the texts (or pairs) of a JSON or binary-extension request."""
+    classifier = _model(model_name, model_version)
+    settings: Settings = current_app.extensions["service.settings"]
+    header, binary = read_body()
+    body = read_request(header, binary, settings.max_batch, classifier.name)
+    try:
+        logits = infer(body.inputs, truncate=body.truncate, direction=body.direction)
+    except InputTooLong as exc:
+        raise _bad(f"input element {exc.index} has more than {exc.max_length} tokens, the model's limit; "
+                   "send parameters.truncate true (the default) to truncate it") from None
+    return respond(body, classifier, np.asarray(logits, dtype=np.float32))
+
+
+def read_body() -> tuple[dict[str, Any], memoryview]:
+    """Return the request's JSON header and the binary tensor data after it (empty without the extension)."""
+    if request.mimetype in REFUSED_MIMETYPES:
+        raise ApiError(415, "unsupported media type: send JSON, or JSON then binary tensor data")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, "unsupported Content-Encoding: send the body uncompressed")
+    data = request.get_data(cache=False)  # Werkzeug answers 413 above MAX_CONTENT_LENGTH
+    declared = request.headers.get(HEADER_LENGTH)
+    if declared is None:
+        length = len(data)
+    else:
+        if not _DIGITS.fullmatch(declared.strip()):
+            raise _bad(f"{HEADER_LENGTH} must be the length of the JSON header in bytes")
+        length = int(declared)
+        if length == 0:
+            raise _bad(f"{HEADER_LENGTH}: 0 (a raw binary request without a JSON header) is not supported")
+        if length > len(data):
+            raise _bad(f"{HEADER_LENGTH} is {length} but the body has only {len(data)} bytes")
+    try:
+        # NaN and Infinity are not JSON; deep nesting raises RecursionError, not a 500
+        header = current_app.json.loads(data[:length], parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise _bad("invalid JSON" if declared is None else "invalid JSON in the inference header") from None
+    if not isinstance(header, dict):
+        raise _bad("the inference request must be a JSON object")
+    return header, memoryview(data)[length:]
+
+
+def read_request(header: dict[str, Any], binary: memoryview, max_batch: int, model: str) -> InferRequest:
+    """Validate an inference request: its id, parameters, inputs (JSON or binary) and requested outputs."""
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad("'id' must be a string")
+    parameters = _object(header.get("parameters"), "parameters")
+    binary_output = _flag(parameters, "binary_data_output", False, "parameters")
+    truncate = _flag(parameters, "truncate", True, "parameters")
+    direction = parameters.get("truncation_direction")
+    if direction is not None and (not isinstance(direction, str) or direction not in _DIRECTIONS):
+        raise _bad("parameters.truncation_direction must be \"right\" or \"left\"")
+    texts = _inputs(header.get("inputs"), binary, max_batch, model)
+    inputs: list[Input] = list(texts[TEXT])
+    if TEXT_PAIR in texts:
+        inputs = list(zip(texts[TEXT], texts[TEXT_PAIR], strict=True))
+    return InferRequest(request_id, inputs, _outputs(header.get("outputs"), binary_output, model), truncate,
+                        _DIRECTIONS.get(direction) if direction is not None else None)
+
+
+def _inputs(value: Any, binary: memoryview, max_batch: int, model: str) -> dict[str, list[str]]:
+    """Return the texts of each input tensor, read from JSON data or from the binary data in order."""
+    if not isinstance(value, list) or not value:
+        raise _bad("'inputs' must be a non-empty list of input tensors")
+    texts: dict[str, list[str]] = {}
+    offset = 0
+    for index, tensor in enumerate(value):
+        if not isinstance(tensor, dict):
+            raise _bad(f"inputs[{index}] must be an object")
+        name = tensor.get("name")
+        if not isinstance(name, str):
+            raise _bad(f"inputs[{index}].name must be a string")
+        if name not in (TEXT, TEXT_PAIR):
+            raise _bad(f"unexpected inference input '{_shown(name)}' for model '{model}': its inputs are '{TEXT}' and "
+                       f"the optional '{TEXT_PAIR}'")
+        if name in texts:
+            raise _bad(f"input '{name}' is given twice")
+        datatype = tensor.get("datatype")
+        if datatype != "BYTES":
+            shown = _shown(datatype) if isinstance(datatype, str) else type(datatype).__name__
+            raise _bad(f"inference input '{name}' data-type is '{shown}', but model '{model}' expects 'BYTES'")
+        count = _shape(tensor.get("shape"), name, max_batch)
+        parameters = _object(tensor.get("parameters"), f"inputs[{index}].parameters")
+        if any(key in parameters for key in _SHARED_MEMORY):
+            raise _bad("shared memory is not supported: send tensor data in the body")
+        size = parameters.get("binary_data_size")
+        if ("data" in tensor) == (size is not None):
+            raise _bad(f"input '{name}' must set exactly one of 'data' and parameters.binary_data_size")
+        if size is None:
+            texts[name] = _json_texts(tensor["data"], count, name)
+            continue
+        if not _is_integer(size) or size < 0:
+            raise _bad(f"input '{name}': parameters.binary_data_size must be a non-negative integer")
+        size = int(size)
+        if size > len(binary) - offset:
+            raise _bad(f"unexpected size for input '{name}': binary_data_size is {size} but only "
+                       f"{len(binary) - offset} bytes of binary data are left"
+                       + (f" (binary data needs the {HEADER_LENGTH} header)" if not binary else ""))
+        texts[name] = _binary_texts(binary[offset:offset + size], count, name)
+        offset += size
+    if offset != len(binary):
+        raise _bad(f"unexpected additional input data: {len(binary) - offset} bytes after the last binary input")
+    if TEXT not in texts:
+        raise _bad(f"input '{TEXT}' is missing")
+    if TEXT_PAIR in texts and len(texts[TEXT_PAIR]) != len(texts[TEXT]):
+        raise _bad(f"input '{TEXT_PAIR}' has shape [{len(texts[TEXT_PAIR])}] but '{TEXT}' has "
+                   f"[{len(texts[TEXT])}]: each text needs its pair")
+    return texts
+
+
+def _shape(value: Any, name: str, max_batch: int) -> int:
+    """Return n of a shape [n], 1 <= n <= max_batch."""
+    if not isinstance(value, list) or not all(_is_integer(d) and d >= 0 for d in value):
+        raise _bad(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if len(value) != 1:
+        raise _bad(f"input '{name}' has {len(value)} dimensions, but the model takes shape [n]: "
+                   "a batch of n texts")
+    count = int(value[0])
+    if count == 0:
+        raise _bad(f"input '{name}' has shape [0]: send at least one text")
+    if count > max_batch:
+        shown = count if count < 10**12 else "more"
+        raise _bad(f"inference request batch-size must be <= {max_batch}: input '{name}' has shape [{shown}]")
+    return count
+
+
+def _json_texts(data: Any, count: int, name: str) -> list[str]:
+    """Return the strings of a JSON BYTES tensor of `count` elements."""
+    if not isinstance(data, list):
+        raise _bad(f"input '{name}': 'data' must be a list of strings")
+    if len(data) != count:
+        raise _bad(f"input '{name}' has {len(data)} elements in 'data' but shape [{count}]")
+    for index, text in enumerate(data):
+        if not isinstance(text, str):
+            raise _bad(f"input '{name}': data[{index}] must be a string (BYTES elements are strings in JSON)")
+        check_unicode(text, f"input '{name}' element {index}")
+    return data
+
+
+def _binary_texts(chunk: memoryview, count: int, name: str) -> list[str]:
+    """Return the UTF-8 texts of a binary BYTES tensor: each a 4-byte little-endian length, then the bytes."""
+    texts: list[str] = []
+    position = 0
+    while position < len(chunk):
+        if len(texts) == count:
+            raise _bad(f"input '{name}': its binary data holds more than the {count} elements of its shape")
+        if len(chunk) - position < _LENGTH.size:
+            raise _bad(f"input '{name}': element {len(texts)} is cut short (its 4-byte length is incomplete)")
+        (length,) = _LENGTH.unpack_from(chunk, position)
+        position += _LENGTH.size
+        if length > len(chunk) - position:
+            raise _bad(f"input '{name}': element {len(texts)} has a length of {length} bytes but only "
+                       f"{len(chunk) - position} are left in its binary_data_size")
+        try:
+            texts.append(str(chunk[position:position + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise _bad(f"input '{name}': element {len(texts)} is not valid UTF-8") from None
+        position += length
+    if len(texts) != count:
+        raise _bad(f"input '{name}' has {len(texts)} elements in its binary data but shape [{count}]")
+    return texts
+
+
+def _outputs(value: Any, binary_output: bool, model: str) -> list[Requested]:
+    """Return the requested outputs in order; none (or an empty list): every output."""
+    if value is None or value == []:
+        return [Requested(name, binary_output, 0) for name in OUTPUTS]
+    if not isinstance(value, list):
+        raise _bad("'outputs' must be a list of requested outputs")
+    requested: list[Requested] = []
+    for index, tensor in enumerate(value):
+        if not isinstance(tensor, dict):
+            raise _bad(f"outputs[{index}] must be an object")
+        name = tensor.get("name")
+        if not isinstance(name, str):
+            raise _bad(f"outputs[{index}].name must be a string")
+        if name not in OUTPUTS:
+            raise _bad(f"unexpected inference output '{_shown(name)}' for model '{model}': its outputs are "
+                       + ", ".join(f"'{output}'" for output in OUTPUTS))
+        if any(output.name == name for output in requested):
+            raise _bad(f"output '{name}' is requested twice")
+        parameters = _object(tensor.get("parameters"), f"outputs[{index}].parameters")
+        if any(key in parameters for key in _SHARED_MEMORY):
+            raise _bad("shared memory is not supported: outputs are returned in the body")
+        top_k = parameters.get("classification", 0)
+        if not _is_integer(top_k) or top_k < 0:
+            raise _bad(f"output '{name}': parameters.classification must be a non-negative integer")
+        if top_k and name not in CLASSIFIABLE:
+            raise _bad(f"output '{name}': classification is available on "
+                       + " and ".join(f"'{output}'" for output in CLASSIFIABLE))
+        binary = _flag(parameters, "binary_data", binary_output, f"outputs[{index}].parameters")
+        requested.append(Requested(name, binary, int(top_k)))
+    return requested
+
+
+def respond(body: InferRequest, classifier: Any, logits: np.ndarray) -> Response:
+    """Return the inference response: JSON, or JSON then binary tensor data when an output is binary."""
+    scores = apply_function(logits, classifier.function)  # float64, so ties break as /sentiment's do
+    top = np.argmax(scores, axis=1)
+    probabilities = scores.astype(np.float32)
+    labels = list(classifier.labels)
+    values: dict[str, np.ndarray | list[str]] = {
+        "label": [labels[i] for i in top], "score": probabilities[np.arange(len(top)), top],
+        "probabilities": probabilities, "logits": logits}
+    outputs, chunks = [], []
+    for output in body.outputs:
+        datatype, shape, data = _tensor(values[output.name], labels, output.classification)
+        tensor: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
+        if output.binary:
+            raw = _serialize(data)
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = data if isinstance(data, list) else data.tolist()
+        outputs.append(tensor)
+    answer = {"model_name": classifier.name, "model_version": VERSION, "outputs": outputs}
+    if body.id is not None:
+        answer["id"] = body.id
+    if not chunks:
+        return jsonify(answer)
+    header = current_app.json.dumps(answer, separators=(",", ":")).encode()
+    return Response(header + b"".join(chunks), content_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+def _tensor(value: np.ndarray | list[str], labels: list[str],
+            top_k: int) -> tuple[str, list[int], np.ndarray | list[str]]:
+    """Return an output's datatype, shape and flat row-major data; with top_k, its classification instead."""
+    if isinstance(value, list):
+        return "BYTES", [len(value)], value
+    if not top_k:
+        return "FP32", list(value.shape), value.ravel()
+    count = min(top_k, len(labels))
+    strings = []
+    for row in value:
+        # stable: equal values keep label order, as rank() does (Triton's std::sort leaves ties unspecified)
+        for i in np.argsort(-row, kind="stable")[:count]:
+            # "%f": Triton formats the value with std::to_string
+            strings.append(f"{float(row[i]):f}:{i}:{labels[i]}")
+    return "BYTES", [len(value), count], strings
+
+
+def _serialize(value: np.ndarray | list[str]) -> bytes:
+    """Return a tensor's binary data: little-endian FP32, or length-prefixed UTF-8 BYTES elements."""
+    if isinstance(value, list):
+        encoded = [text.encode() for text in value]
+        return b"".join(_LENGTH.pack(len(item)) + item for item in encoded)
+    return np.ascontiguousarray(value, dtype="<f4").tobytes()
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    """Return an optional JSON object field (absent or null: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"'{field}' must be an object")
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool, field: str) -> bool:
+    """Return an optional boolean parameter (null: the default)."""
+    value = parameters.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(f"{field}.{key} must be true or false")
+    return value
+
+
+def _is_integer(value: Any) -> bool:
+    """Return whether a JSON number is a whole number (2.0 counts, as JSON Schema says; true does not)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _shown(text: str) -> str:
+    """Return a client's name cut to a length fit for an error message."""
+    return text if len(text) <= 64 else text[:64] + "..."
+
+
+def _refuse_constant(name: str) -> Any:
+    """Refuse the NaN, Infinity and -Infinity literals that Python's json module accepts."""
+    raise ValueError(f"{name} is not JSON")
