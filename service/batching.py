@@ -67,7 +67,8 @@ class Job:
     logits: np.ndarray = field(init=False)
     error: BaseException | None = None
     cancelled: bool = False  # gave up or failed: its queued texts are skipped
-    lead: list[Item] | None = None  # a batch this job's thread must run next
+    # batches this job's thread must run next: with several slots, more than one can be handed to it
+    lead: list[list[Item]] = field(default_factory=list)
     wake: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -219,7 +220,7 @@ class Scheduler:
         while True:
             woken = job.wake.wait(max(0.0, min(deadline - time.monotonic(), _POLL)))
             with self._cond:
-                batch, job.lead = job.lead, None
+                batch = job.lead.pop(0) if job.lead else None
                 if batch is None:
                     if job.done:
                         return
@@ -234,7 +235,8 @@ class Scheduler:
                                                 "queue_timeout")
                     deadline = math.inf  # part of it runs: the rest is most urgent, wait for it
                     continue
-                job.wake.clear()
+                if not job.lead:
+                    job.wake.clear()
             self._lead(batch)
 
     def _gather(self) -> None:
@@ -286,7 +288,7 @@ class Scheduler:
             self._cond.notify_all()
             return
         owner = batch[0].job
-        owner.lead = batch
+        owner.lead.append(batch)
         owner.wake.set()
 
     def _lead(self, batch: list[Item]) -> None:

@@ -166,6 +166,24 @@ def test_a_request_larger_than_a_batch_is_answered_whole_in_order(make_scheduler
         _sample(scheduler.metrics, "service_model_run_texts_count")
 
 
+def test_two_slots_handed_to_one_request_both_run(make_scheduler: Any, classifier: Classifier) -> None:
+    # not started: one request's two texts queue as two one-text batches; start() hands both slots to
+    # that request's thread at once, which must run both (a dropped batch would leave it waiting)
+    scheduler = make_scheduler(start=False, max_texts=1, workers=2)
+    answers: list[Any] = []
+    caller = threading.Thread(target=lambda: answers.append(scheduler.classify([POSITIVE, NEGATIVE])),
+                              daemon=True)
+    caller.start()
+    while scheduler.depth < 2:
+        threading.Event().wait(0.005)
+    scheduler.start()
+    caller.join(timeout=30)
+    assert answers, "the request never got both of its texts back"
+    labels = [ranked[0]["label"] for ranked in answers[0]]
+    assert labels == [ranked[0]["label"] for ranked in classifier.classify([POSITIVE, NEGATIVE])]
+    assert scheduler.stop(timeout=5)  # both slots came back
+
+
 def test_a_full_queue_answers_at_once_and_a_waiting_request_times_out(make_scheduler: Any) -> None:
     # workers not started yet: whatever is queued stays queued, with no timing involved
     scheduler = make_scheduler(start=False, max_queue=3, queue_timeout=0.2)
