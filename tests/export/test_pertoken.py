@@ -7,9 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.convert import export_fp32
+from export.convert import detect_target, export_fp32
 from export.pertoken import activation_ranges, rewrite
 from export.quantize import Recipe, build
+
+# The precision claims below hold where onnxruntime's uint8 x int8 GEMM is exact. Without VNNI (AVX2,
+# AVX-512 without VNNI) it sums pairs of products in saturating int16 (VPMADDUBSW), which then swamps the
+# small errors these tests compare.
+exact_int8_gemm = pytest.mark.skipif(
+    detect_target() not in ("avx512_vnni", "arm64"),
+    reason=f"this CPU ({detect_target()}) has no VNNI: its int8 GEMM saturates pairs of products")
 
 TEXTS = ["good", "a great film and a superb actor , i love this movie , it is very fun and not dull at all",
          "the plot was bad", "awful"]
@@ -98,6 +105,7 @@ def test_an_old_opset_is_refused(fp32, tmp_path):
         rewrite(old, tmp_path / "model.onnx")
 
 
+@exact_int8_gemm
 def test_two_pass_matmuls_multiply_the_remainder_too_and_come_closer_to_fp32(fp32, tmp_path):
     from export.quantize import weight_matmuls
 
@@ -130,6 +138,7 @@ def test_activation_ranges_leave_padding_out(fp32):
         np.testing.assert_allclose(peaks, expected, rtol=1e-4, atol=1e-6)
 
 
+@exact_int8_gemm
 def test_smoothing_moves_an_outlier_channel_into_the_weights(fp32, tmp_path):
     """One channel 40x the others sets every token's scale; divided out, the rest keep their steps."""
     import onnx
