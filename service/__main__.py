@@ -12,7 +12,7 @@ from typing import Any
 
 from service import create_app
 from service.classifier import InferenceError, ModelLoadError
-from service.config import ConfigError, Settings, help_text
+from service.config import ConfigError, Settings, help_text, markdown_table
 from service.serve import GracefulServer, raise_open_files_limit
 
 logger = logging.getLogger("service")
@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve an exported text classifier with Waitress. SIGTERM or Ctrl-C stops accepting, "
                     "finishes the requests in flight and exits 0; a second one exits at once.",
         epilog=help_text())
-    parser.parse_args(argv)
+    parser.add_argument("--settings-markdown", action="store_true",
+                        help="print the settings as the Markdown table of docs/serving.md and exit")
+    if parser.parse_args(argv).settings_markdown:
+        print(markdown_table())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_files_limit()  # before the settings check SERVICE_CONNECTION_LIMIT against it
     try:
