@@ -88,7 +88,7 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
         return ClassifyRequest([_pair(inputs, "inputs")], False, top_k, True, function)
     if not isinstance(inputs, list):
         raise ApiError(400, "field 'inputs' must be a string or a list of strings")
-    if not all(isinstance(item, dict) for item in inputs):
+    if not inputs or not all(isinstance(item, dict) for item in inputs):
         texts = _texts(inputs, "inputs", max_batch)  # the common case, with the messages of 'texts'
         return ClassifyRequest(list(texts), True, top_k, True, function)
     if len(inputs) > max_batch:

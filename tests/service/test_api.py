@@ -45,6 +45,8 @@ from service.classifier import Classifier
     ("/", {"inputs": 7}, 400, "field 'inputs' must be a string or a list of strings"),
     ("/", {"inputs": ["ok", None]}, 400, "field 'inputs' must be a list of strings"),
     ("/", {"inputs": ["ok", ""]}, 400, "text at index 1 cannot be empty"),
+    ("/", {"inputs": []}, 400, "field 'inputs' cannot be an empty list"),
+    ("/", {"inputs": [{"text": "ok"}, "plain"]}, 400, "field 'inputs' must be a list of strings"),
     ("/", {"inputs": ["x"] * 40}, 413, "batch too large: 40 texts, the limit is 32 per request"),
     ("/", {"inputs": "ok", "parameters": []}, 400, "field 'parameters' must be an object"),
     ("/", {"inputs": "ok", "parameters": {"top_k": -1}}, 400, "'top_k' must be an integer >= 1 or null"),
