@@ -61,7 +61,7 @@ def ready() -> tuple[Response, int]:
         return jsonify(status="stopping", error="shutting down"), 503
     scheduler: Scheduler | None = current_app.extensions["service.scheduler"]
     if scheduler is not None and not scheduler.alive:
-        return jsonify(status="failed", error="the batch worker stopped"), 503
+        return jsonify(status="failed", error="the batch scheduler has stopped"), 503
     if current_app.extensions["service.classifier"].ready:
         return jsonify(status="ready"), 200
     return jsonify(status="loading", error="model not warmed up yet"), 503
@@ -100,7 +100,8 @@ def metrics() -> Response:
 def openapi() -> Response:
     """Return the OpenAPI 3.1 document of these routes."""
     settings: Settings = current_app.extensions["service.settings"]
-    return jsonify(openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None))
+    return jsonify(openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
+                                    current_app.extensions["service.classifier"].name))
 
 
 def _version(distribution: str) -> str | None:

@@ -30,7 +30,7 @@ class Metrics:
         self.batch_size = Histogram("service_batch_size", "Texts per classification request",
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
         self.run_texts = Histogram("service_model_run_texts",
-                                   "Texts per session.run of the batch worker (requests batched together)",
+                                   "Texts per session.run (requests batched together)",
                                    buckets=_BATCH_BUCKETS, registry=self.registry)
         self.queue_wait = Histogram("service_queue_wait_seconds",
                                     "Time a request waited in the batching queue before its batch started",

@@ -65,9 +65,9 @@ def tei_schemas(max_batch: int) -> dict[str, Any]:
     options = {"truncate": {"type": ["boolean", "null"],
                             "description": "Default true (truncate to max_length); false refuses a longer input "
                                            "with 422."},
-               "truncation_direction": {"enum": ["right", "left", "Right", "Left"],
+               "truncation_direction": {"enum": ["right", "left", "Right", "Left", None],
                                         "description": "Which end is cut (default right)."},
-               "raw_scores": {"type": "boolean", "description": "Logits instead of probabilities."}}
+               "raw_scores": {"type": ["boolean", "null"], "description": "Logits instead of probabilities."}}
     return {
         "PredictRequest": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"description": "A text; [text, text_pair] for one pair; [[text], [text, text_pair], ...] "
@@ -80,7 +80,7 @@ def tei_schemas(max_batch: int) -> dict[str, Any]:
                                       {"type": "array", "items": {"type": "array", "items": _ref("Prediction")}}]},
         "RerankRequest": {"type": "object", "required": ["query", "texts"], "properties": {
             "query": string, "texts": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
-            "return_text": {"type": "boolean"},
+            "return_text": {"type": ["boolean", "null"]},
             "top_n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
                       "description": "Return only the best top_n texts (default all)."},
             **options}},
@@ -89,7 +89,7 @@ def tei_schemas(max_batch: int) -> dict[str, Any]:
         "RerankResponse": {"type": "array", "items": _ref("Rank"), "description": "Best first."},
         "TokenizeRequest": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"anyOf": [string, {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch}]},
-            "add_special_tokens": {"type": "boolean"},
+            "add_special_tokens": {"type": ["boolean", "null"]},
             "prompt_name": {"type": "null", "description": "Not supported: no prompts are applied."}}},
         "SimpleToken": {"type": "object", "required": ["id", "text", "special", "start", "stop"],
                         "properties": {"id": {"type": "integer", "minimum": 0}, "text": string,
@@ -131,8 +131,6 @@ _V2_BINARY = ("The binary tensor data extension is accepted as well, and is trit
               "this JSON object followed by raw tensor data, with the header Inference-Header-Content-Length "
               "giving the JSON's length and an input's parameters.binary_data_size its byte count (each BYTES "
               "element a 4-byte little-endian length, then its UTF-8 bytes). See docs/v2.md.")
-_V2_MODEL = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"},
-             "description": "The served model's name (GET /info: model.name); any other is 404."}
 _V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"enum": ["1"]},
                "description": "The one version served; any other is 404."}
 
@@ -163,29 +161,32 @@ def v2_schemas(max_batch: int) -> dict[str, Any]:
                             "shape: the pair of each text). shape[0] must equal the number of strings in data. "
                             "Without 'outputs', all four are returned. " + _V2_BINARY),
             "properties": {
-                "id": {"type": "string", "description": "Echoed in the response."},
+                "id": {"type": ["string", "null"], "description": "Echoed in the response."},
                 "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                    "binary_data_output": {"type": "boolean", "description": "Outputs as binary data by default."},
-                    "truncate": {"type": "boolean", "description": "Default true; false refuses a text over the "
-                                                                   "model's max_length tokens with 400."},
-                    "truncation_direction": {"enum": ["right", "left"]}}}]},
+                    "binary_data_output": {"type": ["boolean", "null"],
+                                           "description": "Outputs as binary data by default."},
+                    "truncate": {"type": ["boolean", "null"], "description": "Default true; false refuses a text "
+                                                                             "over the model's max_length tokens "
+                                                                             "with 400."},
+                    "truncation_direction": {"enum": ["right", "left", None]}}}]},
                 "inputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
-                    "type": "object", "required": ["name", "shape", "datatype"], "properties": {
+                    "type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
                         "name": {"enum": ["text", "text_pair"]},
                         "datatype": {"const": "BYTES"},
                         "shape": {"type": "array", "minItems": 1, "maxItems": 1,
                                   "items": {"type": "integer", "minimum": 1, "maximum": max_batch}},
                         "data": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
+                        # the JSON form: binary_data_size (the binary form's instead of data) is absent or null
                         "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                            "binary_data_size": {"type": "integer", "minimum": 0}}}]}}}},
-                "outputs": {"type": "array", "maxItems": 4, "items": {
+                            "binary_data_size": {"type": "null"}}}]}}}},
+                "outputs": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 4, "items": {
                     "type": "object", "required": ["name"], "properties": {
                         "name": {"enum": ["label", "score", "probabilities", "logits"]},
                         "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                            "binary_data": {"type": "boolean"},
+                            "binary_data": {"type": ["boolean", "null"]},
                             "classification": {"type": "integer", "minimum": 0,
                                                "description": "Top-k as BYTES \"<value>:<index>:<label>\" "
-                                                              "(probabilities and logits only)."}}}]}}}},
+                                                              "(probabilities and logits only)."}}}]}}}}]},
             }},
         "V2Tensor": {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
             "name": string, "datatype": {"enum": ["BYTES", "FP32"]},
@@ -198,10 +199,12 @@ def v2_schemas(max_batch: int) -> dict[str, Any]:
     }
 
 
-def v2_paths(locked: tuple[int, ...]) -> dict[str, Any]:
-    """Return the paths of the Open Inference Protocol v2 routes."""
+def v2_paths(locked: tuple[int, ...], model_name: str) -> dict[str, Any]:
+    """Return the paths of the Open Inference Protocol v2 routes of the served model."""
+    model_parameter = {"name": "model_name", "in": "path", "required": True, "schema": {"enum": [model_name]},
+                       "description": "The served model's name (GET /info: model.name); any other is 404."}
     unknown = {"404": _json(_ref("Error"), "Unknown model or version")}
-    not_ready = "Not ready: loading, stopping (shutting down) or failed (the batch worker stopped)"
+    not_ready = "Not ready: loading, stopping (shutting down) or failed (the batch scheduler has stopped)"
     binary = {"Inference-Header-Content-Length": {"description": "Length of the JSON header when binary "
                                                                  "outputs follow it",
                                                   "schema": {"type": "integer", "minimum": 1}}}
@@ -231,8 +234,8 @@ def v2_paths(locked: tuple[int, ...]) -> dict[str, Any]:
         # on each operation, not the path item, so every key of a path item stays a method
         return {method: {**operation, "parameters": parameters} for method, operation in operations.items()}
 
-    model = [_V2_MODEL]
-    versioned = [_V2_MODEL, _V2_VERSION]
+    model = [model_parameter]
+    versioned = [model_parameter, _V2_VERSION]
     return {
         "/v2": {"get": {"summary": "Server metadata: name, version, extensions",
                         "responses": {"200": _json(_ref("V2ServerMetadata"), "Server metadata"),
@@ -255,7 +258,8 @@ def v2_paths(locked: tuple[int, ...]) -> dict[str, Any]:
 NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 
 
-def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False) -> dict[str, Any]:
+def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False,
+                     model_name: str = "model") -> dict[str, Any]:
     """Return the OpenAPI document with this instance's limits and authentication filled in."""
     top_k = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
              "description": "Return this many labels sorted by score (null: all labels)."}
@@ -362,14 +366,14 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                               **classify_errors},
             }},
             **tei_paths(locked),
-            **v2_paths(locked),
+            **v2_paths(locked, model_name),
             "/health": {"get": {"summary": "Liveness", "security": [],
                                 "responses": {"200": _json(_ref("Health"), "Alive")}}},
-            "/ready": {"get": {"summary": "Readiness: the model has answered, the batch worker runs and "
+            "/ready": {"get": {"summary": "Readiness: the model has answered, the batch scheduler runs and "
                                           "no shutdown has begun", "security": [],
                                "responses": {"200": _json(_ref("Ready"), "Ready"),
                                              "503": _json(_ref("Ready"), "Not ready: loading, stopping "
-                                                          "(shutting down) or failed (the batch worker stopped)")}}},
+                                                          "(shutting down) or failed (the batch scheduler has stopped)")}}},
             "/info": {"get": {"summary": "Model, versions, threads, limits, batching and authentication",
                               "responses": {"200": _json(_ref("Info"), "Service description"),
                                             **_errors(*locked)}}},
