@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.inprocess_seconds <= 0:
         parser.error("--inprocess-seconds must be > 0")
     args.command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
-    began, today = time.monotonic(), dt.datetime.now(dt.timezone.utc)
+    began, today = time.monotonic(), dt.datetime.now(dt.UTC)
     try:
         wrk = wrk_path()
     except LoadError as exc:

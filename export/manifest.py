@@ -34,7 +34,7 @@ def file_checksums(folder: Path) -> dict[str, str]:
 def write(folder: Path, body: dict) -> dict:
     """Write manifest.json into folder with format version, creation time and file checksums."""
     manifest = {"format_version": FORMAT_VERSION,
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 **body,
                 "files": file_checksums(folder)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -114,7 +114,7 @@ def activation_ranges(model: Path, batches: Sequence[Mapping[str, np.ndarray]]) 
     found: dict[str, np.ndarray] = {}
     for batch in batches:
         mask = batch.get("attention_mask")
-        for name, value in zip(names, session.run(names, {n: batch[n] for n in feeds})):
+        for name, value in zip(names, session.run(names, {n: batch[n] for n in feeds}), strict=True):
             if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
                 value = value[mask.astype(bool)]
             peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)

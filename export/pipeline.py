@@ -171,8 +171,9 @@ def run(options: ExportOptions) -> Path:
         length = max_length(exported_config, fp32.parent)
         models = {"onnx_fp32": fp32}
         if quantize:
-            from export.search import Gate, Scorer, search
             from transformers import AutoTokenizer
+
+            from export.search import Gate, Scorer, search
 
             tests = [e for name, examples in sets.items() if name.startswith("test") for e in examples]
             selection = sets["validation"] + sets.get("selection_extra", [])

@@ -143,8 +143,7 @@ def build(recipe: Recipe, source: Path, output: Path, calibration: Sequence[dict
                         reduce_range=recipe.reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, extra_options=extra)
     elif recipe.kind == "weight-only":
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     MatMulNBitsQuantizer)
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
         # 8-bit weights in blocks; accuracy_level 4 computes in int8 with activations quantized per block,
         # a far finer grain than dynamic int8's one scale per tensor.

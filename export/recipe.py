@@ -160,6 +160,6 @@ def _accuracy(model, tokenizer, examples: list) -> float:
             batch = examples[start:start + 128]
             inputs = tokenizer([e.text for e in batch], padding=True, truncation=True, return_tensors="pt")
             predicted = model(**inputs).logits.argmax(dim=-1).tolist()
-            hits += sum(model.config.id2label[p] == e.label for p, e in zip(predicted, batch))
+            hits += sum(model.config.id2label[p] == e.label for p, e in zip(predicted, batch, strict=True))
     model.train()
     return round(hits / max(len(examples), 1), 5)

@@ -115,7 +115,7 @@ class Scorer:
         scores, scored = self.scores(session, set_name, max_disagreements)
         scores, reference = scores[scored], self.reference[set_name][scored]
         figures = compare(reference, scores)
-        examples = [e for e, kept in zip(self.sets[set_name], scored) if kept]
+        examples = [e for e, kept in zip(self.sets[set_name], scored, strict=True) if kept]
         acc, acc_fp32 = accuracy(scores, examples, self.label2id), accuracy(reference, examples, self.label2id)
         return {"agreement": figures["label_agreement"], "max_abs_score_diff": figures["max_abs_score_diff"],
                 "mean_abs_score_diff": figures["mean_abs_score_diff"], "accuracy": acc, "accuracy_fp32": acc_fp32,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
@@ -13,7 +12,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.batching import Scheduler
 from service.config import Settings
 from service.inference import infer
-from service.metrics import Metrics
 from service.openapi import openapi_document
 from service.schemas import ClassifyRequest, read_body
 

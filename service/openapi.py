@@ -138,7 +138,6 @@ _V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema"
 def v2_schemas(max_batch: int) -> dict[str, Any]:
     """Return the schemas of the Open Inference Protocol v2 routes (JSON form)."""
     string = {"type": "string"}
-    parameters = {"type": ["object", "null"]}
     tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
         "name": string, "datatype": string, "shape": {"type": "array", "items": {"type": "integer"}}}}
     return {
@@ -372,8 +371,8 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
             "/ready": {"get": {"summary": "Readiness: the model has answered, the batch scheduler runs and "
                                           "no shutdown has begun", "security": [],
                                "responses": {"200": _json(_ref("Ready"), "Ready"),
-                                             "503": _json(_ref("Ready"), "Not ready: loading, stopping "
-                                                          "(shutting down) or failed (the batch scheduler has stopped)")}}},
+                                             "503": _json(_ref("Ready"), "Not ready: loading, stopping (shutting "
+                                                          "down) or failed (the batch scheduler has stopped)")}}},
             "/info": {"get": {"summary": "Model, versions, threads, limits, batching and authentication",
                               "responses": {"200": _json(_ref("Info"), "Service description"),
                                             **_errors(*locked)}}},

@@ -190,7 +190,7 @@ class GracefulServer:
             if dispatcher in self.listeners:
                 self._accept(dispatcher, _ACCEPT_BATCH)
             else:
-                _handle(dispatcher, events, lambda: self.map.get(key.fd) is dispatcher)
+                _handle(dispatcher, events, lambda fd=key.fd, d=dispatcher: self.map.get(fd) is d)
 
     def _interest(self, dispatcher: Any) -> int:
         """Return the events a dispatcher waits for, as wasyncore's poll loop would ask it."""

@@ -17,8 +17,15 @@ from flask import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 from service.batching import Unavailable
-from service.classifier import (WIDE_CLIP_CHARS_PER_TOKEN, Direction, InferenceError, Input, InputTooLong,
-                                apply_function, rank)
+from service.classifier import (
+    WIDE_CLIP_CHARS_PER_TOKEN,
+    Direction,
+    InferenceError,
+    Input,
+    InputTooLong,
+    apply_function,
+    rank,
+)
 from service.config import Settings
 from service.errors import ApiError, handle_http_exception, request_id
 from service.inference import infer

@@ -1,7 +1,6 @@
 """Shared test settings: everything runs offline, the way this project's machines are."""
 
 import os
-import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -9,5 +8,3 @@ DEFAULT_MODEL_DIR = REPO_ROOT / "onnx_models" / "minilm-l6-sentiment"
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))

@@ -134,7 +134,8 @@ def _kserve_errors(value: Any, type_name: str, where: str) -> list[str]:
     if type_name.startswith("list["):
         if not isinstance(value, list):
             return [f"{where}: expected a list, got {value!r:.60}"]
-        return [e for index, item in enumerate(value) for e in _kserve_errors(item, type_name[5:-1], f"{where}[{index}]")]
+        return [e for index, item in enumerate(value)
+                for e in _kserve_errors(item, type_name[5:-1], f"{where}[{index}]")]
     if type_name.startswith("dict("):
         if not isinstance(value, dict):
             return [f"{where}: expected a mapping, got {value!r:.60}"]

@@ -161,7 +161,8 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
     fp32 = [c for c in steps if c["fp32_nodes"]]
     assert steps == two_pass + fp32 and all(not c["fp32_nodes"] for c in two_pass)
     counts = [len(c["two_pass_nodes"]) for c in two_pass]
-    assert counts == sorted(set(counts)) and all(c["two_pass_nodes"] == ranking[:n] for c, n in zip(two_pass, counts))
+    assert counts == sorted(set(counts))
+    assert all(c["two_pass_nodes"] == ranking[:n] for c, n in zip(two_pass, counts, strict=True))
     if fp32:
         assert counts[-1] == 12 and not two_pass[-1]["passed"]
         assert all(c["fp32_nodes"] == ranking[:len(c["fp32_nodes"])] for c in fp32)

@@ -102,8 +102,6 @@ def test_int8_export_writes_a_complete_folder_and_manifest(checkpoints, validati
 
 
 def test_accuracy_counts_labelled_inputs_and_matches_labels_by_name(checkpoints, validation_file, tmp_path):
-    from tests.export.conftest import SENTENCES
-
     checkpoint = checkpoints("bert", ("negative", "neutral", "positive"))
     folder = _export(checkpoint, tmp_path, validation_file)
     reported = json.loads((folder / "manifest.json").read_text())["validation"]["sets"]

@@ -20,8 +20,14 @@ def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str
                      seed: int = 0) -> Path:
     """Save a tiny random BERT or DistilBERT sequence classifier with a WordPiece tokenizer."""
     import torch
-    from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, DistilBertConfig,
-                              DistilBertForSequenceClassification, DistilBertTokenizerFast)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        DistilBertTokenizerFast,
+    )
 
     id2label = id2label or {0: "NEGATIVE", 1: "POSITIVE"}
     folder.mkdir(parents=True, exist_ok=True)

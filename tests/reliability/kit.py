@@ -6,19 +6,22 @@ import http.client
 import json
 import re
 import socket
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-# The service tests' helpers (a real Waitress runner, the schema check) are reused, not copied.
-_SERVICE_TESTS = str(Path(__file__).resolve().parents[1] / "service")
-if _SERVICE_TESTS not in sys.path:
-    sys.path.insert(0, _SERVICE_TESTS)
-from service_testkit import (  # noqa: E402
-    DEFAULT_MODEL, NEGATIVE, POSITIVE, REPO, Server, running_server, schema_errors, service_env, sha256,
+# The shared helpers (a real Waitress runner, the schema check) are reused, not copied.
+from tests.testkit import (
+    DEFAULT_MODEL,
+    NEGATIVE,
+    POSITIVE,
+    REPO,
+    Server,
+    running_server,
+    schema_errors,
+    service_env,
+    sha256,
 )
 
 __all__ = ["DEFAULT_MODEL", "LABELS", "NEGATIVE", "POSITIVE", "REPO", "Reply", "Server", "assert_no_leak",

@@ -21,7 +21,16 @@ import pytest
 
 from tests.reliability.kit import NEGATIVE, POSITIVE, REPO, Server, running_server, service_env
 from tests.reliability.netload import (
-    Answers, answered_408, close_all, connect, hold, hold_idle, process_stats, state, states, timed_requests,
+    Answers,
+    answered_408,
+    close_all,
+    connect,
+    hold,
+    hold_idle,
+    process_stats,
+    state,
+    states,
+    timed_requests,
 )
 
 HELD = 600  # half-sent connections: more than the default SERVICE_CONNECTION_LIMIT

@@ -18,7 +18,14 @@ import pytest
 
 from bench.sizes import closure, requirement_names
 from tests.reliability.kit import (
-    NEGATIVE, POSITIVE, REPO, Server, assert_no_leak, health_ok, send, service_env,
+    NEGATIVE,
+    POSITIVE,
+    REPO,
+    Server,
+    assert_no_leak,
+    health_ok,
+    send,
+    service_env,
 )
 
 JSON = {"Content-Type": "application/json"}

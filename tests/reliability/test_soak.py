@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 
 from tests.reliability.kit import (
-    LABELS, NEGATIVE, POSITIVE, Reply, Server, exchange, health_ok, metric_counts, port_of, running_server,
+    LABELS,
+    NEGATIVE,
+    POSITIVE,
+    Reply,
+    Server,
+    exchange,
+    health_ok,
+    metric_counts,
+    port_of,
+    running_server,
 )
 
 CLIENTS = 32

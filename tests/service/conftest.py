@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from service_testkit import DEFAULT_MODEL, Server, build_tiny_model, running_server
 
 from service import create_app
 from service.classifier import Classifier
+from tests.testkit import DEFAULT_MODEL, Server, build_tiny_model, running_server
 
 
 @pytest.fixture(scope="session")

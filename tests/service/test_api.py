@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
-from service_testkit import NEGATIVE, POSITIVE
 
 from service import create_app
-from service.config import usable_cores
 from service.classifier import Classifier
+from service.config import usable_cores
+from tests.testkit import NEGATIVE, POSITIVE
 
 
 @pytest.mark.parametrize(("path", "payload", "status", "message"), [

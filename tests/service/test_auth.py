@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from service_testkit import POSITIVE, running_server
 
 from service import create_app
 from service.classifier import Classifier
 from service.config import ConfigError, Settings
+from tests.testkit import POSITIVE, running_server
 
 KEY = "s3cr3t-K3y_with.allowed~chars/+="
 

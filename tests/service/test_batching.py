@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_testkit import NEGATIVE, POSITIVE
 
 from service.batching import RUN_COST_TOKENS, Scheduler, Unavailable, length_groups
 from service.classifier import Classifier, InferenceError
 from service.metrics import Metrics
+from tests.testkit import NEGATIVE, POSITIVE
 
 
 @pytest.fixture

@@ -11,13 +11,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_testkit import NEGATIVE, POSITIVE, write_manifest
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
-from service.classifier import (WIDE_CLIP_CHARS_PER_TOKEN, Classifier, InferenceError, InputTooLong,
-                                ModelLoadError, apply_function)
+from service.classifier import (
+    WIDE_CLIP_CHARS_PER_TOKEN,
+    Classifier,
+    InferenceError,
+    InputTooLong,
+    ModelLoadError,
+    apply_function,
+)
+from tests.testkit import NEGATIVE, POSITIVE, write_manifest
 
 # Mixed cases for the tokenizer: accents, CJK, emoji, control characters, long and short texts.
 TOKENIZER_TEXTS = [

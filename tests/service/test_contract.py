@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from service_testkit import NEGATIVE, POSITIVE
 
 from service import create_app
+from tests.testkit import NEGATIVE, POSITIVE
 
 # Measured with an earlier int8 model (layers 0-2 fp32) against the fp32 checkpoint: on this request set's
 # texts, probabilities differ by <= 0.0009 and logits by <= 0.014. On borderline review snippets the

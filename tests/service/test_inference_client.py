@@ -8,7 +8,8 @@ import pytest
 from huggingface_hub import InferenceClient, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import reset_sessions
-from service_testkit import NEGATIVE, POSITIVE, Server
+
+from tests.testkit import NEGATIVE, POSITIVE, Server
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from service_testkit import NEGATIVE, POSITIVE, schema_errors
 
 from service import create_app
 from service.classifier import Classifier
+from tests.testkit import NEGATIVE, POSITIVE, schema_errors
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added by Flask and Werkzeug to every rule
 

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from service_testkit import NEGATIVE, POSITIVE
 
 from service import create_app
+from tests.testkit import NEGATIVE, POSITIVE
 
 
 def test_optimum_backend_classifies_the_default_model(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

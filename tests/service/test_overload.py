@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service_testkit import NEGATIVE, POSITIVE, Server, running_server
-
 from service import create_app
 from service.classifier import Classifier
+from tests.testkit import NEGATIVE, POSITIVE, Server, running_server
 
 BURST = 256
 LONG = NEGATIVE + " It drags on and on." * 60  # over 256 tokens: the costliest request there is

@@ -15,7 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from service_testkit import NEGATIVE, POSITIVE, REPO, Server, running_server, service_env, write_manifest
+
+from tests.testkit import NEGATIVE, POSITIVE, REPO, Server, running_server, service_env, write_manifest
 
 TIMEOUT = 30  # seconds, for every request
 
@@ -137,7 +138,8 @@ def test_metrics_and_request_id_over_http(server: Server) -> None:
     ({"SERVICE_PORT": "abc"}, "error: SERVICE_PORT must be an integer 0-65535 (0: any free port), got 'abc'"),
     ({"SERVICE_PORT": "70000"}, "error: SERVICE_PORT must be an integer 0-65535 (0: any free port), got '70000'"),
     ({"SERVICE_THREADS": "0"}, "error: SERVICE_THREADS must be an integer 1-1024, got '0'"),
-    ({"SERVICE_BACKEND": "tensorflow"}, "error: SERVICE_BACKEND must be one of onnx, pytorch, optimum, got 'tensorflow'"),
+    ({"SERVICE_BACKEND": "tensorflow"},
+     "error: SERVICE_BACKEND must be one of onnx, pytorch, optimum, got 'tensorflow'"),
     ({"SERVICE_MODEL_DIR": "no/such/folder"}, "error: SERVICE_MODEL_DIR 'no/such/folder' is not a folder"),
     ({"SERVICE_MODEL_DIR": "corrupt"}, "does not match its sha256 in manifest.json"),
     ({"SERVICE_HOST": "256.256.256.256"}, "error: cannot listen on 256.256.256.256:0"),

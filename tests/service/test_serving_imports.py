@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service_testkit import REPO, service_env
+from tests.testkit import REPO, service_env
 
 # Runs in a fresh interpreter: build the app the way `python -m service` does, serve every route
 # once, and report any heavy module that was imported or even attempted.

@@ -10,10 +10,18 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from service_testkit import REPO
 
-from service.config import (SETTINGS, ConfigError, Settings, _cgroup_quota, help_text, markdown_table,
-                            resolve_model_dir, usable_cores)
+from service.config import (
+    SETTINGS,
+    ConfigError,
+    Settings,
+    _cgroup_quota,
+    help_text,
+    markdown_table,
+    resolve_model_dir,
+    usable_cores,
+)
+from tests.testkit import REPO
 
 
 def test_defaults(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service_testkit import NEGATIVE, POSITIVE, running_server
+from tests.testkit import NEGATIVE, POSITIVE, running_server
 
 IN_FLIGHT = 12  # requests on the wire when SIGTERM comes: 11 long texts and one upload half sent
 LONG = NEGATIVE + " It drags on and on." * 60  # 256 tokens: each batch of these takes a while

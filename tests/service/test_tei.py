@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from service_testkit import NEGATIVE, POSITIVE, build_tiny_model
 
 from service import create_app
 from service.classifier import Classifier, InferenceError, apply_function
+from tests.testkit import NEGATIVE, POSITIVE, build_tiny_model
 
 PREDICTION = {"type": "object", "required": ["score", "label"],
               "properties": {"label": {"type": "string"}, "score": {"type": "number"}}}

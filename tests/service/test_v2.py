@@ -14,11 +14,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from service_testkit import NEGATIVE, POSITIVE, schema_errors
 
 from service import create_app
 from service.batching import Unavailable
 from service.classifier import Classifier
+from tests.testkit import NEGATIVE, POSITIVE, schema_errors
 
 MODEL = "minilm-l6-sentiment"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -228,8 +228,8 @@ def test_pairs_go_through_text_pair(tiny_models: dict[int, Path]) -> None:
         "inputs": [text_input(texts), text_input(pairs, "text_pair")],
         "outputs": [{"name": "probabilities"}]}).get_json()
     probabilities = np.array(body["outputs"][0]["data"]).reshape(2, 3)
-    expected = client.post("/", json={"inputs": [{"text": t, "text_pair": p} for t, p in zip(texts, pairs)]}
-                           ).get_json()
+    inputs = [{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)]
+    expected = client.post("/", json={"inputs": inputs}).get_json()
     labels = ["negative", "neutral", "positive"]
     for row, ranked in zip(probabilities, expected, strict=True):
         by_label = {item["label"]: item["score"] for item in ranked}

@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from service_testkit import NEGATIVE, POSITIVE, Server, running_server
 from tritonclient.utils import InferenceServerException
+
+from tests.testkit import NEGATIVE, POSITIVE, Server, running_server
 
 MODEL = "minilm-l6-sentiment"
 KEY = "tr1ton-k3y"

@@ -1,4 +1,4 @@
-"""Helpers of the service tests: texts, tiny model folders, a real server runner, a schema check."""
+"""Helpers shared by the tests: texts, tiny model folders, a real server runner, a schema check."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "onnx_models" / "minilm-l6-sentiment"
 START_TIMEOUT = 60.0  # seconds; loading the model takes ~1 s, but the CI machine may be busy
 POSITIVE = "An absolutely wonderful film: moving, funny and beautifully acted. I loved every minute."
