@@ -22,7 +22,7 @@ IMAGE ?= onnx-classifier:latest
 BASE ?= python:3.11-slim
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev export serve test test-fast bench wrk image clean
+.PHONY: help install install-dev export serve test test-slow lint bench wrk image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,13 +53,16 @@ serve: $(VENV)/.serve-installed ## Serve MODEL_DIR with Waitress on HOST:PORT (T
 wrk:
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
-test: $(VENV)/.dev-installed wrk ## Run every test, the slow end-to-end recipe test included (installs wrk if missing)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: lint wrk ## Lint, then run the default tier: every test not marked slow (installs wrk if missing)
+	$(BIN)/python -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.dev-installed wrk ## Run the tests not marked slow
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-slow: $(VENV)/.dev-installed wrk ## Run the slow tier: retraining the default model, image builds, the soak, the thorough fuzz
+	$(BIN)/python -m pytest -m slow --durations=10 $(PYTEST_ARGS)
 
-bench: $(VENV)/.dev-installed wrk ## Benchmark against the PyTorch service, Optimum and the in-process limit (~8 min; installs wrk if missing)
+lint: $(VENV)/.dev-installed ## ruff check (settings in pyproject.toml)
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.dev-installed wrk ## Benchmark against PyTorch, Optimum, Infinity, the HTTP floor and the in-process limit (<= 10 min; docs/benchmarks.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 image: ## Build the container image IMAGE on BASE (if BASE cannot be pulled: a Debian base made with debootstrap)
