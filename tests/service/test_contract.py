@@ -1,8 +1,14 @@
-"""The ONNX service answers like the PyTorch reference (the original pipeline) on the same requests."""
+"""The ONNX service answers like the PyTorch reference (the original pipeline) on the same requests.
+
+Two pairs: a tiny random BERT (its fp32 ONNX export against its checkpoint: every status and key,
+numbers within float rounding) in the default tier, and the default model (int8 against the trained
+fp32 checkpoint) in the slow tier, since a clean machine first trains that checkpoint (minutes).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,13 +16,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service import create_app
+from service.classifier import Classifier
 from tests.testkit import NEGATIVE, POSITIVE
 
-# Measured with an earlier int8 model (layers 0-2 fp32) against the fp32 checkpoint: on this request set's
-# texts, probabilities differ by <= 0.0009 and logits by <= 0.014. On borderline review snippets the
-# gap reaches 0.3 and labels can flip, so only clearly polar texts are compared here.
-PROBABILITY_TOLERANCE = 0.05
-LOGIT_TOLERANCE = 0.25
+# int8 against fp32: on borderline review snippets the gap reaches 0.3 and labels can flip, so only
+# clearly polar texts are compared, with room for int8's rounding. fp32 against fp32: float rounding.
+TOLERANCES = {"default": (0.05, 0.25), "tiny": (1e-4, 1e-4)}  # probabilities, raw logits
 
 LONG = NEGATIVE + " Honestly," + " it just kept going" * 3_000  # truncated to 256 tokens by both
 REQUESTS: list[tuple[str, str, Any]] = [
@@ -47,13 +52,29 @@ REQUESTS: list[tuple[str, str, Any]] = [
 
 
 @pytest.fixture(scope="session")
-def reference_app() -> Flask:
-    """Return the app on the PyTorch reference backend and the default model's fp32 checkpoint."""
+def default_pair(model_dir: Path, classifier: Classifier) -> tuple[Flask, Flask]:
+    """Return the default model's app and the PyTorch reference on its fp32 checkpoint."""
     from export.recipe import ensure_checkpoint
 
     # Cached after `make export` or the slow recipe test; on a clean machine this trains it (minutes).
     checkpoint = ensure_checkpoint()
-    return create_app({"MODEL_DIR": str(checkpoint), "BACKEND": "pytorch", "ORT_THREADS": 2})
+    return (create_app({"MODEL_DIR": str(model_dir)}, classifier=classifier),
+            create_app({"MODEL_DIR": str(checkpoint), "BACKEND": "pytorch", "ORT_THREADS": 2}))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_models: dict[int, Path]) -> tuple[Flask, Flask]:
+    """Return a tiny model's ONNX app and the PyTorch reference on the checkpoint it was exported from."""
+    folder = tiny_models[3]
+    checkpoint = folder.parent / f"{folder.name}-checkpoint"
+    return (create_app({"MODEL_DIR": str(folder), "ORT_THREADS": 1}),
+            create_app({"MODEL_DIR": str(checkpoint), "BACKEND": "pytorch", "ORT_THREADS": 1}))
+
+
+@pytest.fixture(params=["tiny", pytest.param("default", marks=pytest.mark.slow)])
+def pair(request: pytest.FixtureRequest) -> tuple[str, Flask, Flask]:
+    """Return which model, the ONNX app and its PyTorch reference."""
+    return (request.param, *request.getfixturevalue(f"{request.param}_pair"))
 
 
 def send(client: FlaskClient, method: str, path: str, payload: Any) -> tuple[int, Any]:
@@ -86,18 +107,20 @@ def differences(ours: Any, reference: Any, tolerance: float, where: str = "$") -
 
 @pytest.mark.parametrize(("method", "path", "payload"), REQUESTS,
                          ids=[f"{m} {p} {str(b)[:40]}" for m, p, b in REQUESTS])
-def test_onnx_answers_like_the_pytorch_reference(client: FlaskClient, reference_app: Flask, method: str,
-                                                 path: str, payload: Any) -> None:
-    ours = send(client, method, path, payload)
+def test_onnx_answers_like_the_pytorch_reference(pair: tuple[str, Flask, Flask], method: str, path: str,
+                                                 payload: Any) -> None:
+    model, onnx_app, reference_app = pair
+    ours = send(onnx_app.test_client(), method, path, payload)
     reference = send(reference_app.test_client(), method, path, payload)
     assert ours[0] == reference[0]
     raw_logits = isinstance(payload, dict) and payload.get("parameters", {}).get("function_to_apply") == "none"
-    tolerance = LOGIT_TOLERANCE if raw_logits else PROBABILITY_TOLERANCE
-    assert differences(ours[1], reference[1], tolerance) == []
+    probabilities, logits = TOLERANCES[model]
+    assert differences(ours[1], reference[1], logits if raw_logits else probabilities) == []
 
 
-def test_info_describes_both_backends_alike(client: FlaskClient, reference_app: Flask) -> None:
-    ours = client.get("/info").get_json()
+def test_info_describes_both_backends_alike(pair: tuple[str, Flask, Flask]) -> None:
+    _, onnx_app, reference_app = pair
+    ours = onnx_app.test_client().get("/info").get_json()
     reference = reference_app.test_client().get("/info").get_json()
     assert (ours["backend"], reference["backend"]) == ("onnx", "pytorch")
     for key in ("labels", "max_length", "function_to_apply"):
