@@ -24,7 +24,7 @@ from service.config import usable_cores
 DEFAULT_MODEL = "onnx_models/minilm-l6-sentiment"
 CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
-ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx", "onnx-w2", "onnx-t2o1")
+ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx", "onnx-w1", "onnx-nospin", "onnx-t2o1")
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
 
@@ -63,10 +63,14 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path) -> tuple[dic
         elif name == "onnx":
             specs[name] = {"label": "this service (onnx)", "size_key": "onnx",
                            "server": ServerSpec(name, {"SERVICE_MODEL_DIR": model_dir})}
-        elif name == "onnx-w2":
-            # the lever: a second batch worker, so one batch is gathered and tokenized while another runs
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_WORKERS": "2"}
-            specs[name] = {"label": "onnx, 2 batch workers", "size_key": "onnx", "server": ServerSpec(name, env)}
+        elif name == "onnx-w1":
+            # the lever: one model run at a time (the default allows two on two cores or more)
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_WORKERS": "1"}
+            specs[name] = {"label": "onnx, 1 run at a time", "size_key": "onnx", "server": ServerSpec(name, env)}
+        elif name == "onnx-nospin":
+            # the lever: onnxruntime's intra-op threads sleep between runs instead of spinning briefly
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_SPINNING": "false"}
+            specs[name] = {"label": "onnx, spinning off", "size_key": "onnx", "server": ServerSpec(name, env)}
         elif name == "onnx-t2o1":
             # the lever: 2 Waitress threads x 1 ORT thread, unbatched
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1",
@@ -217,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 1 s cells, 1 repetition, short text at c=1 and 8")
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=ALL_BACKENDS,
-                        help=f"default: {' '.join(DEFAULT_BACKENDS)} (onnx-w2: 2 batch workers, onnx-t2o1: "
-                             "unbatched, 2 Waitress x 1 ORT thread, are opt-in)")
+                        help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: onnx-w1: 1 run at a time, "
+                             "onnx-nospin: spinning off, onnx-t2o1: unbatched, 2 Waitress x 1 ORT thread)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--connections", nargs="+", type=int, default=list(CONNECTIONS),
                         help="concurrencies of the short text (default 1 8 32)")

@@ -314,15 +314,15 @@ def test_a_missed_throughput_or_memory_target_names_its_cause() -> None:
     summary["servers"]["onnx"]["rss_mb"]["median"] = 200.0
     summary["servers"]["onnx"]["cold_start_s"] = {"median": 1.2, "min": 1.1, "max": 1.3, "n": 3}
     variant = copy.deepcopy(ours8)
-    variant["backend"], variant["throughput_rps"]["median"] = "onnx-w2", 150.0
-    summary["cells"][report.cell_key("onnx-w2", "short", 8)] = variant
+    variant["backend"], variant["throughput_rps"]["median"] = "onnx-w1", 150.0
+    summary["cells"][report.cell_key("onnx-w1", "short", 8)] = variant
     checks = by_name(report.targets(summary, cores=2))
     # 0.5 s of server CPU over 100 requests; 0.85 x 700 texts/s on 2 cores leaves 3.4 ms per request
     assert checks["short c=8: req/s >= 0.85 x in-process limit"]["why"] == (
         "5.0 ms of server CPU per request; 0.85 x the limit needs at most 3.4 ms on 2 cores, of which the HTTP "
         "floor takes 0.35 ms; at the service's own session setting (intra 2, spinning off, 1 thread, batch 1) "
         "the model alone does 500 texts/s; other jobs took up to 0.5 cores during this cell; "
-        "variants in this run: onnx-w2 150.0 req/s")
+        "variants in this run: onnx-w1 150.0 req/s")
     assert checks["short c=8: req/s >= 2 x Infinity"]["why"].startswith(
         "5.0 ms of server CPU per request; 2 x Infinity needs at most 5.0 ms on 2 cores")
     assert "Infinity uses 5.0 ms of server CPU per request" in checks["short c=8: req/s >= 2 x Infinity"]["why"]
@@ -363,7 +363,7 @@ def test_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
 
 
 def test_a_peer_kept_for_the_whole_run_has_one_cold_start() -> None:
-    assert restarted("onnx") and restarted("onnx-w2") and restarted("floor")
+    assert restarted("onnx") and restarted("onnx-w1") and restarted("floor")
     assert not restarted("infinity") and not restarted("optimum") and not restarted("pytorch")
     servers = [{"rep": rep, "backend": "optimum", "cold_start_s": 6.0 if rep == 0 else None, "rss_mb": 480.0 + rep,
                 "peak_rss_mb": 490.0} for rep in range(3)]
