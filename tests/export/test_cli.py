@@ -85,6 +85,7 @@ def test_an_existing_output_folder_is_refused_without_force(run_cli, checkpoints
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow  # a search over the int8 candidates: minutes
 def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, validation_file):
     """A classifier whose two logits nearly tie on every input: int8 rounding flips many labels."""
     import random
@@ -177,6 +178,7 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
     assert manifest["validation"]["gate"]["passed"] is True
 
 
+@pytest.mark.slow  # a search over the int8 candidates: minutes
 def test_auto_picks_the_fastest_candidate_that_meets_the_gate(run_cli, checkpoints, tmp_path, validation_file):
     out = tmp_path / "out"
     result = run_cli("--model", str(checkpoints("bert")), "--output-dir", str(out), "--validation-file",
@@ -195,6 +197,7 @@ def test_auto_picks_the_fastest_candidate_that_meets_the_gate(run_cli, checkpoin
         assert quant["served"] == "fp32" and "slower than fp32" in quant["why"]
 
 
+@pytest.mark.slow  # four exports stopped part-way: a minute or more each
 @pytest.mark.parametrize("stage", ["[2/5]", "[4/5]"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_export_leaves_no_folder(checkpoints, tmp_path, validation_file, stage, signum):
