@@ -370,3 +370,19 @@ def test_a_peer_kept_for_the_whole_run_has_one_cold_start() -> None:
     summary = report.summarise([], servers, [])["servers"]["optimum"]
     assert summary["cold_start_s"] == {"median": 6.0, "min": 6.0, "max": 6.0, "n": 1}
     assert summary["rss_mb"]["n"] == 3
+
+
+def test_profile_buckets_a_stack_by_its_innermost_known_frame() -> None:
+    from bench.profile import bucket
+
+    pool = "Thread._bootstrap (threading.py:1002);ThreadedTaskDispatcher.handler_thread (waitress/task.py:{})"
+    request = pool.format(83) + ";Flask.dispatch_request (flask/app.py:902);sentiment (service/api.py:36)"
+    assert bucket(pool.format(71) + ";Condition.wait (threading.py:327)") is None  # waiting for a task
+    assert bucket("main (service/__main__.py:67);EpollSelector.select (selectors.py:468)") is None
+    assert bucket(request + ";Classifier.run (service/classifier.py:371);Session.run "
+                  "(onnxruntime/capi/onnxruntime_inference_collection.py:406)") == "model: session.run"
+    assert bucket(request + ";Scheduler._await (service/batching.py:222);Event.wait (threading.py:629)") == \
+        "wait: queue / batch hand-off"
+    assert bucket(request + ";read_body (service/schemas.py:49)") == "request JSON parse + validation"
+    assert bucket(pool.format(83) + ";HTTPChannel.service (waitress/channel.py:430)") == \
+        "Waitress (HTTP parse, write, threads)"
