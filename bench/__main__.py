@@ -24,7 +24,8 @@ from service.config import usable_cores
 DEFAULT_MODEL = "onnx_models/minilm-l6-sentiment"
 CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
-ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx", "onnx-w1", "onnx-nospin", "onnx-t2o1")
+ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
+                "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1")  # the last five: opt-in levers
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
 
@@ -71,6 +72,13 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path) -> tuple[dic
             # the lever: onnxruntime's intra-op threads sleep between runs instead of spinning briefly
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_SPINNING": "false"}
             specs[name] = {"label": "onnx, spinning off", "size_key": "onnx", "server": ServerSpec(name, env)}
+        elif name in ("onnx-o1", "onnx-o1-nospin"):
+            # the lever: one intra-op thread per run, so two concurrent runs share two cores without oversubscribing
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": "1"}
+            label = "onnx, 1 intra-op thread"
+            if name.endswith("nospin"):
+                env["SERVICE_ORT_SPINNING"], label = "false", label + ", spinning off"
+            specs[name] = {"label": label, "size_key": "onnx", "server": ServerSpec(name, env)}
         elif name == "onnx-t2o1":
             # the lever: 2 Waitress threads x 1 ORT thread, unbatched
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1",
@@ -222,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a smoke run: 1 s cells, 1 repetition, short text at c=1 and 8")
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=ALL_BACKENDS,
                         help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: onnx-w1: 1 run at a time, "
-                             "onnx-nospin: spinning off, onnx-t2o1: unbatched, 2 Waitress x 1 ORT thread)")
+                             "onnx-nospin: spinning off, onnx-o1: 1 intra-op thread, onnx-o1-nospin: both, onnx-t2o1: "
+                             "unbatched, 2 Waitress x 1 ORT thread)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--connections", nargs="+", type=int, default=list(CONNECTIONS),
                         help="concurrencies of the short text (default 1 8 32)")

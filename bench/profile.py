@@ -7,8 +7,9 @@
 For each client count: a fresh server, a warm-up, one wrk run without the profiler (latency and
 throughput as they are), then one with py-spy attached (--idle, so waits count too). A sample of a
 request thread lands in the bucket of its innermost known frame; a bucket's milliseconds per request
-are its samples / sampling rate / requests answered under the profiler. Waitress threads waiting
-for a task and the event loop's select() are idle time, not request time, and are left out. py-spy
+are its samples / sampling rate / requests answered under the profiler. The event loop waiting for
+sockets, Waitress threads waiting for a request and background threads waiting for work are idle
+time, not request time, and are left out; a request thread's own waits are counted. py-spy
 slows the server it samples, so the shares are what to read, scaled to the unprofiled latency.
 """
 
@@ -34,7 +35,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("collate (numpy feeds)", ("Classifier.collate", "collate (")),
     ("post-process (softmax, labels)", ("Classifier.postprocess", "apply_function", "postprocess")),
     ("wait: queue / batch hand-off", ("Event.wait", "Condition.wait", "_await", "Scheduler.logits")),
-    ("scheduler bookkeeping", ("service/batching.py", "service/worker.py", "service/batcher.py")),
+    ("scheduler bookkeeping", ("service/batching.py",)),
     ("request JSON parse + validation", ("service/schemas.py", "json_ob", "get_json", "loads (json")),
     ("response JSON", ("jsonify", "dumps (json", "flask/json")),
     ("metrics", ("service/metrics.py", "prometheus_client")),
@@ -43,13 +44,17 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Waitress (HTTP parse, write, threads)", ("waitress/",)),
 )
 WAITING_FOR_A_TASK = "ThreadedTaskDispatcher.handler_thread (waitress/task.py:71)"  # queue_cv.wait()
+LOOP_WAITS = ("Selector.select (selectors.py", "poll (waitress/wasyncore.py", "poll2 (waitress/wasyncore.py")
+THREAD_WAITS = ("Condition.wait (threading.py", "Event.wait (threading.py")
 
 
 def bucket(stack: str) -> str | None:
     """Return the phase a sampled stack belongs to, or None for an idle thread."""
     frames = stack.split(";")
-    if "Selector.select (selectors.py" in frames[-1] or (len(frames) > 1 and frames[-2] == WAITING_FOR_A_TASK):
-        return None
+    if any(wait in frames[-1] for wait in LOOP_WAITS) or (len(frames) > 1 and frames[-2] == WAITING_FOR_A_TASK):
+        return None  # the event loop waiting for sockets, a Waitress thread waiting for a request
+    if frames[-1].startswith(THREAD_WAITS) and not any(f.startswith("HTTPChannel.service") for f in frames):
+        return None  # a background thread (a batch worker) waiting for work: no request is waiting
     for frame in reversed(frames):
         for name, markers in BUCKETS:
             if any(marker in frame for marker in markers):

@@ -376,7 +376,8 @@ def test_profile_buckets_a_stack_by_its_innermost_known_frame() -> None:
     from bench.profile import bucket
 
     pool = "Thread._bootstrap (threading.py:1002);ThreadedTaskDispatcher.handler_thread (waitress/task.py:{})"
-    request = pool.format(83) + ";Flask.dispatch_request (flask/app.py:902);sentiment (service/api.py:36)"
+    request = pool.format(83) + (";HTTPChannel.service (waitress/channel.py:430);Flask.dispatch_request "
+                                 "(flask/app.py:902);sentiment (service/api.py:36)")
     assert bucket(pool.format(71) + ";Condition.wait (threading.py:327)") is None  # waiting for a task
     assert bucket("main (service/__main__.py:67);EpollSelector.select (selectors.py:468)") is None
     assert bucket(request + ";Classifier.run (service/classifier.py:371);Session.run "
@@ -386,3 +387,13 @@ def test_profile_buckets_a_stack_by_its_innermost_known_frame() -> None:
     assert bucket(request + ";read_body (service/schemas.py:49)") == "request JSON parse + validation"
     assert bucket(pool.format(83) + ";HTTPChannel.service (waitress/channel.py:430)") == \
         "Waitress (HTTP parse, write, threads)"
+
+
+def test_profile_leaves_idle_loops_and_idle_background_threads_out() -> None:
+    from bench.profile import bucket
+
+    assert bucket("loop (waitress/wasyncore.py:244);poll2 (waitress/wasyncore.py:213)") is None
+    background = "Thread.run (threading.py:982);_loop (service/batching.py:90);Condition.wait (threading.py:327)"
+    assert bucket(background) is None
+    inside = "HTTPChannel.service (waitress/channel.py:430);_await (service/batching.py:22);Event.wait (threading.py:1)"
+    assert bucket(inside) == "wait: queue / batch hand-off"
