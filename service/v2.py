@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,18 +200,24 @@ def read_request(header: dict[str, Any], binary: memoryview, max_batch: int, mod
                         _DIRECTIONS.get(direction) if direction is not None else None)
 
 
+def _named(value: list[Any], field: str) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """Yield each tensor of an 'inputs' or 'outputs' list with its index and name, checking both."""
+    for index, tensor in enumerate(value):
+        if not isinstance(tensor, dict):
+            raise _bad(f"{field}[{index}] must be an object")
+        name = tensor.get("name")
+        if not isinstance(name, str):
+            raise _bad(f"{field}[{index}].name must be a string")
+        yield index, tensor, name
+
+
 def _inputs(value: Any, binary: memoryview, max_batch: int, model: str) -> dict[str, list[str]]:
     """Return the texts of each input tensor, read from JSON data or from the binary data in order."""
     if not isinstance(value, list) or not value:
         raise _bad("'inputs' must be a non-empty list of input tensors")
     texts: dict[str, list[str]] = {}
     offset = 0
-    for index, tensor in enumerate(value):
-        if not isinstance(tensor, dict):
-            raise _bad(f"inputs[{index}] must be an object")
-        name = tensor.get("name")
-        if not isinstance(name, str):
-            raise _bad(f"inputs[{index}].name must be a string")
+    for index, tensor, name in _named(value, "inputs"):
         if name not in (TEXT, TEXT_PAIR):
             raise _bad(f"unexpected inference input '{_shown(name)}' for model '{model}': its inputs are '{TEXT}' and "
                        f"the optional '{TEXT_PAIR}'")
@@ -309,12 +316,7 @@ def _outputs(value: Any, binary_output: bool, model: str) -> list[Requested]:
     if not isinstance(value, list):
         raise _bad("'outputs' must be a list of requested outputs")
     requested: list[Requested] = []
-    for index, tensor in enumerate(value):
-        if not isinstance(tensor, dict):
-            raise _bad(f"outputs[{index}] must be an object")
-        name = tensor.get("name")
-        if not isinstance(name, str):
-            raise _bad(f"outputs[{index}].name must be a string")
+    for index, tensor, name in _named(value, "outputs"):
         if name not in OUTPUTS:
             raise _bad(f"unexpected inference output '{_shown(name)}' for model '{model}': its outputs are "
                        + ", ".join(f"'{output}'" for output in OUTPUTS))
