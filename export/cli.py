@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from export.convert import TARGETS
@@ -84,7 +86,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the export; return 0 on success, 1 on a user-fixable error, 130 when interrupted."""
+    """Run the export; return 0 on success, 1 on a user-fixable error, 2 on a bug, 130 when interrupted."""
     options = parse_args(argv)
     if not logger.handlers:  # stage lines on stderr; libraries' own INFO chatter stays out
         handler = logging.StreamHandler(sys.stderr)
@@ -103,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("export interrupted; no model folder was written")
         return 130
+    except Exception as exc:  # a bug or a library failure: one paragraph here, the trace in a file
+        with tempfile.NamedTemporaryFile("w", prefix="export-error-", suffix=".log", delete=False) as log:
+            log.write(traceback.format_exc())
+        logger.error("export failed unexpectedly: %s: %s\nThis is not a problem with your input that the "
+                     "export knows how to explain. The full trace is in %s; include it when you report it.",
+                     type(exc).__name__, exc, log.name)
+        return 2
     print(folder)
     return 0
 

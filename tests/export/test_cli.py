@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -241,3 +242,25 @@ def test_this_cpu_is_detected():
         assert detect_target() == "avx512_vnni"
     else:
         assert detect_target() in ("avx512", "avx2", "arm64")
+
+
+def test_an_unexpected_failure_is_one_paragraph_and_the_trace_goes_to_a_file(monkeypatch, capfd, tmp_path):
+    from export import cli
+
+    def broken(options):  # injected fault: a bug deep in a stage
+        raise RuntimeError("a library failed")
+
+    monkeypatch.setattr(cli, "run", broken)
+    monkeypatch.setattr(cli.logger, "handlers", [])  # a handler on this test's stderr
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert cli.main(["--output-dir", str(tmp_path / "out")]) == 2
+    finally:  # main() installs its own
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "export failed unexpectedly: RuntimeError: a library failed" in err
+    (log,) = tmp_path.glob("export-error-*.log")
+    assert log.name in err and "RuntimeError: a library failed" in log.read_text()
+    assert "Traceback" in log.read_text()
