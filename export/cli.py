@@ -54,8 +54,12 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--no-gate", dest="enforce_gate", action="store_false",
                         help="write the model even if it misses the gate")
     parser.add_argument("--validation-file", type=Path,
-                        help="your inputs, one per line: 'text' or 'LABEL<TAB>text'; split into calibration, "
+                        help="your inputs, one per line: 'text' or 'LABEL<TAB>text' (with --pairs: "
+                             "'text<TAB>text_pair' or 'LABEL<TAB>text<TAB>text_pair'); split into calibration, "
                              "selection and test parts")
+    parser.add_argument("--pairs", action="store_true",
+                        help="the model classifies text pairs (NLI, cross-encoder rerankers): calibrate, gate and "
+                             "validate on the pairs of --validation-file, which it then needs")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
     parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
     args = parser.parse_args(argv)
@@ -72,7 +76,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                          force=args.force, quantization=quantization, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, on_miss=args.on_miss,
                          enforce_gate=args.enforce_gate, validation_file=args.validation_file,
-                         opset=args.opset, retrain=args.retrain)
+                         pairs=args.pairs, opset=args.opset, retrain=args.retrain)
 
 
 def _quiet_libraries() -> None:

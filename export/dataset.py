@@ -27,11 +27,17 @@ OOD_VALIDATION_SIZE = 500  # per out-of-domain corpus; the rest of it is test da
 
 @dataclass(frozen=True)
 class Example:
-    """One input: its text and its label name ("POSITIVE", "NEGATIVE", ...), None if unlabelled."""
+    """One input: its text (and second text, for a pair model) and its label name, None if unlabelled."""
 
     text: str
     label: str | None
     domain: str
+    text_pair: str | None = None
+
+    @property
+    def input(self) -> str | tuple[str, str]:
+        """Return what the model reads: the text, or (text, text_pair)."""
+        return self.text if self.text_pair is None else (self.text, self.text_pair)
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,23 @@ def labelled(examples: Iterable[Example]) -> list[Example]:
     return [e for e in examples if e.label is not None]
 
 
-def read_text_file(path: Path) -> list[Example]:
-    """Read user-supplied validation inputs: 'text' or 'LABEL<TAB>text' per line (LABEL as in id2label)."""
+def read_text_file(path: Path, pairs: bool = False) -> list[Example]:
+    """Read user-supplied validation inputs, one per line (LABEL as in id2label).
+
+    Single texts: 'text' or 'LABEL<TAB>text'. Pairs: 'text<TAB>text_pair' or 'LABEL<TAB>text<TAB>text_pair';
+    a pair line with one field, or more than three, raises ValueError naming the line.
+    """
     examples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
+            continue
+        if pairs:
+            fields = line.split("\t")
+            if len(fields) not in (2, 3) or not all(field.strip() for field in fields):
+                raise ValueError(f"{path}:{number}: a pair line is 'text<TAB>text_pair' or "
+                                 f"'LABEL<TAB>text<TAB>text_pair', got {len(fields)} tab-separated field(s)")
+            label = fields[0].strip() if len(fields) == 3 else None
+            examples.append(Example(text=fields[-2], label=label, domain=path.stem, text_pair=fields[-1]))
             continue
         head, sep, tail = line.partition("\t")
         if sep and tail.strip():
@@ -95,6 +113,6 @@ def read_text_file(path: Path) -> list[Example]:
     return examples
 
 
-def texts(examples: Sequence[Example]) -> list[str]:
-    """Return the texts of examples, in order."""
-    return [e.text for e in examples]
+def inputs(examples: Sequence[Example]) -> list[str | tuple[str, str]]:
+    """Return what the model reads of each example, in order: texts, or (text, text_pair) pairs."""
+    return [e.input for e in examples]

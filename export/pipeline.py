@@ -40,6 +40,7 @@ class ExportOptions:
     on_miss: str = "best"  # auto, when no candidate meets the gate: "best" int8, or "fp32"
     enforce_gate: bool = True
     validation_file: Path | None = None
+    pairs: bool = False  # a pair model: validation_file holds text pairs
     opset: int | None = None
     retrain: bool = False
 
@@ -98,7 +99,10 @@ def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
     if options.validation_file is not None:
         if not options.validation_file.is_file():
             raise ExportError(f"--validation-file {options.validation_file} does not exist.")
-        examples = read_text_file(options.validation_file)
+        try:
+            examples = read_text_file(options.validation_file, pairs=options.pairs)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
         if len(examples) < 4:
             raise ExportError(f"--validation-file {options.validation_file} needs at least 4 inputs "
                               f"(calibration, selection and test splits are drawn from it); it has {len(examples)}.")
@@ -137,6 +141,9 @@ def run(options: ExportOptions) -> Path:
     name = options.name or default_name(options.model)
     if not name or name.startswith(".") or "/" in name or name in ("..",):
         raise ExportError(f"--name {name!r} must be a plain folder name.")
+    if options.pairs and options.validation_file is None:
+        raise ExportError("--pairs needs --validation-file with text pairs ('text<TAB>text_pair' or "
+                          "'LABEL<TAB>text<TAB>text_pair' per line): the default snippets are single texts.")
     target = (options.output_dir / name).resolve()
     if target.exists() and not options.force:
         raise ExportError(f"{target} already exists; pass --force (make export ... EXPORT_ARGS=--force) "
@@ -224,6 +231,7 @@ def run(options: ExportOptions) -> Path:
             "model": {"file": "model.onnx", "model_type": exported_config.get("model_type"),
                       "architectures": exported_config.get("architectures"),
                       "id2label": exported_config.get("id2label"), "max_length": length,
+                      "inputs": "text pairs" if options.pairs else "texts",
                       "opset": opset_of(folder / "model.onnx"),
                       "size_bytes": (folder / "model.onnx").stat().st_size,
                       "fp32_size_bytes": fp32.stat().st_size},

@@ -67,15 +67,15 @@ class Scorer:
 
     def __init__(self, tokenizer, max_length: int, config: dict, sets: dict[str, Sequence[Example]],
                  fp32_model: Path) -> None:
-        from export.validate import _batches
+        from export.validate import _batches, _length
 
         self.config = config
         self.label2id = {str(k): int(v) for k, v in config["label2id"].items()}
         self.num_labels = len(config["id2label"])
         self.sets = {name: list(examples) for name, examples in sets.items()}
-        self.batches = {name: list(_batches([e.text for e in examples], tokenizer, max_length))
+        self.batches = {name: list(_batches([e.input for e in examples], tokenizer, max_length))
                         for name, examples in self.sets.items()}
-        typical = sorted((e.text for e in self.sets["selection"]), key=len)
+        typical = sorted((e.input for e in self.sets["selection"]), key=_length)
         text = typical[len(typical) // 2]
         self.latency_inputs = {size: next(_batches([text] * size, tokenizer, max_length))[1] for size in (1, 8)}
         self.fp32_model = fp32_model

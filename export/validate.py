@@ -7,6 +7,7 @@ softmax over more than one label, sigmoid for one label or multi-label problems.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import statistics
@@ -51,17 +52,32 @@ def predicted(scores: np.ndarray) -> np.ndarray:
     return scores.argmax(axis=1)
 
 
-def _batches(texts: Sequence[str], tokenizer, max_length: int):
-    """Yield (indices, encoded numpy batch), grouping texts of similar length to limit padding."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+Input = str | tuple[str, str]  # a text, or (text, text_pair) for a pair model
+
+
+def _length(item: Input) -> int:
+    return len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
+
+
+def _batches(texts: Sequence[Input], tokenizer, max_length: int):
+    """Yield (indices, encoded numpy batch), grouping inputs of similar length to limit padding.
+
+    Pairs are encoded as the text-classification pipeline does: tokenizer(texts, text_pairs), truncated
+    longest first.
+    """
+    order = sorted(range(len(texts)), key=lambda i: _length(texts[i]))
     for start in range(0, len(order), BATCH_SIZE):
         idx = order[start:start + BATCH_SIZE]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="np")
+        chunk = [texts[i] for i in idx]
+        if all(isinstance(item, str) for item in chunk):
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        else:
+            enc = tokenizer([item[0] for item in chunk], [item[1] for item in chunk], padding=True,
+                            truncation=True, max_length=max_length, return_tensors="np")
         yield idx, {k: v.astype(np.int64) for k, v in enc.items()}
 
 
-def _run_all(texts: Sequence[str], tokenizer, max_length: int, run: Callable[[dict], np.ndarray],
+def _run_all(texts: Sequence[Input], tokenizer, max_length: int, run: Callable[[dict], np.ndarray],
              num_labels: int) -> np.ndarray:
     logits = np.zeros((len(texts), num_labels), dtype=np.float32)
     for idx, batch in _batches(texts, tokenizer, max_length):
@@ -97,10 +113,14 @@ def torch_runner(checkpoint: Path) -> Callable[[dict], np.ndarray]:
 
     torch.set_num_threads(usable_cores())
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    # Only what forward() takes, as the pipeline does: a BERT tokenizer's token_type_ids do not reach a
+    # DistilBERT model.
+    accepted = set(inspect.signature(model.forward).parameters)
 
     def run(batch: dict) -> np.ndarray:
         with torch.inference_mode():
-            return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+            feeds = {k: torch.from_numpy(v) for k, v in batch.items() if k in accepted}
+            return model(**feeds).logits.float().numpy()
 
     return run
 
@@ -126,7 +146,7 @@ def accuracy(scores: np.ndarray, examples: Sequence[Example], label2id: dict[str
     return round(float(hits.mean()), 5)
 
 
-def latency_ms(run: Callable[[dict], np.ndarray], tokenizer, text: str, max_length: int) -> dict:
+def latency_ms(run: Callable[[dict], np.ndarray], tokenizer, text: Input, max_length: int) -> dict:
     """Return median in-process latency (model run only) at batch 1 and batch 8."""
     figures = {}
     for batch_size, repeats in ((1, 40), (8, 15)):
@@ -154,7 +174,7 @@ def evaluate(checkpoint: Path, tokenizer_dir: Path, models: dict[str, Path], set
     runners.update({name: ort_runner(ort_session(path)) for name, path in models.items()})
     report: dict = {"sets": {}, "latency": {}}
     for set_name, examples in sets.items():
-        texts = [e.text for e in examples]
+        texts = [e.input for e in examples]
         scores = {}
         for name, run in runners.items():
             started = time.monotonic()
@@ -166,7 +186,7 @@ def evaluate(checkpoint: Path, tokenizer_dir: Path, models: dict[str, Path], set
         for name in models:
             entry[f"{name}_vs_pytorch"] = compare(scores["pytorch"], scores[name])
         report["sets"][set_name] = entry
-    sample = sorted((e.text for e in next(iter(sets.values()))), key=len)
+    sample = sorted((e.input for e in next(iter(sets.values()))), key=_length)
     typical = sample[len(sample) // 2] if sample else "a typical sentence"
     for name, run in runners.items():
         report["latency"][name] = latency_ms(run, tokenizer, typical, max_length)

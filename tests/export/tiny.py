@@ -17,8 +17,11 @@ def _vocab() -> list[str]:
 
 
 def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str] | None = None,
-                     seed: int = 0) -> Path:
-    """Save a tiny random BERT or DistilBERT sequence classifier with a WordPiece tokenizer."""
+                     seed: int = 0, bert_tokenizer: bool = False) -> Path:
+    """Save a tiny random BERT or DistilBERT sequence classifier with a WordPiece tokenizer.
+
+    bert_tokenizer: give a DistilBERT model a BERT tokenizer, which also emits token_type_ids.
+    """
     import torch
     from transformers import (
         BertConfig,
@@ -44,6 +47,8 @@ def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str
         model, tokenizer_class = DistilBertForSequenceClassification(config), DistilBertTokenizerFast
     else:
         raise ValueError(family)
+    if bert_tokenizer:
+        tokenizer_class = BertTokenizerFast
     tokenizer = tokenizer_class(vocab_file=str(folder / "vocab.txt"), model_max_length=128)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
