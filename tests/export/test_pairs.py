@@ -66,8 +66,9 @@ def test_pairs_without_a_pair_file_are_refused_before_any_work(tmp_path: Path) -
         run(ExportOptions(model=str(tmp_path), output_dir=tmp_path, pairs=True))
 
 
-def test_a_cross_encoder_exports_and_reranks_with_pytorchs_scores(tmp_path: Path) -> None:
-    checkpoint = build_checkpoint(tmp_path / "cross-encoder", "bert", {0: "LABEL_0"})
+@pytest.mark.parametrize("family", ["bert", "roberta"])  # token_type_ids, and none
+def test_a_cross_encoder_exports_and_reranks_with_pytorchs_scores(tmp_path: Path, family: str) -> None:
+    checkpoint = build_checkpoint(tmp_path / "cross-encoder", family, {0: "LABEL_0"})
     folder = _export(checkpoint, tmp_path / "out", _pairs_file(tmp_path))
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["model"]["inputs"] == "text pairs"

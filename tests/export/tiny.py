@@ -18,10 +18,12 @@ def _vocab() -> list[str]:
 
 def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str] | None = None,
                      seed: int = 0, bert_tokenizer: bool = False) -> Path:
-    """Save a tiny random BERT or DistilBERT sequence classifier with a WordPiece tokenizer.
+    """Save a tiny random BERT or DistilBERT classifier with a WordPiece tokenizer, or a RoBERTa one with BPE.
 
     bert_tokenizer: give a DistilBERT model a BERT tokenizer, which also emits token_type_ids.
     """
+    if family == "roberta":
+        return _roberta(folder, id2label or {0: "NEGATIVE", 1: "POSITIVE"}, seed)
     import torch
     from transformers import (
         BertConfig,
@@ -51,5 +53,28 @@ def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str
         tokenizer_class = BertTokenizerFast
     tokenizer = tokenizer_class(vocab_file=str(folder / "vocab.txt"), model_max_length=128)
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _roberta(folder: Path, id2label: dict[int, str], seed: int) -> Path:
+    """Save a tiny random RoBERTa classifier with a byte-level BPE tokenizer trained on WORDS (no token_type_ids)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(folder))  # vocab.json, merges.txt
+    tokenizer = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+                                     model_max_length=128)
+    config = RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=37, max_position_embeddings=130, type_vocab_size=1,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2, id2label=id2label,
+                           label2id={v: k for k, v in id2label.items()})
+    torch.manual_seed(seed)
+    RobertaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
