@@ -126,14 +126,12 @@ def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
 
 
 def max_length(config: dict, folder: Path) -> int:
-    """Return the truncation length: the tokenizer's model_max_length, capped by position embeddings."""
-    limit = int(config.get("max_position_embeddings") or 512)
+    """Return the truncation length the service will use for this folder (service.classifier's rule)."""
+    from service.classifier import model_max_length
+
     tokenizer_config = folder / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        declared = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("model_max_length")
-        if isinstance(declared, (int, float)) and 0 < declared < limit:
-            return int(declared)
-    return limit
+    declared = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else {}
+    return model_max_length(declared, config)
 
 
 def run(options: ExportOptions) -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from export.dataset import Example
+from service.classifier import apply_function, default_function
+from service.config import usable_cores  # the service's rule: affinity, capped by the cgroup's quota
 
 logger = logging.getLogger(__name__)
 
@@ -27,22 +29,9 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 16
 
 
-def usable_cores() -> int:
-    """Return the cores this process may run on (affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 def probabilities(logits: np.ndarray, config: dict) -> np.ndarray:
-    """Turn logits into scores the way transformers' pipeline does by default."""
-    logits = logits.astype(np.float64)
-    if logits.shape[1] == 1 or config.get("problem_type") == "multi_label_classification":
-        return 1.0 / (1.0 + np.exp(-logits))
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Turn logits into scores as the service does by default (transformers' pipeline's function)."""
+    return apply_function(logits, default_function(config, logits.shape[1]))
 
 
 def predicted(scores: np.ndarray) -> np.ndarray:
