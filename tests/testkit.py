@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import queue
@@ -197,3 +198,21 @@ def _is_type(value: Any, name: str) -> bool:
     if name == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, _TYPES[name])
+
+
+def post_in_flight(port: int, text: str, sent: threading.Barrier) -> tuple[int, Any, float] | Exception:
+    """POST /sentiment one text, wait at `sent` (so every such request is on the wire), then read the answer.
+
+    Return (status, JSON body, monotonic time of the answer), or the exception a reset or cut-off body raised.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", "/sentiment", body=json.dumps({"text": text}),
+                           headers={"Content-Type": "application/json"})
+        sent.wait()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), time.monotonic()
+    except Exception as exc:  # a reset or a cut-off body is what the stop tests look for
+        return exc
+    finally:
+        connection.close()

@@ -3,7 +3,6 @@ on `docker stop`, read-only root, a mounted model, settings by SERVICE_*, no tra
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -19,13 +18,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from service import create_app
-from tests.deploy.conftest import REPO, Container, docker, request, running
+from tests.deploy.conftest import Container, docker, request, running
+from tests.testkit import DEFAULT_MODEL, NEGATIVE, POSITIVE, post_in_flight
 
 pytestmark = pytest.mark.slow  # builds the image: minutes from scratch (debootstrap), seconds when cached
 
-DEFAULT_MODEL = REPO / "onnx_models" / "minilm-l6-sentiment"
-POSITIVE = "An absolutely wonderful film: moving, funny and beautifully acted. I loved every minute."
-NEGATIVE = "A dull, tedious mess. The plot is stupid and the acting is awful; a total waste of time."
 LONG = NEGATIVE + " It drags on and on." * 60  # 256 tokens: a batch of these takes a while
 IMAGE_LIMIT = 500e6  # bytes
 
@@ -98,17 +95,7 @@ def test_docker_stop_finishes_requests_in_flight_and_exits_0(image: str) -> None
         answers: list[Any] = [None] * in_flight
 
         def client(index: int) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            try:
-                connection.request("POST", "/sentiment", body=json.dumps({"text": LONG}),
-                                   headers={"Content-Type": "application/json"})
-                sent.wait()
-                response = connection.getresponse()
-                answers[index] = (response.status, json.loads(response.read()), time.monotonic())
-            except Exception as exc:  # a reset or a cut-off body is what this test looks for
-                answers[index] = exc
-            finally:
-                connection.close()
+            answers[index] = post_in_flight(port, LONG, sent)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(in_flight)]
         for thread in threads:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.testkit import NEGATIVE, POSITIVE, running_server
+from tests.testkit import NEGATIVE, POSITIVE, post_in_flight, running_server
 
 IN_FLIGHT = 12  # requests on the wire when SIGTERM comes: 11 long texts and one upload half sent
 LONG = NEGATIVE + " It drags on and on." * 60  # 256 tokens: each batch of these takes a while
@@ -33,17 +33,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0_within_10_s(model_dir: 
         answers: list[Any] = [None] * (IN_FLIGHT - 1)
 
         def in_flight(index: int) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            try:
-                connection.request("POST", "/sentiment", body=json.dumps({"text": LONG}),
-                                   headers={"Content-Type": "application/json"})
-                sent.wait()
-                response = connection.getresponse()
-                answers[index] = (response.status, json.loads(response.read()), time.monotonic())
-            except Exception as exc:  # a reset or a cut-off body is what this test looks for
-                answers[index] = exc
-            finally:
-                connection.close()
+            answers[index] = post_in_flight(port, LONG, sent)
 
         # a keep-alive client that goes on sending until the server says it closes the connection
         keep_alive: list[Any] = []
