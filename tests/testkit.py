@@ -216,3 +216,16 @@ def post_in_flight(port: int, text: str, sent: threading.Barrier) -> tuple[int, 
         return exc
     finally:
         connection.close()
+
+
+def pytorch_pair_logits(checkpoint: Path, pairs: list[tuple[str, str]]) -> Any:
+    """Return the original PyTorch model's logits [pairs, labels] for text pairs, encoded as the pipeline does."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, truncation=True,
+                        return_tensors="pt")
+    with torch.inference_mode():
+        return model(**encoded).logits.numpy()

@@ -14,6 +14,7 @@ from export.quantize import QuantizationSettings
 from export.resolve import ExportError
 from service import create_app
 from tests.export.tiny import build_checkpoint
+from tests.testkit import pytorch_pair_logits
 
 QUERIES = ["a great film", "the plot was bad", "i love this movie", "boring and dull"]
 PASSAGES = ["a superb actor and a fun plot", "an awful , boring movie", "it is very good", "i hate this film",
@@ -36,18 +37,6 @@ def _export(checkpoint: Path, out: Path, validation_file: Path, mode: str = "non
                             pairs=True, quantization=QuantizationSettings(mode=mode), min_agreement=0.0,
                             max_accuracy_drop=1.0)
     return run(options)
-
-
-def _pytorch_logits(checkpoint: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
-    encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, truncation=True,
-                        return_tensors="pt")
-    with torch.inference_mode():
-        return model(**encoded).logits.numpy()
 
 
 def test_a_pair_file_is_read_and_a_bad_line_is_named(tmp_path: Path) -> None:
@@ -76,7 +65,7 @@ def test_a_cross_encoder_exports_and_reranks_with_pytorchs_scores(tmp_path: Path
 
     client = create_app({"MODEL_DIR": str(folder), "ORT_THREADS": 1}).test_client()
     query = QUERIES[0]
-    expected = 1 / (1 + np.exp(-_pytorch_logits(checkpoint, [(query, p) for p in PASSAGES])[:, 0]))
+    expected = 1 / (1 + np.exp(-pytorch_pair_logits(checkpoint, [(query, p) for p in PASSAGES])[:, 0]))
     response = client.post("/rerank", json={"query": query, "texts": PASSAGES, "return_text": True})
     assert response.status_code == 200, response.get_json()
     ranked = response.get_json()

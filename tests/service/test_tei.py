@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 
 from service import create_app
 from service.classifier import Classifier, InferenceError, apply_function
-from tests.testkit import NEGATIVE, POSITIVE, build_tiny_model
+from tests.testkit import NEGATIVE, POSITIVE, build_tiny_model, pytorch_pair_logits
 
 PREDICTION = {"type": "object", "required": ["score", "label"],
               "properties": {"label": {"type": "string"}, "score": {"type": "number"}}}
@@ -153,18 +153,6 @@ def test_empty_strings_are_inputs_as_in_tei(client: FlaskClient) -> None:
     assert client.post("/predict", json={"inputs": ""}).status_code == 200
 
 
-def _pytorch_logits(checkpoint: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
-    batch = tokenizer([q for q, _ in pairs], [t for _, t in pairs], padding=True, truncation=True,
-                      return_tensors="pt")
-    with torch.no_grad():
-        return model(**batch).logits.numpy()
-
-
 def test_rerank_scores_each_text_against_the_query_like_pytorch(rerank_client: FlaskClient,
                                                                 reranker: Path) -> None:
     query = "a wonderful film"
@@ -175,7 +163,7 @@ def test_rerank_scores_each_text_against_the_query_like_pytorch(rerank_client: F
     ranks = response.get_json()
     assert sorted(rank["index"] for rank in ranks) == [0, 1, 2, 3] and all("text" not in r for r in ranks)
     assert [r["score"] for r in ranks] == sorted((r["score"] for r in ranks), reverse=True)
-    logits = _pytorch_logits(reranker.parent / f"{reranker.name}-checkpoint", [(query, t) for t in texts])[:, 0]
+    logits = pytorch_pair_logits(reranker.parent / f"{reranker.name}-checkpoint", [(query, t) for t in texts])[:, 0]
     for rank in ranks:
         assert rank["score"] == pytest.approx(1 / (1 + np.exp(-logits[rank["index"]])), abs=1e-4)
     raw = rerank_client.post("/rerank", json={"query": query, "texts": texts, "raw_scores": True,
