@@ -67,7 +67,7 @@ class Scorer:
 
     def __init__(self, tokenizer, max_length: int, config: dict, sets: dict[str, Sequence[Example]],
                  fp32_model: Path) -> None:
-        from export.validate import _batches, _length
+        from export.validate import _batches, input_length
 
         self.config = config
         self.label2id = {str(k): int(v) for k, v in config["label2id"].items()}
@@ -75,7 +75,7 @@ class Scorer:
         self.sets = {name: list(examples) for name, examples in sets.items()}
         self.batches = {name: list(_batches([e.input for e in examples], tokenizer, max_length))
                         for name, examples in self.sets.items()}
-        typical = sorted((e.input for e in self.sets["selection"]), key=_length)
+        typical = sorted((e.input for e in self.sets["selection"]), key=input_length)
         text = typical[len(typical) // 2]
         self.latency_inputs = {size: next(_batches([text] * size, tokenizer, max_length))[1] for size in (1, 8)}
         self.fp32_model = fp32_model

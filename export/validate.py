@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from export.dataset import Example
-from service.classifier import apply_function, default_function
+from service.classifier import Input, apply_function, default_function
 from service.config import usable_cores  # the service's rule: affinity, capped by the cgroup's quota
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,8 @@ def predicted(scores: np.ndarray) -> np.ndarray:
     return scores.argmax(axis=1)
 
 
-Input = str | tuple[str, str]  # a text, or (text, text_pair) for a pair model
-
-
-def _length(item: Input) -> int:
+def input_length(item: Input) -> int:
+    """Return an input's length in characters (a pair's: both texts)."""
     return len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
 
 
@@ -54,15 +52,13 @@ def _batches(texts: Sequence[Input], tokenizer, max_length: int):
     Pairs are encoded as the text-classification pipeline does: tokenizer(texts, text_pairs), truncated
     longest first.
     """
-    order = sorted(range(len(texts)), key=lambda i: _length(texts[i]))
+    order = sorted(range(len(texts)), key=lambda i: input_length(texts[i]))
     for start in range(0, len(order), BATCH_SIZE):
         idx = order[start:start + BATCH_SIZE]
         chunk = [texts[i] for i in idx]
-        if all(isinstance(item, str) for item in chunk):
-            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        else:
-            enc = tokenizer([item[0] for item in chunk], [item[1] for item in chunk], padding=True,
-                            truncation=True, max_length=max_length, return_tensors="np")
+        firsts = [item if isinstance(item, str) else item[0] for item in chunk]
+        seconds = None if isinstance(chunk[0], str) else [item[1] for item in chunk]
+        enc = tokenizer(firsts, seconds, padding=True, truncation=True, max_length=max_length, return_tensors="np")
         yield idx, {k: v.astype(np.int64) for k, v in enc.items()}
 
 
@@ -175,7 +171,7 @@ def evaluate(checkpoint: Path, tokenizer_dir: Path, models: dict[str, Path], set
         for name in models:
             entry[f"{name}_vs_pytorch"] = compare(scores["pytorch"], scores[name])
         report["sets"][set_name] = entry
-    sample = sorted((e.input for e in next(iter(sets.values()))), key=_length)
+    sample = sorted((e.input for e in next(iter(sets.values()))), key=input_length)
     typical = sample[len(sample) // 2] if sample else "a typical sentence"
     for name, run in runners.items():
         report["latency"][name] = latency_ms(run, tokenizer, typical, max_length)
