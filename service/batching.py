@@ -34,9 +34,9 @@ from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-# The fixed cost of one session.run, in padded tokens: in-process on the default model, a run took
-# about a + b x tokens with a ~3.2 ms and b ~0.17-0.19 ms per token. Length groups merge while
-# the padding this adds costs less than a run of its own.
+# The fixed cost of one session.run, in padded tokens' worth of time (a run costs a fixed part plus a
+# part per padded token; bench.inprocess measures both). Length groups merge while the padding this
+# adds costs less than a run of its own.
 RUN_COST_TOKENS = 20
 OVERTAKE = 8.0  # how many of its own run times a text may wait for more urgent texts that came later
 _SECONDS_PER_TOKEN = 0.0005  # first estimate of a run's time per padded token, refined by every run

@@ -223,7 +223,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BATCH_WORKERS", None, _workers, "model runs at once (each run is one batch)",
             computed="2, or 1 on a single usable core"),
     Setting("BATCH_MAX_TEXTS", 32, integer(1, 100_000), "most texts in one model run"),
-    # past ~700 padded tokens per run the time per text rose on 2 cores (caches): docs/serving.md
+    # a longer run costs more per text once its activations outgrow the caches
     Setting("BATCH_MAX_TOKENS", 512, integer(1, 10_000_000), "most padded tokens in one model run "
             "(a longer text runs alone)"),
     Setting("BATCH_WAIT_MS", 0, integer(0, 1000, "an integer 0-1000 (milliseconds)"),
