@@ -11,6 +11,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from export import progress
+from export.budget import DEFAULT_MINUTES
 from export.convert import TARGETS
 from export.pipeline import STOP, ExportOptions, run
 from export.quantize import MODES, QuantizationSettings
@@ -62,7 +64,15 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                              "validate on the pairs of --validation-file, which it then needs")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
     parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
+    parser.add_argument("--budget", type=float, default=DEFAULT_MINUTES, metavar="MINUTES",
+                        help="time for the export proper (not training or downloading the model): the inputs "
+                             "scored and the optional search steps are planned to fit, the manifest records the "
+                             f"plan (default {DEFAULT_MINUTES:g})")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only warnings, errors and the model folder (no stage or progress lines)")
     args = parser.parse_args(argv)
+    if args.budget <= 0:
+        parser.error("--budget must be a positive number of minutes")
     if not 0.0 <= args.min_agreement <= 1.0:
         parser.error("--min-agreement must lie between 0 and 1")
     if not 0.0 <= args.max_accuracy_drop <= 1.0:
@@ -76,7 +86,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                          force=args.force, quantization=quantization, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, on_miss=args.on_miss,
                          enforce_gate=args.enforce_gate, validation_file=args.validation_file,
-                         pairs=args.pairs, opset=args.opset, retrain=args.retrain)
+                         pairs=args.pairs, opset=args.opset, retrain=args.retrain, budget_minutes=args.budget,
+                         quiet=args.quiet)
 
 
 def _quiet_libraries() -> None:
@@ -96,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.WARNING if options.quiet else logging.INFO)
         logger.propagate = False
     _quiet_libraries()
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    if not options.quiet:
+        progress.start()
     try:
         folder = run(options)
     except (ExportError, SourceError) as exc:
@@ -116,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                      "export knows how to explain. The full trace is in %s; include it when you report it.",
                      type(exc).__name__, exc, log.name)
         return 2
+    finally:
+        progress.stop()
     print(folder)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import warnings
 from pathlib import Path
 
 from export.resolve import ExportError
@@ -39,9 +40,14 @@ def export_fp32(checkpoint: Path, output: Path, opset: int | None = None) -> Pat
     """Export a sequence-classification checkpoint to output/model.onnx with Optimum."""
     from optimum.exporters.onnx import main_export
 
+    from export.progress import heartbeat
+
     try:
-        main_export(str(checkpoint), output=output, task="text-classification", opset=opset,
-                    library_name="transformers", local_files_only=True, do_validation=True)
+        # torch's tracer warns about constants it records (the attention mask's); they are expected here
+        with heartbeat("exporting"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main_export(str(checkpoint), output=output, task="text-classification", opset=opset,
+                        library_name="transformers", local_files_only=True, do_validation=True)
     except ValueError as exc:
         # Optimum raises ValueError for unsupported architectures and for failed output validation.
         raise ExportError(f"Optimum could not export {checkpoint}: {str(exc).splitlines()[0]}") from None

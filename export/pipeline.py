@@ -12,11 +12,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export import manifest
+import numpy as np
+
+from export import manifest, progress
+from export.budget import DEFAULT_MINUTES, Plan, plan
 from export.convert import export_fp32, opset_of
 from export.dataset import Example, load_splits, read_text_file
 from export.quantize import CALIBRATION_SIZE, QuantizationSettings, sample
 from export.resolve import ExportError, Source, check_classifier, resolve
+from service.config import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ class ExportOptions:
     pairs: bool = False  # a pair model: validation_file holds text pairs
     opset: int | None = None
     retrain: bool = False
+    budget_minutes: float = DEFAULT_MINUTES  # the export proper plans its work to fit (export/budget.py)
+    quiet: bool = False  # the command line's --quiet: warnings and errors only
 
 
 # Set by the command line's SIGINT/SIGTERM handler. Library code can swallow a KeyboardInterrupt (a
@@ -72,11 +78,13 @@ class Stages:
         self._close()
         self.count += 1
         logger.info("[%d/%d] %s", self.count, self.total, title)
-        self._current = (title, time.monotonic())
+        # a stage's own quiet stretches (imports, loading a model) get status lines too
+        self._current = (title, time.monotonic(), progress.begin(f"[{self.count}/{self.total}] {title}"))
 
     def _close(self) -> None:
         if self._current:
-            title, started = self._current
+            title, started, activity = self._current
+            progress.end(activity)
             self.timings[title] = round(time.monotonic() - started, 1)
             self._current = None
 
@@ -125,13 +133,42 @@ def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
     return sets
 
 
-def max_length(config: dict, folder: Path) -> int:
-    """Return the truncation length the service will use for this folder (service.classifier's rule)."""
-    from service.classifier import model_max_length
+def _pool(fp32: Path, sets: dict[str, list[Example]]):
+    """Encode every input of the export once, with the service's own code for the exported folder."""
+    from export.validate import Pool
+    from service.classifier import Classifier, ModelLoadError
 
-    tokenizer_config = folder / "tokenizer_config.json"
-    declared = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else {}
-    return model_max_length(declared, config)
+    try:
+        classifier = Classifier(fp32.parent, intra_op_threads=usable_cores(), verify=False)
+    except ModelLoadError as exc:  # what the service could not serve is not worth quantizing
+        raise ExportError(f"the service cannot load the exported model: {exc}") from None
+    return Pool(classifier, sets)
+
+
+def _plan(options: ExportOptions, pool, fp32: Path, started: float) -> Plan:
+    """Time fp32 on a sample, plan the scoring to fit the budget, and cut the splits to the plan."""
+    from export.quantize import sample
+    from export.validate import BATCH_SIZE
+
+    selection = pool.indices("validation", "selection_extra")
+    tests = [name for name in pool.parts if name.startswith("test")]
+    run = pool.classifier.run  # fp32 as the service runs it
+    probe = sample(selection.tolist(), size=3 * BATCH_SIZE)
+    pool.score("onnx_fp32", run, probe[:BATCH_SIZE])  # the first runs allocate: not timed
+    began = time.perf_counter()
+    pool.score("onnx_fp32", run, probe[BATCH_SIZE:])
+    per_input = (time.perf_counter() - began) / max(1, len(probe) - BATCH_SIZE)
+    budget = plan(options.budget_minutes, started, per_input, len(selection), len(pool.indices(*tests)),
+                  len(pool.indices("calibration")))
+    if budget.fraction < 1.0:
+        for name in ("validation", "selection_extra", *tests):
+            if name in pool.parts:
+                kept = max(1, round(budget.fraction * len(pool.parts[name])))
+                pool.parts[name] = np.sort(np.array(sample(pool.parts[name].tolist(), size=kept), dtype=np.int64))
+        budget.selection = len(pool.indices("validation", "selection_extra"))
+        budget.test = len(pool.indices(*tests))
+    budget.say()
+    return budget
 
 
 def run(options: ExportOptions) -> Path:
@@ -162,6 +199,7 @@ def run(options: ExportOptions) -> Path:
                 ", ".join(str(v) for v in (config.get("id2label") or {}).values()))
 
     options.output_dir.mkdir(parents=True, exist_ok=True)
+    budget_started = time.monotonic()  # the budget covers the export proper, not obtaining the model
     work = Path(tempfile.mkdtemp(dir=options.output_dir, prefix=f".tmp-{name}-"))
     try:
         stages.next("exporting to ONNX (fp32) with Optimum")
@@ -170,36 +208,31 @@ def run(options: ExportOptions) -> Path:
 
         quantize = options.quantization.mode != "none"
         stages.next(f"quantizing to int8 ({options.quantization.mode})" if quantize else "skipping quantization")
-        from export.validate import evaluate
-
         sets = validation_sets(options)
-        length = max_length(exported_config, fp32.parent)
+        if not quantize:  # only the gate and the quantizer read these
+            sets.pop("calibration")
+            sets.pop("selection_extra", None)
+        pool = _pool(fp32, sets)
+        budget = _plan(options, pool, fp32, budget_started)
         models = {"onnx_fp32": fp32}
         if quantize:
-            from transformers import AutoTokenizer
-
             from export.search import Gate, Scorer, search
 
-            tests = [e for name, examples in sets.items() if name.startswith("test") for e in examples]
-            selection = sets["validation"] + sets.get("selection_extra", [])
-            began = time.monotonic()
-            scorer = Scorer(AutoTokenizer.from_pretrained(fp32.parent), length, exported_config,
-                            {"calibration": sets["calibration"], "selection": selection, "test": tests}, fp32)
-            logger.info("      tokenized %d inputs and scored them with fp32 in %.0f s", sum(
-                len(examples) for examples in scorer.sets.values()), time.monotonic() - began)
+            scorer = Scorer(pool, fp32)
             gate = Gate(options.min_agreement, options.max_accuracy_drop)
             chosen, quant_record = search(fp32, work / "int8", options.quantization, scorer, gate,
-                                          options.on_miss, stop=_check_stop)
-            if chosen != fp32:
+                                          options.on_miss, stop=_check_stop, deadline=budget.search_deadline)
+            if chosen is not None:
                 models["onnx_int8"] = chosen
         else:
             quant_record = {"mode": "none"}
         served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
-        del sets["calibration"]
-        sets.pop("selection_extra", None)  # scored against fp32 in the search; PyTorch needs not see them
 
         stages.next("validating against the PyTorch model")
-        report = evaluate(source.path, fp32.parent, models, sets, exported_config, length)
+        from export.validate import evaluate
+
+        checked = [name for name in sets if name not in ("calibration", "selection_extra")]
+        report = evaluate(source.path, pool, models, checked, pytorch_seconds=budget.pytorch_seconds())
         if served == "onnx_int8":
             # the search's own figures: against fp32, on the selection split and confirmed on the test split
             selection = quant_record["candidates"][[c["name"] for c in quant_record["candidates"]].index(
@@ -228,11 +261,12 @@ def run(options: ExportOptions) -> Path:
             "source": source.provenance,
             "model": {"file": "model.onnx", "model_type": exported_config.get("model_type"),
                       "architectures": exported_config.get("architectures"),
-                      "id2label": exported_config.get("id2label"), "max_length": length,
+                      "id2label": exported_config.get("id2label"), "max_length": pool.max_length,
                       "inputs": "text pairs" if options.pairs else "texts",
                       "opset": opset_of(folder / "model.onnx"),
                       "size_bytes": (folder / "model.onnx").stat().st_size,
                       "fp32_size_bytes": fp32.stat().st_size},
+            "budget": budget.describe(),
             "quantization": quant_record,
             "validation": report,
             "versions": manifest.package_versions(),
@@ -259,9 +293,10 @@ def _log_summary(report: dict, served: str) -> None:
     for set_name, entry in report["sets"].items():
         figures = entry.get(f"{served}_vs_pytorch", {})
         acc = entry["accuracy"]
-        logger.info("      %-12s n=%-5d agreement %.4f max|d| %.4f accuracy pytorch %s %s %s", set_name,
-                    entry["inputs"], figures.get("label_agreement", 1.0), figures.get("max_abs_score_diff", 0.0),
-                    acc.get("pytorch"), served, acc.get(served))
+        sampled = f" (PyTorch: {entry['pytorch_inputs']})" if "pytorch_inputs" in entry else ""
+        logger.info("      %-12s n=%-5d%s agreement %.4f max|d| %.4f accuracy pytorch %s %s %s", set_name,
+                    entry["inputs"], sampled, figures.get("label_agreement", 1.0),
+                    figures.get("max_abs_score_diff", 0.0), acc.get("pytorch"), served, acc.get(served))
     lat = report["latency"]
     logger.info("      latency batch 1 / 8 (ms): %s", ", ".join(
         f"{k} {v['batch1_p50_ms']}/{v['batch8_p50_ms']}" for k, v in lat.items() if isinstance(v, dict)))

@@ -5,23 +5,19 @@ least `min_agreement` and accuracy at most `max_accuracy_drop` below fp32's. Cal
 the sensitivity pass) uses its own split; the chosen model is then confirmed on the test split, which
 took no part in making or choosing it.
 
-Measured on the default model (agreement with fp32 on the 11,158-input selection split): dynamic int8
-per-channel 97.7% (on its first 2,560), static QDQ with MinMax ranges 94.4%, 8-bit weights (blocks of
-128) with fp32 activations 99.69%. The activations' one scale per tensor is what costs agreement; one
-scale per token (export/pertoken.py) brings int8 to 99.40% at the same speed, and multiplying the
-rounding remainder of every MatMul's input in a second int8 pass to 99.62%; smoothing the outlier
-channels (SmoothQuant) makes per-token int8's score differences 18% smaller, again at the same speed.
-Hence, when (smoothed) per-token int8 misses the gate, the ladder: its most sensitive MatMuls (a
-per-MatMul pass on the calibration split) made two-pass, step by step, and only if all of them two-pass
-misses, kept in fp32.
+The activations' one scale per tensor is what costs dynamic int8 its agreement; one scale per token
+(export/pertoken.py), with SmoothQuant's outlier smoothing, agrees far better at the same speed. When
+that still misses the gate, the ladder: its most sensitive MatMuls (a per-MatMul pass on the calibration
+split) made two-pass, step by step, and only if all of them two-pass misses, kept in fp32.
 
-Candidates are timed first and scored fastest first: once one meets the gate, a slower one cannot be
-chosen and is not scored.
+The search does no work that cannot change its decision (see Search). The steps that build, time and
+score a candidate are passed in (Steps), so the decisions are tested without building models.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -30,19 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
-from export.dataset import Example
+from export.progress import Progress, heartbeat
 from export.quantize import QuantizationSettings, Recipe, build, fused_graph, resolve_target, weight_matmuls
 from export.resolve import ExportError
+from export.validate import Pool, ort_runner, ort_session, predicted, typical, usable_cores
 
 logger = logging.getLogger(__name__)
 
-LATENCY_ROUNDS = 15
+LATENCY_ROUNDS = 15  # at most; fewer for a large model, so that a window takes about WINDOW_SECONDS
+WINDOW_SECONDS = 3.0
+QUICK_ROUNDS = 3  # the first timing of every candidate; the precise one only for those that can still win
+CLEARLY_SLOWER = 0.85  # a quick batch-8 speed-up below this share of a passing candidate's cannot beat it
 CANARY_WINDOWS = 5
 PER_TOKEN = "dynamic int8, one activation scale per token"
 # Fractions of the weight MatMuls made two-pass, then (if even all of them two-pass misses the gate) kept
 # in fp32, most sensitive first; the ladder stops at the first step that passes, since each costs speed.
 TWO_PASS_LADDER = (1 / 12, 1 / 6, 1 / 3, 1 / 2, 2 / 3, 1)
 EXCLUSION_LADDER = (1 / 12, 1 / 6, 1 / 4, 1 / 3, 5 / 12, 1 / 2)
+# Scoring in random chunks lets it stop early: a chunk-aligned prefix is a uniform sample of the split.
+CHUNK = 256
+PASS_RISK = 0.01  # most probability that a candidate stopped early as passing would miss on the whole split
+LOOKS = (0.5, 0.75)  # shares of the selection split after which an early pass is considered
 
 
 @dataclass(frozen=True)
@@ -62,113 +66,184 @@ class Gate:
         return figures["agreement"] >= self.min_agreement and (drop is None or drop <= self.max_accuracy_drop)
 
 
+def upper_bound(events: int, trials: int, risk: float) -> float:
+    """Return the Clopper-Pearson upper bound of a rate seen `events` times in `trials`, at confidence 1-risk.
+
+    Valid for a uniform sample drawn without replacement from a finite set too: the hypergeometric tail
+    is no heavier than the binomial one (Hoeffding, 1963).
+    """
+    if trials <= 0 or events >= trials:
+        return 1.0
+
+    def cdf(p: float) -> float:  # P(X <= events) for X ~ Binomial(trials, p)
+        if p <= 0.0:
+            return 1.0
+        if p >= 1.0:
+            return 0.0
+        logs = [math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+                + k * math.log(p) + (trials - k) * math.log1p(-p) for k in range(events + 1)]
+        top = max(logs)
+        return math.exp(top) * sum(math.exp(v - top) for v in logs)
+
+    low, high = events / trials, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) > risk else (low, middle)
+    return high
+
+
 class Scorer:
-    """Score fixed, pre-tokenized sets with ONNX models; the fp32 scores are the reference."""
+    """Score candidates against the fp32 model on the pool's calibration, selection and test inputs."""
 
-    def __init__(self, tokenizer, max_length: int, config: dict, sets: dict[str, Sequence[Example]],
-                 fp32_model: Path) -> None:
-        from export.validate import _batches, input_length
-
-        self.config = config
-        self.label2id = {str(k): int(v) for k, v in config["label2id"].items()}
-        self.num_labels = len(config["id2label"])
-        self.sets = {name: list(examples) for name, examples in sets.items()}
-        self.batches = {name: list(_batches([e.input for e in examples], tokenizer, max_length))
-                        for name, examples in self.sets.items()}
-        typical = sorted((e.input for e in self.sets["selection"]), key=input_length)
-        text = typical[len(typical) // 2]
-        self.latency_inputs = {size: next(_batches([text] * size, tokenizer, max_length))[1] for size in (1, 8)}
+    def __init__(self, pool: Pool, fp32_model: Path) -> None:
+        self.pool = pool
         self.fp32_model = fp32_model
+        rng = np.random.default_rng(0)
+        # a fixed random order, so that a chunk-aligned prefix is a uniform sample (early stopping)
+        self.selection = rng.permutation(pool.indices("validation", "selection_extra"))
+        self.test = pool.indices(*(name for name in pool.parts if name.startswith("test")))
+        self.calibration = pool.indices("calibration")
+        everything = np.concatenate([self.calibration, self.selection, self.test])
+        pool.score("onnx_fp32", pool.classifier.run, everything, what="scoring with fp32")
+        text = typical(pool, self.selection)
+        self.latency_inputs = {size: pool.encode([text] * size) for size in (1, 8)}
         self.fp32_timing: dict[int, object] = {}  # sessions by thread count
         self.fp32_fastest: dict[int, float] = {}  # batch size: fastest fp32 run on one thread, ms
-        session = _session(fp32_model)
-        self.reference = {name: self.scores(session, name)[0] for name in self.sets}
+        self.fp32_batch8_ms = math.inf  # fastest fp32 batch of 8 on one thread seen so far
 
-    def scores(self, session, set_name: str, max_disagreements: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return the probabilities a session gives a set's examples, and which examples were scored.
+    def calibration_batches(self) -> list[dict[str, np.ndarray]]:
+        return [batch for _, batch in self.pool.encoded.batches(self.calibration)]
 
-        With max_disagreements, scoring stops as soon as more labels than that differ from fp32's: the
-        candidate already misses the gate on the whole set.
+    def select(self, key: str, run: Callable[[dict], np.ndarray], gate: Gate, label: str) -> dict:
+        """Score a candidate (run: a batch -> logits) on the selection split; return its figures against fp32.
+
+        Scoring stops as soon as the decision is known. Exactly: once more labels differ than the gate
+        allows on the whole split (a miss), or once even the unscored inputs could not make it miss (a
+        pass). Statistically, at the LOOKS: a pass when the upper confidence bounds of the disagreement
+        rate and of the rate of labels int8 gets wrong where fp32 was right both fit the gate; the
+        chance that such a candidate misses on the whole split is at most PASS_RISK (a union bound
+        over the looks and both rates).
         """
-        from export.validate import predicted, probabilities
+        pool, order = self.pool, self.selection
+        allowed = gate.allowed_disagreements(len(order))
+        labels = _true_labels(pool, order)
+        labelled_total = int((labels >= 0).sum())
+        allowed_drop = int(np.floor(gate.max_accuracy_drop * labelled_total + 1e-9))
+        looks = [math.ceil(share * len(order)) for share in LOOKS]
+        risk = PASS_RISK / (2 * len(LOOKS))
+        state: dict = {}
 
-        names = [i.name for i in session.get_inputs()]
-        scores = np.zeros((len(self.sets[set_name]), self.num_labels))
-        scored = np.zeros(len(self.sets[set_name]), dtype=bool)
-        flips = 0
-        for idx, batch in self.batches[set_name]:
-            scores[idx] = probabilities(session.run(["logits"], {n: batch[n] for n in names})[0], self.config)
-            scored[idx] = True
-            if max_disagreements is not None:
-                flips += int((predicted(scores[idx]) != predicted(self.reference[set_name][idx])).sum())
-                if flips > max_disagreements:
-                    break
-        return scores, scored
+        def decided() -> bool:
+            scored = pool.done(key, order)
+            done = order[scored]
+            ours, theirs = predicted(pool.scores(key, done)), predicted(pool.scores("onnx_fp32", done))
+            flips = int((ours != theirs).sum())
+            known = labels[scored]
+            harmed = int(((theirs == known) & (ours != known) & (known >= 0)).sum())
+            helped = int(((ours == known) & (theirs != known) & (known >= 0)).sum())
+            if flips > allowed:
+                state["stopped"] = "sure to miss: more labels differ than the gate allows on the whole split"
+                return True
+            left, labelled_left = len(order) - len(done), labelled_total - int((known >= 0).sum())
+            if left and flips + left <= allowed and harmed - helped + labelled_left <= allowed_drop:
+                state["stopped"] = "sure to pass: the inputs left could not make it miss"
+                return True
+            if not left or not looks or len(done) < looks[0]:
+                return False
+            while looks and len(done) >= looks[0]:
+                looks.pop(0)
+            ok = upper_bound(flips, len(done), risk) * len(order) <= allowed
+            if ok and labelled_total:
+                ok = upper_bound(harmed, int((known >= 0).sum()), risk) <= gate.max_accuracy_drop
+            if ok:
+                state["stopped"] = (f"passes with probability >= {1 - PASS_RISK:.0%}: the upper bounds of its "
+                                    f"disagreement and accuracy-loss rates fit the gate")
+            return ok
 
-    def compare(self, session, set_name: str, max_disagreements: int | None = None) -> dict:
-        """Return agreement, score differences and the accuracy drop of a session against fp32.
+        pool.score(key, run, order, what=f"scoring {label}", chunk=CHUNK, until=decided)
+        done = order[pool.done(key, order)]
+        figures = {**pool.figures(key, "onnx_fp32", done), "inputs": len(done), "of": len(order)}
+        if "stopped" in state and len(done) < len(order):
+            figures["stopped"] = state["stopped"]
+        return figures
 
-        With max_disagreements (see scores), the figures cover the inputs scored before it stopped.
+    def confirm(self, key: str, model: Path) -> dict:
+        """Score the chosen candidate on the whole test split; return its figures against fp32."""
+        self.pool.score(key, ort_runner(ort_session(model)), self.test, what="confirming on the test split")
+        return {**self.pool.figures(key, "onnx_fp32", self.test), "inputs": len(self.test), "of": len(self.test)}
+
+    def mean_diff(self, model: Path) -> float:
+        """Return the mean absolute score difference of a model against fp32 on the calibration split."""
+        key, inputs = "sensitivity", self.calibration
+        self.pool.forget(key)
+        self.pool.score(key, ort_runner(ort_session(model)), inputs)
+        return float(np.abs(self.pool.scores(key, inputs) - self.pool.scores("onnx_fp32", inputs)).mean())
+
+    def quick_speedup(self, model: Path) -> float:
+        """Return fp32's batch-8 time over the model's, fastest of QUICK_ROUNDS runs each, on one thread."""
+        runs = (ort_session(model, 1, spinning=False), self._fp32(1))
+        best, best_fp32 = _alternate(runs, self.latency_inputs[8], QUICK_ROUNDS)
+        self.fp32_batch8_ms = min(self.fp32_batch8_ms, best_fp32)
+        return round(best_fp32 / best, 3)
+
+    def rounds(self) -> int:
+        """Return the runs per timing window: LATENCY_ROUNDS, fewer where one fp32 batch of 8 takes long.
+
+        A long run's minimum is steady over fewer runs, as other work disturbs a smaller share of it.
         """
-        from export.validate import accuracy, compare
-
-        scores, scored = self.scores(session, set_name, max_disagreements)
-        scores, reference = scores[scored], self.reference[set_name][scored]
-        figures = compare(reference, scores)
-        examples = [e for e, kept in zip(self.sets[set_name], scored, strict=True) if kept]
-        acc, acc_fp32 = accuracy(scores, examples, self.label2id), accuracy(reference, examples, self.label2id)
-        return {"agreement": figures["label_agreement"], "max_abs_score_diff": figures["max_abs_score_diff"],
-                "mean_abs_score_diff": figures["mean_abs_score_diff"], "accuracy": acc, "accuracy_fp32": acc_fp32,
-                "accuracy_drop": None if acc is None else round(acc_fp32 - acc, 5), "inputs": int(scored.sum()),
-                "of": len(scored)}
-
-    def mean_diff(self, session, set_name: str) -> float:
-        """Return the mean absolute score difference of a session against fp32 on a set."""
-        return float(np.abs(self.scores(session, set_name)[0] - self.reference[set_name]).mean())
+        if not math.isfinite(self.fp32_batch8_ms):
+            return LATENCY_ROUNDS
+        return max(5, min(LATENCY_ROUNDS, int(WINDOW_SECONDS * 1000 / (2 * self.fp32_batch8_ms))))
 
     def latency(self, model: Path) -> dict:
         """Return batch-1 and batch-8 latency of a model and of fp32, measured in alternation.
 
-        The ranking figures run on one thread: the work a batch costs. On this shared 2-core VM that holds
-        still (the fastest and the median of 40 runs within 3%), while on two threads two recipes doing the
-        same work once measured 1.9x and 2.8x fp32 in one search. Batch 8 is also measured on every usable
-        core with idle threads not spinning, as the service runs it ("as_served"): there int8's many small
-        ops gain nothing from the second core (per-token int8 ran slower than on one thread) while fp32's
-        large MatMuls do.
+        The ranking figures run on one thread: the work a batch costs. On a shared machine that holds
+        still, while on two threads two recipes doing the same work once measured 1.9x and 2.8x fp32 in
+        one search. Batch 8 is also measured on every usable core with idle threads not spinning, as
+        the service runs it ("as_served").
         """
-        from export.validate import ort_session, usable_cores
-
         figures: dict = {}
         for threads in sorted({1, usable_cores()}):
-            if threads not in self.fp32_timing:
-                self.fp32_timing[threads] = ort_session(self.fp32_model, threads, spinning=False)
-            runs = (ort_session(model, threads, spinning=False), self.fp32_timing[threads])
+            runs = (ort_session(model, threads, spinning=False), self._fp32(threads))
             for size in (1, 8) if threads == 1 else (8,):
                 if threads == 1:
                     best, best_fp32 = self._undisturbed(runs, size)
                 else:  # "as_served": one window
-                    best, best_fp32 = _alternate(runs, self.latency_inputs[size], LATENCY_ROUNDS)
+                    best, best_fp32 = _alternate(runs, self.latency_inputs[size], self.rounds())
                 entry = figures if threads == 1 else figures.setdefault("as_served", {"threads": threads})
                 entry.update({f"batch{size}_ms": round(best, 3), f"batch{size}_fp32_ms": round(best_fp32, 3),
                               f"batch{size}_speedup": round(best_fp32 / best, 3)})
         return figures
 
+    def _fp32(self, threads: int):
+        if threads not in self.fp32_timing:
+            self.fp32_timing[threads] = ort_session(self.fp32_model, threads, spinning=False)
+        return self.fp32_timing[threads]
+
     def _undisturbed(self, runs: Sequence, size: int) -> tuple[float, float]:
         """Return the fastest candidate and fp32 runs (in ms) of a window that fp32 vouches for.
 
         fp32's fastest run so far is the canary: a window where it ran >10% slower than that was disturbed
-        (here: other work on the machine, or seconds after the process churned through memory, as the
+        (other work on the machine, or seconds after the process churned through memory, as the
         sensitivity pass does) and is measured again, up to CANARY_WINDOWS times.
         """
         batch = self.latency_inputs[size]
         if size not in self.fp32_fastest:
-            self.fp32_fastest[size] = _alternate(runs[1:], batch, 2 * LATENCY_ROUNDS)[0]
+            self.fp32_fastest[size] = _alternate(runs[1:], batch, 2 * self.rounds())[0]
         for _ in range(CANARY_WINDOWS):
-            best, best_fp32 = _alternate(runs, batch, LATENCY_ROUNDS)
+            best, best_fp32 = _alternate(runs, batch, self.rounds())
             quiet, self.fp32_fastest[size] = self.fp32_fastest[size], min(self.fp32_fastest[size], best_fp32)
             if best_fp32 <= 1.1 * quiet:
                 break
         return best, best_fp32
+
+
+def _true_labels(pool: Pool, indices: np.ndarray) -> np.ndarray:
+    """Return each input's label as a class index, -1 where it has none the model knows."""
+    lowered = {k.lower(): v for k, v in pool.label2id.items()}
+    labels = [pool.examples[i].label for i in indices]
+    return np.array([lowered.get(label.lower(), -1) if label else -1 for label in labels], dtype=np.int64)
 
 
 def _alternate(sessions: Sequence, batch: dict[str, np.ndarray], rounds: int) -> list[float]:
@@ -187,12 +262,6 @@ def _alternate(sessions: Sequence, batch: dict[str, np.ndarray], rounds: int) ->
             run()
             best[i] = min(best[i], (time.perf_counter() - started) * 1000)
     return best
-
-
-def _session(model: Path):
-    from export.validate import ort_session
-
-    return ort_session(model)
 
 
 def _runner(session, batch: dict[str, np.ndarray]) -> Callable[[], object]:
@@ -230,186 +299,302 @@ def recipes(settings: QuantizationSettings, reduce_range: bool) -> list[Recipe]:
     ]
 
 
-def sensitivity(fp32_model: Path, scorer: Scorer, work: Path, base: Recipe,
-                ranges: dict[str, np.ndarray] | None = None) -> list[dict]:
-    """Quantize one weight MatMul at a time; return them by how far that alone moves scores, worst first."""
-    nodes = weight_matmuls(fp32_model)
-    found = []
-    for node in nodes:
-        model = build(replace(base, exclude=tuple(n for n in nodes if n != node)), fp32_model, work / "one",
-                      ranges=ranges)
-        found.append({"node": node, "mean_abs_score_diff": round(scorer.mean_diff(_session(model), "calibration"), 6)})
-    return sorted(found, key=lambda f: -f["mean_abs_score_diff"])
+class Steps:
+    """How the search builds, times and scores a candidate: onnxruntime's quantizers and the Scorer."""
 
+    def __init__(self, fp32_model: Path, work: Path, scorer: Scorer, gate: Gate) -> None:
+        self.fp32_model, self.work, self.scorer, self.gate = fp32_model, work, scorer, gate
+        self._ranges: dict[str, np.ndarray] = {}  # per-token smoothing's, measured once on calibration
+        self._fused: Path | None = None
+        self.selection_size, self.test_size = len(scorer.selection), len(scorer.test)
 
-def search(fp32_model: Path, work: Path, settings: QuantizationSettings, scorer: Scorer, gate: Gate,
-           on_miss: str = "best", stop: Callable[[], None] = lambda: None) -> tuple[Path, dict]:
-    """Build and measure the candidates; return the chosen model (fp32 if asked on a miss) and the record."""
-    started = time.monotonic()
-    target, reduce_range = resolve_target(settings)
-    calibration = [batch for _, batch in scorer.batches["calibration"]]
-    ranges: dict[str, np.ndarray] = {}  # per-token smoothing's, measured once on the calibration split
-    fused_source: Path | None = None
-
-    def ranges_for(recipe: Recipe) -> dict[str, np.ndarray] | None:
+    def ranges_for(self, recipe: Recipe) -> dict[str, np.ndarray] | None:
         from export.pertoken import activation_ranges
 
         if recipe.kind != "per-token" or not recipe.smoothing:
             return None
-        if not ranges:
-            ranges.update(activation_ranges(fp32_model, calibration))
-        return ranges
+        if not self._ranges:
+            self._ranges.update(activation_ranges(self.fp32_model, self.scorer.calibration_batches()))
+        return self._ranges
 
-    trials: list[dict] = []
-    models: dict[int, Path] = {}
+    def build(self, recipe: Recipe, output: Path) -> Path:
+        source = self.fp32_model
+        if recipe.fused:
+            self._fused = self._fused or fused_graph(self.fp32_model, self.work / "fused")
+            source = self._fused
+        calibration = self.scorer.calibration_batches() if recipe.kind == "static" else ()
+        return build(recipe, source, output, calibration, ranges=self.ranges_for(recipe))
 
-    def attempt(recipe: Recipe) -> int | None:
-        """Build a candidate and time it; return its index, or None if it could not be built."""
-        nonlocal fused_source
-        stop()
+    def quick_speedup(self, model: Path) -> float:
+        return self.scorer.quick_speedup(model)
+
+    def latency(self, model: Path) -> dict:
+        return self.scorer.latency(model)
+
+    def select(self, key: str, model: Path, label: str) -> dict:
+        return self.scorer.select(key, ort_runner(ort_session(model)), self.gate, label)
+
+    def confirm(self, key: str, model: Path) -> dict:
+        return self.scorer.confirm(key, model)
+
+    def weight_matmuls(self) -> list[str]:
+        return weight_matmuls(self.fp32_model)
+
+    def sensitivity_of(self, base: Recipe, nodes: Sequence[str], node: str) -> float:
+        """Return how far quantizing only `node` (with base's recipe) moves scores from fp32's."""
+        model = build(replace(base, exclude=tuple(n for n in nodes if n != node)), self.fp32_model,
+                      self.work / "one", ranges=self.ranges_for(base))
+        return self.scorer.mean_diff(model)
+
+
+class Search:
+    """The int8 search's decisions, step by step.
+
+    1. Build every recipe and time it quickly (batch 8, one thread, beside fp32).
+    2. Score them fastest first. A candidate is timed precisely only while it can still beat the fastest
+       one that passed, and scored only if it is faster than that one; scoring stops once the outcome
+       is known (Scorer.select).
+    3. If the per-token recipe misses and nothing faster passed, the ladder (sensitivity pass, then
+       more exact MatMuls step by step).
+    4. Choose the fastest passing candidate (fp32 when it is slower than fp32) and confirm it on the
+       test split.
+    A deadline (from --budget) stops optional work: candidates not yet built, and ladder steps.
+    """
+
+    def __init__(self, settings: QuantizationSettings, steps: Steps, gate: Gate, work: Path, on_miss: str = "best",
+                 stop: Callable[[], None] = lambda: None, deadline: float | None = None) -> None:
+        self.settings, self.steps, self.gate, self.work = settings, steps, gate, work
+        self.on_miss, self.stop, self.deadline = on_miss, stop, deadline
+        self.trials: list[dict] = []
+        self.models: dict[int, Path] = {}
+        self.ranking: list[dict] = []
+        self.out_of_time: list[str] = []
+        self.chosen_key: str | None = None  # the pool's key for the chosen candidate's scores
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def attempt(self, recipe: Recipe) -> int | None:
+        """Build a candidate and time it quickly; return its index, or None if it could not be built."""
+        self.stop()
         trial = recipe.describe()
-        out = work / f"candidate-{len(trials)}"
         try:
-            source = fp32_model
-            if recipe.fused:
-                fused_source = fused_source or fused_graph(fp32_model, work / "fused")
-                source = fused_source
-            began = time.monotonic()
-            model = build(recipe, source, out, calibration, ranges=ranges_for(recipe))
-            trial["build_seconds"] = round(time.monotonic() - began, 1)
-            trial.update(scorer.latency(model))
+            # the time left, as the candidates built so far took (the first one has no estimate)
+            earlier = [t["build_seconds"] for t in self.trials if "build_seconds" in t]
+            with heartbeat(f"building {recipe.name}", expected=float(np.median(earlier)) if earlier else None):
+                began = time.monotonic()
+                model = self.steps.build(recipe, self.work / f"candidate-{len(self.trials)}")
+                trial["build_seconds"] = round(time.monotonic() - began, 1)
+                trial["quick_batch8_speedup"] = self.steps.quick_speedup(model)
         except ExportError:
             raise
         except Exception as exc:  # a recipe the quantizer or runtime cannot handle is recorded, not fatal
             trial["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             logger.info("      %-52s failed: %s", recipe.name, trial["error"])
-            trials.append(trial)
+            self.trials.append(trial)
             return None
         trial["size_bytes"] = model.stat().st_size
         trial["passed"] = False
-        models[len(trials)] = model
-        trials.append(trial)
-        return len(trials) - 1
+        logger.info("      %-52s built in %.0f s, b8 about x%.2f fp32", recipe.name, trial["build_seconds"],
+                    trial["quick_batch8_speedup"])
+        self.models[len(self.trials)] = model
+        self.trials.append(trial)
+        return len(self.trials) - 1
 
-    def fastest_passing() -> int | None:
-        passing = [i for i, t in enumerate(trials) if t.get("passed")]
-        return max(passing, key=lambda i: trials[i]["batch8_speedup"]) if passing else None
+    def fastest_passing(self) -> int | None:
+        passing = [i for i, t in enumerate(self.trials) if t.get("passed")]
+        return max(passing, key=lambda i: self.trials[i]["batch8_speedup"]) if passing else None
 
-    def evaluate(index: int) -> bool:
-        """Score a candidate on the selection split unless a faster one already met the gate."""
-        stop()
-        trial, best = trials[index], fastest_passing()
-        if best is not None and trials[best]["batch8_speedup"] >= trial["batch8_speedup"]:
-            trial["skipped"] = f"not faster at batch 8 than {trials[best]['name']!r}, which meets the gate"
+    def evaluate(self, index: int) -> bool:
+        """Time a candidate precisely and score it, unless a faster one already met the gate."""
+        self.stop()
+        trial, best = self.trials[index], self.fastest_passing()
+        if best is not None:
+            leader = self.trials[best]
+            if trial["quick_batch8_speedup"] < CLEARLY_SLOWER * leader["batch8_speedup"]:
+                trial["skipped"] = f"clearly slower at batch 8 than {leader['name']!r}, which meets the gate"
+                logger.info("      %-52s not scored: %s", trial["name"], trial["skipped"])
+                return False
+        if "batch8_speedup" not in trial:
+            with heartbeat(f"timing {trial['name']}"):
+                trial.update(self.steps.latency(self.models[index]))
+        if best is not None and self.trials[best]["batch8_speedup"] >= trial["batch8_speedup"]:
+            trial["skipped"] = f"not faster at batch 8 than {self.trials[best]['name']!r}, which meets the gate"
             logger.info("      %-52s b8 x%.2f fp32: not scored (%s)", trial["name"], trial["batch8_speedup"],
                         trial["skipped"])
             return False
-        # scoring stops once the candidate is sure to miss the gate: most do within the first quarter
-        selection = scorer.compare(_session(models[index]), "selection", gate.allowed_disagreements(
-            len(scorer.sets["selection"])))
-        trial["selection"], trial["passed"] = selection, gate.check(selection)
+        selection = self.steps.select(f"candidate-{index}", self.models[index], trial["name"])
+        trial["selection"], trial["passed"] = selection, self.gate.check(selection)
         logger.info("      %-52s agreement %.4f acc drop %+.4f  b8 %.1f ms (x%.2f fp32)  %s", trial["name"],
                     selection["agreement"], selection["accuracy_drop"] or 0.0, trial["batch8_ms"],
-                    trial["batch8_speedup"], "passes" if trial["passed"] else "misses the gate" + (
-                        f" (stopped after {selection['inputs']} of {selection['of']} inputs)"
-                        if selection["inputs"] < selection["of"] else ""))
+                    trial["batch8_speedup"], ("passes" if trial["passed"] else "misses the gate") + (
+                        f" ({selection['inputs']} of {selection['of']} inputs: {selection['stopped']})"
+                        if "stopped" in selection else ""))
         return trial["passed"]
 
-    def ladder(base: Recipe) -> None:
+    def rank_matmuls(self, base: Recipe) -> list[dict]:
+        """Quantize one weight MatMul at a time; return them by how far that alone moves scores, worst first.
+
+        Under a deadline the pass gives up (returns []) as soon as its first MatMuls show that the rest
+        would not fit.
+        """
+        nodes = self.steps.weight_matmuls()
+        found = []
+        began = time.monotonic()
+        with Progress("sensitivity pass", len(nodes), unit="MatMuls") as progress:
+            for done, node in enumerate(nodes, start=1):
+                self.stop()
+                found.append({"node": node, "mean_abs_score_diff": round(
+                    self.steps.sensitivity_of(base, nodes, node), 6)})
+                progress.update()
+                projected = began + (time.monotonic() - began) / done * len(nodes)
+                if self.deadline is not None and done < len(nodes) and projected > self.deadline:
+                    self.out_of_time.append(
+                        f"the sensitivity pass and the ladder: the pass needs about {projected - began:.0f} s, "
+                        f"the budget left {self.deadline - began:.0f} s")
+                    logger.info("      %s", self.out_of_time[-1])
+                    return []
+        return sorted(found, key=lambda f: -f["mean_abs_score_diff"])
+
+    def ladder(self, base: Recipe) -> None:
         """Per-token int8 with its most sensitive MatMuls made more exact, step by step, until one passes.
 
         First two-pass (the rounding remainder multiplied too: twice the int8 work), then, if even every
         MatMul two-pass misses, fp32 for the most sensitive (several times the int8 work).
         """
-        stop()
+        if self.late():
+            self.out_of_time.append("the sensitivity pass and the ladder")
+            return
         began = time.monotonic()
-        ranking[:] = sensitivity(fp32_model, scorer, work, base, ranges_for(base))
-        logger.info("      sensitivity pass over %d MatMuls in %.0f s; most sensitive: %s", len(ranking),
-                    time.monotonic() - began, ", ".join(r["node"] for r in ranking[:3]))
-        order = tuple(r["node"] for r in ranking)
+        self.ranking[:] = self.rank_matmuls(base)
+        if not self.ranking:
+            return
+        logger.info("      sensitivity pass over %d MatMuls in %.0f s; most sensitive: %s", len(self.ranking),
+                    time.monotonic() - began, ", ".join(r["node"] for r in self.ranking[:3]))
+        order = tuple(r["node"] for r in self.ranking)
         label = {"per-token": "smoothed per-token int8" if base.smoothing else "per-token int8"}.get(
             base.kind, "dynamic int8")
         steps = [("two-pass", count) for count in _counts(TWO_PASS_LADDER, len(order)) if base.kind == "per-token"]
         steps += [("fp32", count) for count in _counts(EXCLUSION_LADDER, len(order))]
-        for how, count in steps:
+        for number, (how, count) in enumerate(steps):
+            if self.late():
+                self.out_of_time.append(f"{len(steps) - number} of the ladder's {len(steps)} steps")
+                break
             recipe = replace(base, name=f"{label}, {count} most sensitive MatMuls {how}",
                              **({"two_pass": order[:count]} if how == "two-pass"
                                 else {"exclude": (*base.exclude, *order[:count])}))
-            index = attempt(recipe)
+            index = self.attempt(recipe)
             if index is None:
                 continue
-            if evaluate(index) or "skipped" in trials[index]:
+            if self.evaluate(index) or "skipped" in self.trials[index]:
                 break  # each further step is slower still
 
-    pool = recipes(settings, reduce_range)
-    indices = {recipe.name: attempt(recipe) for recipe in pool}
-    ranking: list[dict] = []
-    # The ladder starts from the per-token recipe, the one that agrees best of those much faster than fp32
-    # (plain dynamic int8 where the per-token rewrite could not be built).
-    base = next((r for r in pool if r.kind == "per-token" and indices[r.name] is not None), pool[0])
-    built = sorted((i for i in indices.values() if i is not None), key=lambda i: -trials[i]["batch8_speedup"])
-    # Fastest first, so that once one meets the gate the slower ones need no scoring. In auto, a candidate
-    # slower than fp32 is scored only if none faster meets the gate: fp32 would be served over it.
-    slow = [i for i in built if settings.mode == "auto" and trials[i]["batch8_speedup"] < 1.0]
-    for group in ([i for i in built if i not in slow], slow):
-        if group is slow and fastest_passing() is not None:
-            for i in slow:
-                trials[i]["skipped"] = "slower than fp32 at batch 8, and a faster candidate meets the gate"
-            break
-        for i in group:
-            evaluate(i)
-        base_index, best = indices[base.name], fastest_passing()
-        # every step of the ladder is slower than its base: none can beat a candidate that passed faster
-        if (settings.mode == "auto" and base_index in group and "selection" in trials[base_index]
-                and not trials[base_index]["passed"]
-                and (best is None or trials[best]["batch8_speedup"] < trials[base_index]["batch8_speedup"])):
-            ladder(base)
+    # -- the whole search -----------------------------------------------------------------------------
 
-    measured = [i for i, t in enumerate(trials) if "selection" in t]
-    if not measured:
-        raise ExportError("no quantization candidate could be built: " + "; ".join(
-            f"{t['name']}: {t.get('error')}" for t in trials))
-    passing = [i for i in measured if trials[i]["passed"]]
-    record = {
-        "mode": settings.mode, "target": target, "target_detected": settings.target == "auto",
-        "tool": "onnxruntime.quantization", "gate": {"split": "selection", "min_agreement": gate.min_agreement,
-                                                     "max_accuracy_drop": gate.max_accuracy_drop,
-                                                     "against": "onnx_fp32",
-                                                     "selection_inputs": len(scorer.sets["selection"]),
-                                                     "test_inputs": len(scorer.sets["test"])},
-        "candidates": trials, "sensitivity": ranking, "search_seconds": round(time.monotonic() - started, 1),
-    }
-    if passing:
-        # fastest at batch 8 (the ratio to fp32 measured beside it), then the smallest file
-        chosen = max(passing, key=lambda i: (trials[i]["batch8_speedup"], -trials[i]["size_bytes"]))
-        why = "the fastest at batch 8 of the candidates that meet the gate"
-        if settings.mode == "auto" and trials[chosen]["batch8_speedup"] < 1.0:
-            # an int8 model slower than fp32 is no gain (tiny models: the quantize ops outweigh the MatMuls);
-            # `--quantize dynamic|static` asked for int8 explicitly and gets it
-            record.update(chosen=None, served="fp32", passed=True, why="every int8 candidate that meets the gate "
-                          "is slower than fp32 at batch 8; fp32 is served")
-            logger.info("      %s", record["why"])
-            return fp32_model, record
-    else:
-        # fully scored candidates first: an early-stopped one's figures cover only the inputs it reached
-        chosen = max(measured, key=lambda i: (trials[i]["selection"]["inputs"] == trials[i]["selection"]["of"],
-                                              trials[i]["selection"]["agreement"],
-                                              -(trials[i]["selection"]["accuracy_drop"] or 0.0)))
-        why = "no candidate met the gate; this one agreed best"
-        logger.warning("      no candidate met the gate (agreement >= %.2f%%, accuracy drop <= %.2f pt)",
-                       gate.min_agreement * 100, gate.max_accuracy_drop * 100)
-        if on_miss == "fp32":
-            record.update(chosen=None, served="fp32", passed=True,
-                          why="no candidate met the gate; --on-miss fp32 serves the fp32 model")
-            return fp32_model, record
-    record.update(chosen=trials[chosen]["name"], why=why, served="int8", passed=bool(passing),
-                  **{key: trials[chosen][key] for key in ("kind", "per_channel", "reduce_range", "fused_graph",
-                                                            "fp32_nodes", "two_pass_nodes") if key in trials[chosen]})
-    confirm = scorer.compare(_session(models[chosen]), "test")
-    record["test"] = {**confirm, "passed": gate.check(confirm)}
-    logger.info("      chose %s (%s); test split: agreement %.4f, accuracy drop %+.4f, %s", trials[chosen]["name"],
-                why, confirm["agreement"], confirm["accuracy_drop"] or 0.0,
-                "confirmed" if record["test"]["passed"] else "NOT confirmed")
-    final = work / "chosen"
-    shutil.copytree(models[chosen].parent, final)
-    return final / "model.onnx", record
+    def run(self) -> tuple[Path | None, dict]:
+        """Search; return the chosen int8 model (None: serve fp32) and the record for the manifest."""
+        started = time.monotonic()
+        target, reduce_range = resolve_target(self.settings)
+        pool = recipes(self.settings, reduce_range)
+        indices: dict[str, int | None] = {}
+        for recipe in pool:
+            if indices and any(i is not None for i in indices.values()) and self.late():
+                self.out_of_time.append(f"building {recipe.name!r}")
+                continue
+            indices[recipe.name] = self.attempt(recipe)
+        trials = self.trials
+        # The ladder starts from the per-token recipe, the one that agrees best of those much faster than
+        # fp32 (plain dynamic int8 where the per-token rewrite could not be built).
+        base = next((r for r in pool if r.kind == "per-token" and indices.get(r.name) is not None), pool[0])
+        built = sorted((i for i in indices.values() if i is not None), key=lambda i: -trials[i]["quick_batch8_speedup"])
+        # In auto, a candidate slower than fp32 is scored only if none faster meets the gate: fp32 would be
+        # served over it.
+        slow = [i for i in built if self.settings.mode == "auto" and trials[i]["quick_batch8_speedup"] < 1.0]
+        for group in ([i for i in built if i not in slow], slow):
+            if group is slow and self.fastest_passing() is not None:
+                for i in slow:
+                    trials[i]["skipped"] = "slower than fp32 at batch 8, and a faster candidate meets the gate"
+                break
+            for i in group:
+                self.evaluate(i)
+            base_index, best = indices.get(base.name), self.fastest_passing()
+            # every step of the ladder is slower than its base: none can beat a candidate that passed faster
+            if (self.settings.mode == "auto" and base_index in group and "selection" in trials[base_index]
+                    and not trials[base_index]["passed"]
+                    and (best is None or trials[best]["batch8_speedup"] < trials[base_index]["batch8_speedup"])):
+                self.ladder(base)
+        record = self.record(target, started)
+        return self.choose(record)
+
+    def record(self, target: str, started: float) -> dict:
+        return {
+            "mode": self.settings.mode, "target": target, "target_detected": self.settings.target == "auto",
+            "tool": "onnxruntime.quantization",
+            "gate": {"split": "selection", "min_agreement": self.gate.min_agreement,
+                     "max_accuracy_drop": self.gate.max_accuracy_drop, "against": "onnx_fp32",
+                     "selection_inputs": self.steps.selection_size, "test_inputs": self.steps.test_size,
+                     "pass_risk": PASS_RISK},
+            "candidates": self.trials, "sensitivity": self.ranking,
+            "search_seconds": round(time.monotonic() - started, 1),
+            **({"not_done_for_the_budget": self.out_of_time} if self.out_of_time else {}),
+        }
+
+    def choose(self, record: dict) -> tuple[Path | None, dict]:
+        trials = self.trials
+        measured = [i for i, t in enumerate(trials) if "selection" in t]
+        if not measured:
+            raise ExportError("no quantization candidate could be built: " + "; ".join(
+                f"{t['name']}: {t.get('error')}" for t in trials))
+        passing = [i for i in measured if trials[i]["passed"]]
+        if passing:
+            # fastest at batch 8 (the ratio to fp32 measured beside it), then the smallest file
+            chosen = max(passing, key=lambda i: (trials[i]["batch8_speedup"], -trials[i]["size_bytes"]))
+            why = "the fastest at batch 8 of the candidates that meet the gate"
+            if self.settings.mode == "auto" and trials[chosen]["batch8_speedup"] < 1.0:
+                # an int8 model slower than fp32 is no gain (tiny models: the quantize ops outweigh the
+                # MatMuls); `--quantize dynamic|static` asked for int8 explicitly and gets it
+                record.update(chosen=None, served="fp32", passed=True, why="every int8 candidate that meets the "
+                              "gate is slower than fp32 at batch 8; fp32 is served")
+                logger.info("      %s", record["why"])
+                return None, record
+        else:
+            # fully scored candidates first: an early-stopped one's figures cover only the inputs it reached
+            chosen = max(measured, key=lambda i: (trials[i]["selection"]["inputs"] == trials[i]["selection"]["of"],
+                                                  trials[i]["selection"]["agreement"],
+                                                  -(trials[i]["selection"]["accuracy_drop"] or 0.0)))
+            why = "no candidate met the gate; this one agreed best"
+            logger.warning("      no candidate met the gate (agreement >= %.2f%%, accuracy drop <= %.2f pt)",
+                           self.gate.min_agreement * 100, self.gate.max_accuracy_drop * 100)
+            if self.on_miss == "fp32":
+                record.update(chosen=None, served="fp32", passed=True,
+                              why="no candidate met the gate; --on-miss fp32 serves the fp32 model")
+                return None, record
+        self.chosen_key = f"candidate-{chosen}"
+        record.update(chosen=trials[chosen]["name"], why=why, served="int8", passed=bool(passing),
+                      **{key: trials[chosen][key] for key in ("kind", "per_channel", "reduce_range", "fused_graph",
+                                                              "fp32_nodes", "two_pass_nodes") if key in trials[chosen]})
+        confirm = self.steps.confirm(f"candidate-{chosen}", self.models[chosen])
+        record["test"] = {**confirm, "passed": self.gate.check(confirm)}
+        logger.info("      chose %s (%s); test split: agreement %.4f, accuracy drop %+.4f, %s", trials[chosen]["name"],
+                    why, confirm["agreement"], confirm["accuracy_drop"] or 0.0,
+                    "confirmed" if record["test"]["passed"] else "NOT confirmed")
+        final = self.work / "chosen"
+        shutil.copytree(self.models[chosen].parent, final)
+        return final / "model.onnx", record
+
+
+def search(fp32_model: Path, work: Path, settings: QuantizationSettings, scorer: Scorer, gate: Gate,
+           on_miss: str = "best", stop: Callable[[], None] = lambda: None,
+           deadline: float | None = None) -> tuple[Path | None, dict]:
+    """Build and measure the candidates; return the chosen int8 model (None: serve fp32) and the record.
+
+    The chosen candidate's scores are in the scorer's pool as "onnx_int8".
+    """
+    steps = Steps(fp32_model, work, scorer, gate)
+    searched = Search(settings, steps, gate, work, on_miss, stop, deadline)
+    chosen, record = searched.run()
+    if chosen is not None:
+        scorer.pool.alias("onnx_int8", searched.chosen_key)
+    return chosen, record

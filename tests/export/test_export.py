@@ -127,15 +127,3 @@ def test_force_replaces_an_existing_folder(checkpoints, validation_file, tmp_pat
     second = _export(checkpoints("bert"), tmp_path, validation_file, force=True)
     assert second == first and not (second / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-
-
-def test_the_truncation_length_is_the_one_the_service_uses(tmp_path):
-    from export.pipeline import max_length
-
-    roberta = {"max_position_embeddings": 514, "model_type": "roberta"}  # two positions before the first
-    (tmp_path / "tokenizer_config.json").write_text("{}")
-    assert max_length(roberta, tmp_path) == 512
-    (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 128}')
-    assert max_length(roberta, tmp_path) == 128
-    (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 1000000000000000019884624838656}')
-    assert max_length({"max_position_embeddings": 512, "model_type": "bert"}, tmp_path) == 512

@@ -275,3 +275,13 @@ def test_tokens_carry_texts_and_utf8_byte_offsets(classifier: Classifier) -> Non
         assert raw[token["start"]:token["stop"]].decode() == token["text"]
     (plain,) = classifier.tokens(["word " * 300], add_special_tokens=False)
     assert len(plain) == 300 and not any(t["special"] for t in plain)  # not truncated
+
+
+def test_the_truncation_length_follows_the_tokenizer_capped_by_the_positions(tmp_path):
+    from service.classifier import model_max_length
+
+    roberta = {"max_position_embeddings": 514, "model_type": "roberta"}  # two positions before the first
+    assert model_max_length({}, roberta) == 512
+    assert model_max_length({"model_max_length": 128}, roberta) == 128
+    assert model_max_length({"model_max_length": 1000000000000000019884624838656},
+                            {"max_position_embeddings": 512, "model_type": "bert"}) == 512
