@@ -14,6 +14,7 @@ from pathlib import Path
 from export import progress
 from export.budget import DEFAULT_MINUTES
 from export.convert import TARGETS
+from export.gate import Gate
 from export.pipeline import STOP, ExportOptions, run
 from export.quantize import MODES, QuantizationSettings
 from export.resolve import ExportError
@@ -43,13 +44,15 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--reduce-range", dest="reduce_range", action="store_true", default=None,
                         help="7-bit weights (default: on for avx2/avx512 without VNNI)")
     parser.add_argument("--exclude-nodes", default="", help="comma-separated ONNX node names kept in fp32")
-    parser.add_argument("--smoothing", type=float, default=0.5, metavar="ALPHA",
+    parser.add_argument("--smoothing", type=float, default=QuantizationSettings.smoothing, metavar="ALPHA",
                         help="per-token int8: move activation outliers into the weights with SmoothQuant's "
-                             "strength ALPHA, 0-1 (0: off; default 0.5)")
-    parser.add_argument("--min-agreement", type=float, default=0.995,
-                        help="gate: least label agreement with the fp32 model on the selection split (0.995)")
-    parser.add_argument("--max-accuracy-drop", type=float, default=0.003,
-                        help="gate: most accuracy lost against fp32 on the selection split (0.003 = 0.3 pt)")
+                             f"strength ALPHA, 0-1 (0: off; default {QuantizationSettings.smoothing:g})")
+    parser.add_argument("--min-agreement", type=float, default=Gate.min_agreement,
+                        help="gate: least label agreement with the fp32 model on the selection split "
+                             f"({Gate.min_agreement:g})")
+    parser.add_argument("--max-accuracy-drop", type=float, default=Gate.max_accuracy_drop,
+                        help="gate: most accuracy lost against fp32 on the selection split "
+                             f"({Gate.max_accuracy_drop:g} = {Gate.max_accuracy_drop * 100:g} pt)")
     parser.add_argument("--on-miss", choices=("best", "fp32"), default="best",
                         help="when no int8 candidate meets the gate: keep the best one (then --no-gate decides "
                              "whether it is written) or serve fp32")

@@ -18,6 +18,7 @@ from export import manifest, progress
 from export.budget import DEFAULT_MINUTES, Plan, plan
 from export.convert import export_fp32, opset_of
 from export.dataset import Example, load_splits, read_text_file
+from export.gate import Gate
 from export.quantize import CALIBRATION_SIZE, QuantizationSettings, sample
 from export.resolve import ExportError, Source, check_classifier, resolve
 from service.config import usable_cores
@@ -39,8 +40,8 @@ class ExportOptions:
     revision: str | None = None
     force: bool = False
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
-    min_agreement: float = 0.995  # label agreement with the fp32 model on the selection split
-    max_accuracy_drop: float = 0.003  # accuracy below fp32's on the selection split, 0.3 points
+    min_agreement: float = Gate.min_agreement  # label agreement with the fp32 model on the selection split
+    max_accuracy_drop: float = Gate.max_accuracy_drop  # accuracy below fp32's on the selection split
     on_miss: str = "best"  # auto, when no candidate meets the gate: "best" int8, or "fp32"
     enforce_gate: bool = True
     validation_file: Path | None = None
@@ -216,7 +217,7 @@ def run(options: ExportOptions) -> Path:
         budget = _plan(options, pool, fp32, budget_started)
         models = {"onnx_fp32": fp32}
         if quantize:
-            from export.search import Gate, Scorer, search
+            from export.search import Scorer, search
 
             scorer = Scorer(pool, fp32)
             gate = Gate(options.min_agreement, options.max_accuracy_drop)

@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 
 from export.convert import TARGETS, detect_target
+from export.pertoken import SMOOTHING_ALPHA
 from export.resolve import ExportError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class QuantizationSettings:
     per_channel: bool = True  # measured here: agrees with fp32 far more often, and is not slower
     reduce_range: bool | None = None  # None: on for AVX2 / AVX-512 without VNNI (VPMADDUBSW saturates)
     nodes_to_exclude: list[str] = field(default_factory=list)
-    smoothing: float = 0.5  # per-token: SmoothQuant's alpha (export/pertoken.py); 0 turns smoothing off
+    smoothing: float = SMOOTHING_ALPHA  # per-token: SmoothQuant's alpha; 0 turns smoothing off
 
 
 @dataclass(frozen=True)

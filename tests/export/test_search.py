@@ -12,9 +12,10 @@ import pytest
 
 from export.budget import MIN_SELECTION, plan
 from export.dataset import Example
+from export.gate import Gate, upper_bound
 from export.quantize import QuantizationSettings
 from export.resolve import ExportError
-from export.search import CHUNK, PASS_RISK, Gate, Scorer, Search, recipes, upper_bound
+from export.search import CHUNK, PASS_RISK, Scorer, Search, recipes
 from export.validate import Encoded, Pool, ort_runner, ort_session
 from service.classifier import Classifier
 from tests.export.tiny import WORDS, build_checkpoint
