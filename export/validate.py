@@ -1,8 +1,9 @@
-"""Compare the ONNX models with the original PyTorch model on labelled and unlabelled inputs.
+"""Score the export's inputs with every model once, and compare the ONNX models with the original PyTorch one.
 
-All three models see the same token ids (the exported tokenizer), so the figures measure the models,
-not tokenizers. Scores are post-processed as transformers' text-classification pipeline does:
-softmax over more than one label, sigmoid for one label or multi-label problems.
+Every model sees the same token ids, encoded by the service's own Classifier for the exported folder,
+so the figures measure the models, not tokenizers, and what is validated is what is served. Scores
+are post-processed as the service and transformers' text-classification pipeline do: softmax over
+more than one label, sigmoid for one label or multi-label problems.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export.dataset import Example
-from service.classifier import Input, apply_function, default_function
+from service.classifier import Input, apply_function
 from service.config import usable_cores  # the service's rule: affinity, capped by the cgroup's quota
 
 logger = logging.getLogger(__name__)
@@ -30,11 +31,6 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 16
 # Under a budget, PyTorch still scores at least this many inputs of each set.
 PYTORCH_FLOOR = 200
-
-
-def probabilities(logits: np.ndarray, config: dict) -> np.ndarray:
-    """Turn logits into scores as the service does by default (transformers' pipeline's function)."""
-    return apply_function(logits, default_function(config, logits.shape[1]))
 
 
 def predicted(scores: np.ndarray) -> np.ndarray:
