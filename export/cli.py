@@ -67,14 +67,15 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                              "validate on the pairs of --validation-file, which it then needs")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
     parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
-    parser.add_argument("--budget", type=float, default=DEFAULT_MINUTES, metavar="MINUTES",
+    parser.add_argument("--budget", type=float, metavar="MINUTES",
                         help="time for the export proper (not training or downloading the model): the inputs "
-                             "scored and the optional search steps are planned to fit, the manifest records the "
-                             f"plan (default {DEFAULT_MINUTES:g})")
+                             "scored and the optional search steps (unbuilt candidates, the sensitivity pass, "
+                             "ladder steps) are planned to fit, and the manifest records the plan. Default: the "
+                             f"inputs are planned for {DEFAULT_MINUTES:g} minutes, the search is not cut short")
     parser.add_argument("--quiet", action="store_true",
                         help="print only warnings, errors and the model folder (no stage or progress lines)")
     args = parser.parse_args(argv)
-    if args.budget <= 0:
+    if args.budget is not None and args.budget <= 0:
         parser.error("--budget must be a positive number of minutes")
     if not 0.0 <= args.min_agreement <= 1.0:
         parser.error("--min-agreement must lie between 0 and 1")

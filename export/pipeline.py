@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from export import manifest, progress
-from export.budget import DEFAULT_MINUTES, Plan, plan
+from export.budget import Plan, plan
 from export.convert import export_fp32, opset_of
 from export.dataset import Example, load_splits, read_text_file
 from export.gate import Gate
@@ -48,7 +48,7 @@ class ExportOptions:
     pairs: bool = False  # a pair model: validation_file holds text pairs
     opset: int | None = None
     retrain: bool = False
-    budget_minutes: float = DEFAULT_MINUTES  # the export proper plans its work to fit (export/budget.py)
+    budget_minutes: float | None = None  # --budget; None: planned for budget.DEFAULT_MINUTES, search not cut
     quiet: bool = False  # the command line's --quiet: warnings and errors only
 
 

@@ -71,7 +71,8 @@ def test_quiet_prints_only_the_folder_and_the_manifest_records_the_plan(run_cli,
     assert plan["budget_minutes"] == 3 and plan["selection_inputs"] == plan["selection_available"] > 0
     loud = run_cli(*common, "--name", "loud")
     assert loud.returncode == 0 and "[5/5]" in loud.stderr
-    assert f"budget 10 min: the gate scores all {plan['selection_available']} selection inputs" in loud.stderr
+    assert (f"budget 10 min (the default; the search is not cut short): the gate scores all "
+            f"{plan['selection_available']} selection inputs") in loud.stderr, loud.stderr
 
 
 @pytest.mark.parametrize(("option", "value"), [("--smoothing", "1.5"), ("--smoothing", "-0.1"),

@@ -188,6 +188,9 @@ def test_the_plan_keeps_everything_when_it_fits_and_cuts_every_split_alike_when_
     assert MIN_SELECTION <= tight.selection < 11000 and tight.test == math.ceil(tight.fraction * 4000)
     assert tight.search_deadline < tight.end == pytest.approx(now + 600, abs=1)
     assert plan(10, now, 10.0, selection=11000, test=4000, calibration=128).selection == MIN_SELECTION
+    # without --budget: planned for the default minutes, and the search is not cut short
+    default = plan(None, now, 0.040, selection=11000, test=4000, calibration=128)
+    assert default.search_deadline is None and default.selection == tight.selection and not default.explicit
 
 
 # -- scoring on real inputs ---------------------------------------------------------------------------
