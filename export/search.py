@@ -91,7 +91,7 @@ class Scorer:
         risk = PASS_RISK / (2 * len(LOOKS))
         state: dict = {}
 
-        def decided() -> bool:
+        def decided(at_chunk_end: bool) -> bool:
             scored = pool.done(key, order)
             done = order[scored]
             ours, theirs = predicted(pool.scores(key, done)), predicted(pool.scores("onnx_fp32", done))
@@ -106,7 +106,8 @@ class Scorer:
             if left and flips + left <= allowed and harmed - helped + labelled_left <= allowed_drop:
                 state["stopped"] = "sure to pass: the inputs left could not make it miss"
                 return True
-            if not left or not looks or len(done) < looks[0]:
+            # a look needs a uniform sample: whole chunks of the random order, not part of a length-sorted one
+            if not at_chunk_end or not left or not looks or len(done) < looks[0]:
                 return False
             while looks and len(done) >= looks[0]:
                 looks.pop(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import statistics
 import time
@@ -192,11 +193,11 @@ class Pool:
         self._done.pop(key, None)
 
     def score(self, key: str, run: Callable[[dict], np.ndarray], indices: Sequence[int], what: str | None = None,
-              chunk: int | None = None, until: Callable[[], bool] | None = None) -> None:
+              chunk: int | None = None, until: Callable[[bool], bool] | None = None) -> None:
         """Score the inputs at indices that model key has not scored yet, with run (a batch -> logits).
 
-        With chunk, inputs are scored chunk by chunk in the order given, and until() is asked after each
-        chunk whether to stop; each chunk's batches group inputs of similar length.
+        With chunk, inputs are scored chunk by chunk in the order given, each chunk's batches grouping
+        inputs of similar length; until(at_chunk_end) is asked after every batch whether to stop.
         """
         from export.progress import Progress
 
@@ -210,13 +211,15 @@ class Pool:
         work = float(self.encoded.lengths[todo].sum())
         with Progress(what, len(todo), work=work) if what and len(todo) else nullcontext() as counter:
             for start in range(0, len(todo), step):
-                for idx, batch in self.encoded.batches(todo[start:start + step]):
+                part = todo[start:start + step]
+                last = math.ceil(len(part) / BATCH_SIZE)
+                for number, (idx, batch) in enumerate(self.encoded.batches(part), start=1):
                     self._scores[key][idx] = apply_function(run(batch), self.classifier.function)
                     self._done[key][idx] = True
                     if counter is not None:
                         counter.update(len(idx), float(self.encoded.lengths[idx].sum()))
-                if until is not None and until():
-                    break
+                    if until is not None and until(number == last):
+                        return
 
     def figures(self, key: str, reference: str, indices: Sequence[int]) -> dict:
         """Return agreement, score differences and accuracy of model key against reference on indices."""

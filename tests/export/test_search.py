@@ -15,7 +15,7 @@ from export.dataset import Example
 from export.gate import Gate, upper_bound
 from export.quantize import QuantizationSettings
 from export.resolve import ExportError
-from export.search import CHUNK, PASS_RISK, Scorer, Search, recipes
+from export.search import PASS_RISK, Scorer, Search, recipes
 from export.validate import Encoded, Pool, ort_runner, ort_session
 from service.classifier import Classifier
 from tests.export.tiny import WORDS, build_checkpoint
@@ -255,7 +255,8 @@ def test_scoring_stops_at_once_when_a_miss_is_certain(scored):
     scorer, models = scored
     fp32 = ort_runner(ort_session(models[0]))
     figures = scorer.select("other", lambda batch: fp32(batch)[:, ::-1], Gate(), "every label swapped")
-    assert figures["agreement"] == 0.0 and figures["inputs"] == CHUNK and "sure to miss" in figures["stopped"]
+    # every label differs: more than the 20 allowed after the second batch of 16
+    assert figures["agreement"] == 0.0 and figures["inputs"] == 32 and "sure to miss" in figures["stopped"]
 
 
 def test_a_candidate_that_passes_narrowly_is_scored_in_full(scored):
