@@ -274,11 +274,15 @@ def run(options: ExportOptions) -> Path:
         }
         _log_summary(report, served)
         if not report["gate"]["passed"] and options.enforce_gate:
+            left_out = quant_record.get("not_done_for_the_budget")
             raise ExportError(
                 f"No int8 candidate met the gate (agreement with fp32 >= {options.min_agreement:.2%} and accuracy "
                 f"drop <= {options.max_accuracy_drop * 100:.2f} pt on the selection split; the best agreed on "
-                f"{figures['agreement']:.2%}); nothing was written. Serve fp32 with --on-miss fp32 or "
-                f"--quantize none, relax --min-agreement / --max-accuracy-drop, or accept it with --no-gate.")
+                f"{figures['agreement']:.2%}); nothing was written. "
+                + (f"--budget {options.budget_minutes:g} left out {'; '.join(left_out)}: a larger --budget, or "
+                   f"none, tries them. " if left_out else "")
+                + "Serve fp32 with --on-miss fp32 or --quantize none, relax --min-agreement / --max-accuracy-drop, "
+                  "or accept it with --no-gate.")
         body["timings_s"] = {**stages.timings}
         body["timings_s"]["total"] = stages.finish()
         manifest.write(folder, body)

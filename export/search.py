@@ -500,6 +500,10 @@ class Search:
             **({"not_done_for_the_budget": self.out_of_time} if self.out_of_time else {}),
         }
 
+    def _left_out(self) -> str:
+        """Return what the deadline left out, as the end of a reason ("" if nothing)."""
+        return f" (the budget left out {'; '.join(self.out_of_time)})" if self.out_of_time else ""
+
     def choose(self, record: dict) -> tuple[Path | None, dict]:
         trials = self.trials
         measured = [i for i, t in enumerate(trials) if "selection" in t]
@@ -515,7 +519,7 @@ class Search:
                 # an int8 model slower than fp32 is no gain (tiny models: the quantize ops outweigh the
                 # MatMuls); `--quantize dynamic|static` asked for int8 explicitly and gets it
                 record.update(chosen=None, served="fp32", passed=True, why="every int8 candidate that meets the "
-                              "gate is slower than fp32 at batch 8; fp32 is served")
+                              "gate is slower than fp32 at batch 8; fp32 is served" + self._left_out())
                 logger.info("      %s", record["why"])
                 return None, record
         else:
@@ -528,7 +532,8 @@ class Search:
                            self.gate.min_agreement * 100, self.gate.max_accuracy_drop * 100)
             if self.on_miss == "fp32":
                 record.update(chosen=None, served="fp32", passed=True,
-                              why="no candidate met the gate; --on-miss fp32 serves the fp32 model")
+                              why="no candidate met the gate; --on-miss fp32 serves the fp32 model" + self._left_out())
+                logger.info("      %s", record["why"])
                 return None, record
         self.chosen_key = f"candidate-{chosen}"
         record.update(chosen=trials[chosen]["name"], why=why, served="int8", passed=bool(passing),

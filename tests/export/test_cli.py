@@ -140,6 +140,11 @@ def test_the_gate_refuses_an_int8_model_that_disagrees(run_cli, tmp_path, valida
                           "nothing was written")
     assert list(out.iterdir()) == []
 
+    # a budget this small leaves every optional step out, and the refusal says so
+    result = run_cli(*common, "--budget", "0.01")
+    _assert_clean_failure(result, "No int8 candidate met the gate", "--budget 0.01 left out building",
+                          "a larger --budget, or none, tries them")
+
     result = run_cli(*common, "--quantize", "dynamic", "--no-gate")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "tie" / "manifest.json").read_text())

@@ -150,6 +150,10 @@ def test_past_the_deadline_optional_work_is_left_out_and_said(tmp_path):
     assert steps.built == [DYNAMIC]  # the first candidate is always built; the rest waited on the deadline
     left_out = record["not_done_for_the_budget"]
     assert any(PER_TOKEN in item for item in left_out) and record["sensitivity"] == []
+    # nothing passed: with --on-miss fp32 the reason says what the budget left out
+    steps = FakeSteps(tmp_path, dict.fromkeys(ALL, 2.0), dict.fromkeys(ALL, 30), slow_build=0.05)
+    _, record, _ = _search(tmp_path / "fp32", steps, on_miss="fp32", deadline=time.monotonic() + 0.01)
+    assert record["served"] == "fp32" and "the budget left out building" in record["why"]
 
 
 def test_a_sensitivity_pass_that_cannot_fit_the_deadline_gives_up_early(tmp_path):
