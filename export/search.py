@@ -30,7 +30,7 @@ from export.gate import Gate, upper_bound
 from export.progress import Progress, heartbeat
 from export.quantize import QuantizationSettings, Recipe, build, fused_graph, resolve_target, weight_matmuls
 from export.resolve import ExportError
-from export.validate import Pool, ort_runner, ort_session, predicted, typical, usable_cores
+from export.validate import Pool, ort_runner, ort_session, predicted, true_labels, typical, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Scorer:
         """
         pool, order = self.pool, self.selection
         allowed = gate.allowed_disagreements(len(order))
-        labels = _true_labels(pool, order)
+        labels = true_labels([pool.examples[i] for i in order], pool.label2id)
         labelled_total = int((labels >= 0).sum())
         allowed_drop = int(np.floor(gate.max_accuracy_drop * labelled_total + 1e-9))
         looks = [math.ceil(share * len(order)) for share in LOOKS]
@@ -196,13 +196,6 @@ class Scorer:
             if best_fp32 <= 1.1 * quiet:
                 break
         return best, best_fp32
-
-
-def _true_labels(pool: Pool, indices: np.ndarray) -> np.ndarray:
-    """Return each input's label as a class index, -1 where it has none the model knows."""
-    lowered = {k.lower(): v for k, v in pool.label2id.items()}
-    labels = [pool.examples[i].label for i in indices]
-    return np.array([lowered.get(label.lower(), -1) if label else -1 for label in labels], dtype=np.int64)
 
 
 def _alternate(sessions: Sequence, batch: dict[str, np.ndarray], rounds: int) -> list[float]:

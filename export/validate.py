@@ -133,15 +133,19 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
+def true_labels(examples: Sequence[Example], label2id: dict[str, int]) -> np.ndarray:
+    """Return each example's label as a class index (matched by name, any case), -1 where the model has none."""
+    lowered = {k.lower(): v for k, v in label2id.items()}
+    return np.array([lowered.get(e.label.lower(), -1) if e.label else -1 for e in examples], dtype=np.int64)
+
+
 def accuracy(scores: np.ndarray, examples: Sequence[Example], label2id: dict[str, int]) -> float | None:
     """Return accuracy on the labelled examples whose label the model knows, or None if there are none."""
-    lowered = {k.lower(): v for k, v in label2id.items()}
-    pairs = [(i, lowered[e.label.lower()]) for i, e in enumerate(examples)
-             if e.label is not None and e.label.lower() in lowered]
-    if not pairs:
+    labels = true_labels(examples, label2id)
+    known = labels >= 0
+    if not known.any():
         return None
-    hits = predicted(scores[[i for i, _ in pairs]]) == np.array([t for _, t in pairs])
-    return round(float(hits.mean()), 5)
+    return round(float((predicted(scores[known]) == labels[known]).mean()), 5)
 
 
 class Pool:
@@ -275,7 +279,9 @@ def evaluate(checkpoint: Path, pool: Pool, models: dict[str, Path], sets: Sequen
     from export.quantize import sample
 
     runners = {"pytorch": torch_runner(checkpoint)}
-    runners.update({name: ort_runner(ort_session(path)) for name, path in models.items()})
+    # fp32 runs in the pool's own Classifier session; a second session of it would only cost memory
+    runners.update({name: pool.classifier.run if name == "onnx_fp32" else ort_runner(ort_session(path))
+                    for name, path in models.items()})
     needed = {name: pool.indices(name) for name in sets}
     limit = None
     if pytorch_seconds is not None:
