@@ -25,7 +25,8 @@ DEFAULT_MODEL = "onnx_models/minilm-l6-sentiment"
 CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
 ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
-                "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1")  # the last five: opt-in levers
+                "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1",
+                "onnx-nogather", "onnx-shared")  # the last seven: opt-in levers
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
 
@@ -79,6 +80,15 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path) -> tuple[dic
             if name.endswith("nospin"):
                 env["SERVICE_ORT_SPINNING"], label = "false", label + ", spinning off"
             specs[name] = {"label": label, "size_key": "onnx", "server": ServerSpec(name, env)}
+        elif name == "onnx-nogather":
+            # the lever: a free slot beside a running one never waits for requests on their way
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_GATHER_MS": "0"}
+            specs[name] = {"label": "onnx, no gathering", "size_key": "onnx", "server": ServerSpec(name, env)}
+        elif name == "onnx-shared":
+            # the lever: every run on an intra-op pool of every core (the default splits the cores per slot)
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": str(usable_cores())}
+            specs[name] = {"label": "onnx, one pool of every core shared by the runs", "size_key": "onnx",
+                           "server": ServerSpec(name, env)}
         elif name == "onnx-t2o1":
             # the lever: 2 Waitress threads x 1 ORT thread, unbatched
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1",
@@ -230,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a smoke run: 1 s cells, 1 repetition, short text at c=1 and 8")
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=ALL_BACKENDS,
                         help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: onnx-w1: 1 run at a time, "
-                             "onnx-nospin: spinning off, onnx-o1: 1 intra-op thread, onnx-o1-nospin: both, onnx-t2o1: "
-                             "unbatched, 2 Waitress x 1 ORT thread)")
+                             "onnx-nospin: spinning off, onnx-o1: 1 intra-op thread, onnx-o1-nospin: both, "
+                             "onnx-nogather: no gathering beside a running slot, onnx-shared: intra-op "
+                             "threads = every core, shared by the runs, onnx-t2o1: unbatched, "
+                             "2 Waitress x 1 ORT thread)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--connections", nargs="+", type=int, default=list(CONNECTIONS),
                         help="concurrencies of the short text (default 1 8 32)")

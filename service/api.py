@@ -82,6 +82,7 @@ def info() -> Response:
                 "max_queue": settings.max_queue, "connection_limit": settings.connection_limit},
         batching={"enabled": batching, "max_texts": settings.batch_max_texts,
                   "max_tokens": settings.batch_max_tokens, "wait_ms": settings.batch_wait_ms,
+                  "gather_ms": settings.batch_gather_ms,
                   "queue_timeout_s": settings.queue_timeout},
         auth={"api_key_required": settings.api_key is not None},  # whether, never which
     )

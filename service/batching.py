@@ -5,7 +5,8 @@ finds a model slot free (at most `workers` runs at once) runs the queue's next b
 lone request never waits for another thread. A batch is one session.run: the most urgent text and
 the queued texts that pad well with it. When a run ends, the slot passes to the thread of the next
 batch's most urgent text; requests whose texts ran in someone else's batch are woken when their
-last text is done.
+last text is done. Under load, a slot that comes free beside a running one first waits briefly
+for the requests already on their way (see Scheduler._gather), so runs carry several texts.
 
 Urgency: a text's deadline is its arrival plus OVERTAKE times its expected run time, and the earliest
 deadline goes first. Among texts of one length that is first come, first served; a short text may
@@ -22,8 +23,9 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flask import Flask, Response, jsonify
@@ -127,12 +129,12 @@ class Scheduler:
     """A bounded queue of texts and `workers` model slots, run by the request threads themselves."""
 
     def __init__(self, classifier: Classifier, *, max_texts: int, max_tokens: int, max_queue: int,
-                 queue_timeout: float, wait: float = 0.0, workers: int = 1,
+                 queue_timeout: float, wait: float = 0.0, gather: float = 0.0, workers: int = 1,
                  metrics: Metrics | None = None) -> None:
         """Configure the limits; start() opens the model slots."""
         self.classifier = classifier
         self.max_texts, self.max_tokens, self.max_queue = max_texts, max_tokens, max_queue
-        self.queue_timeout, self.wait, self.workers = queue_timeout, wait, workers
+        self.queue_timeout, self.wait, self.gather, self.workers = queue_timeout, wait, gather, workers
         self.metrics = metrics
         self._heap: list[Item] = []
         self._order = itertools.count()
@@ -142,6 +144,8 @@ class Scheduler:
         self._started = self._stopping = False
         self._seconds_per_token = _SECONDS_PER_TOKEN
         self._cond = threading.Condition()
+        self._arriving = 0  # requests between arrival and queueing their texts (see arrive())
+        self._local = threading.local()
         if metrics is not None:
             metrics.track_queue(lambda: self._pending)
 
@@ -149,6 +153,11 @@ class Scheduler:
     def depth(self) -> int:
         """Return the texts waiting in the queue."""
         return self._pending
+
+    @property
+    def arriving(self) -> int:
+        """Return the requests counted as on their way to the queue."""
+        return self._arriving
 
     @property
     def alive(self) -> bool:
@@ -187,10 +196,30 @@ class Scheduler:
         logits = self.logits(self.classifier.encode(inputs))
         return self.classifier.postprocess(logits, top_k, function_to_apply)
 
+    def arrive(self) -> None:
+        """Count this thread's request as on its way to the queue, until it queues texts or depart()s."""
+        with self._cond:
+            self._arriving += 1
+        self._local.arriving = True
+
+    def depart(self) -> None:
+        """End this thread's arrival if its request never queued texts (errors, other routes)."""
+        if getattr(self._local, "arriving", False):
+            with self._cond:
+                self._arrived()
+                self._cond.notify_all()
+
+    def _arrived(self) -> None:
+        """Stop counting this thread's request as on its way (called with the lock held)."""
+        if getattr(self._local, "arriving", False):
+            self._local.arriving = False
+            self._arriving -= 1
+
     def logits(self, encodings: Sequence[Encoding]) -> np.ndarray:
         """Return the logits [texts, labels] of encoded inputs, batched with concurrent requests."""
         job = Job(encodings, len(self.classifier.labels))
         with self._cond:
+            self._arrived()
             if self._stopping:
                 raise self._unavailable("the service is shutting down", "shutting_down")
             if self._pending + len(encodings) > self.max_queue:
@@ -201,7 +230,7 @@ class Scheduler:
                                                 job, index))
             self._pending += len(encodings)
             self._pending_tokens += job.queued_tokens
-            self._cond.notify_all()  # a slot holder gathering a batch (wait > 0) counts the texts
+            self._cond.notify_all()  # a slot holder gathering a batch counts the texts
             batch = None
             if self._free:  # then nothing else is queued: run now, in this thread
                 self._free -= 1
@@ -240,11 +269,25 @@ class Scheduler:
             self._lead(batch)
 
     def _gather(self) -> None:
-        """Wait up to `wait` seconds for a full batch, holding the slot (called with the lock held)."""
-        if self.wait <= 0:
-            return
-        deadline = time.monotonic() + self.wait
-        while self._pending < self.max_texts and not self._stopping:
+        """Wait for more texts before a run, holding the slot (called with the lock held).
+
+        With `wait` set: up to that long for a full batch. Otherwise only while another run is in
+        progress and requests are on their way to the queue (counted by arrive()), for at most
+        `gather`. Without this, a request that finds a slot free runs alone while its neighbours, a
+        moment behind, wait for the next run: under load most runs would carry one text, the
+        model's least efficient batch. A lone request, or one beside an idle slot, never waits.
+        """
+        if self.wait > 0:
+            deadline = time.monotonic() + self.wait
+
+            def more() -> bool:
+                return True
+        else:
+            deadline = time.monotonic() + self.gather
+
+            def more() -> bool:
+                return self._arriving > 0 and self.workers - self._free > 1
+        while more() and self._pending < self.max_texts and not self._stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -356,5 +399,21 @@ def init_app(app: Flask, scheduler: Scheduler | None) -> None:
     app.extensions["service.scheduler"] = scheduler
     app.register_error_handler(Unavailable, handle_unavailable)
     if scheduler is not None:
+        app.wsgi_app = _announcing(app.wsgi_app, scheduler)  # type: ignore[method-assign]
         # tests build many apps: let each one's scheduler refuse work once its app is gone
         weakref.finalize(app, scheduler.stop, 0)
+
+
+def _announcing(wsgi_app: Callable[..., Iterable[bytes]], scheduler: Scheduler) -> Callable[..., Iterable[bytes]]:
+    """Wrap the WSGI app so the scheduler knows which POST requests are on their way to the queue."""
+
+    def announced(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "POST":
+            return wsgi_app(environ, start_response)
+        scheduler.arrive()
+        try:
+            return wsgi_app(environ, start_response)
+        finally:
+            scheduler.depart()
+
+    return announced

@@ -144,8 +144,15 @@ def _threads(config: Mapping[str, Any], key: str) -> int:
 
 
 def _ort_threads(config: Mapping[str, Any], key: str) -> int:
-    """Return ORT_THREADS: by default every usable core."""
-    return usable_cores() if _unset(config, key) else _integer(config, key, 1, 1024)
+    """Return ORT_THREADS: by default the usable cores, split between the model slots when batching."""
+    if not _unset(config, key):
+        return _integer(config, key, 1, 1024)
+    if not _boolean(config, "BATCHING") or _backend(config, "BACKEND") != "onnx":
+        return usable_cores()
+    # Concurrent runs of one session share its intra-op pool: two runs on a pool of every core take
+    # turns on it, and its threads spin waiting for each other's work. A share of the cores per run
+    # costs less CPU per text and serves more under load (docs/performance.md).
+    return max(1, usable_cores() // _workers(config, "BATCH_WORKERS"))
 
 
 def _workers(config: Mapping[str, Any], key: str) -> int:
@@ -209,7 +216,8 @@ SETTINGS: tuple[Setting, ...] = (
             "than the queue holds would leave requests waiting unseen in Waitress' own queue",
             computed="batching: MAX_QUEUE + BATCH_MAX_TEXTS x BATCH_WORKERS + 32; else 4"),
     Setting("ORT_THREADS", None, _ort_threads, "onnxruntime intra-op threads, shared by concurrent runs",
-            computed="usable cores (CPU affinity, capped by the cgroup's cpu.max)"),
+            computed="usable cores (CPU affinity, capped by the cgroup's cpu.max) / BATCH_WORKERS when "
+                     "batching, else usable cores"),
     # Idle intra-op threads spin briefly between a run's parallel sections, never between runs
     # (see service/classifier.py): the latency of spinning without burning the cores under load.
     Setting("ORT_SPINNING", True, _boolean,
@@ -228,6 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(a longer text runs alone)"),
     Setting("BATCH_WAIT_MS", 0, integer(0, 1000, "an integer 0-1000 (milliseconds)"),
             "a free model slot waits this long for BATCH_MAX_TEXTS texts; 0: run what is queued at once"),
+    Setting("BATCH_GATHER_MS", 1, integer(0, 1000, "an integer 0-1000 (milliseconds)"),
+            "while another run is in progress, a free model slot waits at most this long for requests "
+            "already on their way to the queue (never when it runs alone); 0: never"),
     Setting("MAX_QUEUE", 64, _max_queue, "texts that may wait for a model slot; a request that does not "
             "fit gets 503 at once"),
     Setting("QUEUE_TIMEOUT", 5.0, _seconds, "seconds a request may wait in the queue before a 503"),
@@ -270,6 +281,7 @@ class Settings:
     batch_max_texts: int
     batch_max_tokens: int
     batch_wait_ms: int
+    batch_gather_ms: int
     max_queue: int
     queue_timeout: float
     connection_limit: int

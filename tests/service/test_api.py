@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
 from service import create_app
@@ -145,10 +146,10 @@ def test_health_ready_info(client: FlaskClient) -> None:
     assert info["backend"] == "onnx"
     assert info["versions"]["onnxruntime"] and info["versions"]["waitress"]
     workers = min(2, usable_cores())
-    assert info["threads"] == {"waitress": 64 + 32 * workers + 32, "ort_intra_op": usable_cores(),
+    assert info["threads"] == {"waitress": 64 + 32 * workers + 32, "ort_intra_op": max(1, usable_cores() // workers),
                                "ort_inter_op": 1, "ort_spinning": True, "batch_workers": workers}
     assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 512, "wait_ms": 0,
-                                "queue_timeout_s": 5.0}
+                                "gather_ms": 1, "queue_timeout_s": 5.0}
     settings = client.application.extensions["service.settings"]
     assert info["limits"] == {"max_batch": 32, "max_content_length": 2097152, "max_queue": 64,
                               "connection_limit": settings.connection_limit}
@@ -227,3 +228,16 @@ def test_unexpected_errors_are_a_generic_500(tiny_models: dict[int, Path], monke
     assert response.get_json() == {"error": "internal error"}
     assert "secret" not in response.get_data(as_text=True)
     assert "unhandled KeyError" in caplog.text and "Traceback" in caplog.text
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [
+    ("/sentiment", {"text": "What a great movie."}, 200),
+    ("/sentiment", {"text": 3}, 400),  # refused before its texts reach the queue
+    ("/v2/models/minilm-l6-sentiment/infer", {"inputs": []}, 400),
+    ("/nowhere", {"text": "x"}, 404),
+])
+def test_a_post_is_counted_on_its_way_to_the_queue_only_until_it_ends(app: Flask, client: FlaskClient,
+                                                                       path: str, body: Any, status: int) -> None:
+    scheduler = app.extensions["service.scheduler"]
+    assert client.post(path, json=body).status_code == status
+    assert scheduler.arriving == 0  # a leftover count would make every later run wait for it

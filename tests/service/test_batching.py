@@ -103,52 +103,130 @@ def test_a_lone_request_runs_in_its_own_thread(make_scheduler: Any, classifier: 
     assert runners == ["the-request"]  # no hand-off to another thread
 
 
-def test_a_short_text_overtakes_long_texts_queued_just_before_it(make_scheduler: Any,
-                                                                classifier: Classifier) -> None:
+def _record_runs(classifier: Classifier, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the padded length of every run, in the order the runs start."""
+    lengths: list[int] = []
+    run = classifier.run
+
+    def recording_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        lengths.append(int(feeds["input_ids"].shape[1]))
+        return run(feeds)
+
+    monkeypatch.setattr(classifier, "run", recording_run)
+    return lengths
+
+
+def test_a_short_text_overtakes_long_texts_queued_just_before_it(make_scheduler: Any, classifier: Classifier,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # not started: the texts queue up, then one slot runs one text per batch in queue order
     scheduler = make_scheduler(start=False, max_texts=1, workers=1)
-    order: list[str] = []
+    runs = _record_runs(classifier, monkeypatch)
     long_text = NEGATIVE + " really" * 300
-
-    def ask(name: str, text: str) -> None:
-        scheduler.classify([text])
-        order.append(name)
-
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = []
-        for name, text in (("long-1", long_text), ("long-2", long_text), ("long-3", long_text),
-                           ("short", POSITIVE)):
-            futures.append(pool.submit(ask, name, text))
+        for text in (long_text, long_text, long_text, POSITIVE):
+            futures.append(pool.submit(scheduler.classify, [text]))
             while scheduler.depth < len(futures):
                 threading.Event().wait(0.005)
         scheduler.start()
         for future in futures:
             future.result(timeout=60)
-    assert order[0] == "short" and order[1:] == ["long-1", "long-2", "long-3"]
+    short = len(classifier.encode([POSITIVE])[0])
+    assert runs[0] == short and all(length > short for length in runs[1:]) and len(runs) == 4
 
 
-def test_a_long_text_is_not_overtaken_by_texts_that_came_much_later(make_scheduler: Any) -> None:
+def test_a_long_text_is_not_overtaken_by_texts_that_came_much_later(make_scheduler: Any, classifier: Classifier,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     scheduler = make_scheduler(start=False, max_texts=1, workers=1)
-    order: list[str] = []
-
-    def ask(name: str, text: str) -> None:
-        scheduler.classify([text])
-        order.append(name)
-
+    runs = _record_runs(classifier, monkeypatch)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        first = pool.submit(ask, "long", NEGATIVE + " really" * 300)
+        first = pool.submit(scheduler.classify, [NEGATIVE + " really" * 300])
         while scheduler.depth < 1:
             threading.Event().wait(0.005)
         # its deadline is arrival + 8 x its expected run time: a short text arriving after that is later
         late = scheduler._heap[0].deadline - time.monotonic() + 0.05
         threading.Event().wait(max(0.0, late))
-        second = pool.submit(ask, "short", POSITIVE)
+        second = pool.submit(scheduler.classify, [POSITIVE])
         while scheduler.depth < 2:
             threading.Event().wait(0.005)
         scheduler.start()
         first.result(timeout=60)
         second.result(timeout=60)
-    assert order == ["long", "short"]
+    # the order the runs started in (the order the threads return in is the OS scheduler's)
+    assert runs[0] > runs[1] == len(classifier.encode([POSITIVE])[0])
+
+
+def _hold_long_runs(classifier: Classifier, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[int]]:
+    """Make runs of more than 100 tokens wait for the returned event (a run kept in progress); record run sizes."""
+    release = threading.Event()
+    sizes: list[int] = []
+    run = classifier.run
+
+    def holding_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        sizes.append(int(feeds["input_ids"].shape[0]))
+        if feeds["input_ids"].shape[1] > 100:
+            release.wait(60)
+        return run(feeds)
+
+    monkeypatch.setattr(classifier, "run", holding_run)
+    return release, sizes
+
+
+def test_a_slot_beside_a_running_one_waits_for_requests_on_their_way(make_scheduler: Any, classifier: Classifier,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # a long gather window, ended early by the arrival it waits for: no timing involved
+    scheduler = make_scheduler(workers=2, gather=30.0)
+    release, sizes = _hold_long_runs(classifier, monkeypatch)
+    on_its_way, go = threading.Event(), threading.Event()
+
+    def late_request() -> Any:
+        scheduler.arrive()  # what the WSGI wrapper does when a POST comes in
+        on_its_way.set()
+        go.wait(60)
+        return scheduler.classify([NEGATIVE])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        running = pool.submit(scheduler.classify, [NEGATIVE + " really" * 300])
+        while not sizes:  # the long run holds one slot
+            threading.Event().wait(0.005)
+        late = pool.submit(late_request)
+        on_its_way.wait(60)
+        first = pool.submit(scheduler.classify, [POSITIVE])  # the other slot is free
+        while scheduler.depth < 1:
+            threading.Event().wait(0.005)
+        threading.Event().wait(0.2)
+        assert sizes == [1] and not first.done()  # it waits for the request on its way...
+        go.set()
+        answers = [first.result(timeout=60), late.result(timeout=60)]
+        assert sizes == [1, 2]  # ...and both ran in one batch beside the long run
+        release.set()
+        running.result(timeout=60)
+    assert [answer[0][0]["label"] for answer in answers] == \
+        [ranked[0]["label"] for ranked in classifier.classify([POSITIVE, NEGATIVE])]
+    assert scheduler.arriving == 0
+
+
+@pytest.mark.parametrize("long_run", [False, True])
+def test_a_free_slot_does_not_wait_without_a_run_in_progress_or_requests_on_their_way(
+        make_scheduler: Any, classifier: Classifier, monkeypatch: pytest.MonkeyPatch, long_run: bool) -> None:
+    scheduler = make_scheduler(workers=2, gather=30.0)
+    release, sizes = _hold_long_runs(classifier, monkeypatch)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        if long_run:  # a run in progress, but nobody on the way
+            running = pool.submit(scheduler.classify, [NEGATIVE + " really" * 300])
+            while not sizes:
+                threading.Event().wait(0.005)
+        else:  # someone on the way, but no run in progress
+            ready = threading.Event()
+            pool.submit(lambda: (scheduler.arrive(), ready.set(), release.wait(60), scheduler.depart()))
+            ready.wait(60)
+        started = time.monotonic()
+        scheduler.classify([POSITIVE])
+        assert time.monotonic() - started < 15  # far below the 30 s window
+        release.set()
+        if long_run:
+            running.result(timeout=60)
+    assert scheduler.arriving == 0
 
 
 def test_a_request_larger_than_a_batch_is_answered_whole_in_order(make_scheduler: Any,

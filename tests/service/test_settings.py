@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -31,10 +32,11 @@ def test_defaults(tmp_path: Path) -> None:
         ("127.0.0.1", 8000, 64 + 32 * workers + 32, 32)
     assert settings.max_content_length == 2 * 1024 * 1024
     assert settings.backend == "onnx" and settings.warmup is True
-    assert settings.ort_threads == usable_cores() and settings.ort_spinning is True
+    # each model slot gets its share of the cores
+    assert settings.ort_threads == max(1, usable_cores() // workers) and settings.ort_spinning is True
     assert settings.batching is True
-    assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_workers) \
-        == (32, 512, 0, workers)
+    assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_gather_ms,
+            settings.batch_workers) == (32, 512, 0, 1, workers)
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # two per connection at worst, and spares
     limit = 4000 if files == resource.RLIM_INFINITY else min(4000, (files - 64) // 2)
     assert (settings.max_queue, settings.queue_timeout, settings.connection_limit) == (64, 5.0, limit)
@@ -141,6 +143,19 @@ def test_the_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path: Path, files: dict[
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert _cgroup_quota(tmp_path) == cores
+
+
+@pytest.mark.parametrize(("config", "threads"), [
+    ({}, lambda cores: max(1, cores // min(2, cores))),  # one share per model slot
+    ({"BATCH_WORKERS": "1"}, lambda cores: cores),  # one slot: every core
+    ({"BATCH_WORKERS": "64"}, lambda cores: 1),  # more slots than cores: one thread each
+    ({"BATCHING": "false"}, lambda cores: cores),  # unbatched: the session's calls are the request threads'
+    ({"BACKEND": "pytorch"}, lambda cores: cores),  # the reference backends stand for the original service
+])
+def test_the_default_intra_op_threads_split_the_cores_between_the_model_slots(
+        tmp_path: Path, config: dict[str, str], threads: Callable[[int], int]) -> None:
+    settings = Settings.from_mapping({"MODEL_DIR": str(tmp_path)} | config)
+    assert settings.ort_threads == threads(usable_cores())
 
 
 def test_the_docs_table_is_generated_from_the_declaration() -> None:
