@@ -277,17 +277,10 @@ class Scheduler:
         moment behind, wait for the next run: under load most runs would carry one text, the
         model's least efficient batch. A lone request, or one beside an idle slot, never waits.
         """
-        if self.wait > 0:
-            deadline = time.monotonic() + self.wait
-
-            def more() -> bool:
-                return True
-        else:
-            deadline = time.monotonic() + self.gather
-
-            def more() -> bool:
-                return self._arriving > 0 and self.workers - self._free > 1
-        while more() and self._pending < self.max_texts and not self._stopping:
+        deadline = time.monotonic() + (self.wait if self.wait > 0 else self.gather)
+        while self._pending < self.max_texts and not self._stopping:
+            if self.wait <= 0 and not (self._arriving and self.workers - self._free > 1):
+                return  # gathering: nobody on the way, or no other run in progress
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

@@ -129,12 +129,16 @@ def _model_dir(config: Mapping[str, Any], key: str) -> Path:
     return resolve_model_dir(_value(config, key))
 
 
+def _batches(config: Mapping[str, Any]) -> bool:
+    """Return whether requests are batched (the reference backends stand for the per-request service)."""
+    return _boolean(config, "BATCHING") and _backend(config, "BACKEND") == "onnx"
+
+
 def _threads(config: Mapping[str, Any], key: str) -> int:
     """Return THREADS: enough for every text queued or running when batching, else 4."""
     if not _unset(config, key):
         return _integer(config, key, 1, 1024)
-    # only the onnx backend batches; the reference backends stand for the original per-request service
-    if not _boolean(config, "BATCHING") or _backend(config, "BACKEND") != "onnx":
+    if not _batches(config):
         return 4  # each thread runs the model itself: more would oversubscribe the cores
     # Request threads mostly wait for a model slot. With fewer of them than queued + running texts
     # plus a margin, the excess would wait unseen in Waitress' own unbounded task queue instead
@@ -147,7 +151,7 @@ def _ort_threads(config: Mapping[str, Any], key: str) -> int:
     """Return ORT_THREADS: by default the usable cores, split between the model slots when batching."""
     if not _unset(config, key):
         return _integer(config, key, 1, 1024)
-    if not _boolean(config, "BATCHING") or _backend(config, "BACKEND") != "onnx":
+    if not _batches(config):
         return usable_cores()
     # Concurrent runs of one session share its intra-op pool: two runs on a pool of every core take
     # turns on it, and its threads spin waiting for each other's work. A share of the cores per run

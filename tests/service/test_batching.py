@@ -103,24 +103,31 @@ def test_a_lone_request_runs_in_its_own_thread(make_scheduler: Any, classifier: 
     assert runners == ["the-request"]  # no hand-off to another thread
 
 
-def _record_runs(classifier: Classifier, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the padded length of every run, in the order the runs start."""
-    lengths: list[int] = []
+def _watch_runs(classifier: Classifier, monkeypatch: pytest.MonkeyPatch,
+                hold: threading.Event | None = None) -> list[tuple[int, int]]:
+    """Record the (texts, padded tokens) of every run, in the order the runs start.
+
+    With `hold`, runs of more than 100 tokens wait for that event first: a run kept in progress.
+    """
+    shapes: list[tuple[int, int]] = []
     run = classifier.run
 
-    def recording_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-        lengths.append(int(feeds["input_ids"].shape[1]))
+    def watched_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        texts, tokens = feeds["input_ids"].shape
+        shapes.append((int(texts), int(tokens)))
+        if hold is not None and tokens > 100:
+            hold.wait(60)
         return run(feeds)
 
-    monkeypatch.setattr(classifier, "run", recording_run)
-    return lengths
+    monkeypatch.setattr(classifier, "run", watched_run)
+    return shapes
 
 
 def test_a_short_text_overtakes_long_texts_queued_just_before_it(make_scheduler: Any, classifier: Classifier,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # not started: the texts queue up, then one slot runs one text per batch in queue order
     scheduler = make_scheduler(start=False, max_texts=1, workers=1)
-    runs = _record_runs(classifier, monkeypatch)
+    shapes = _watch_runs(classifier, monkeypatch)
     long_text = NEGATIVE + " really" * 300
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = []
@@ -132,13 +139,14 @@ def test_a_short_text_overtakes_long_texts_queued_just_before_it(make_scheduler:
         for future in futures:
             future.result(timeout=60)
     short = len(classifier.encode([POSITIVE])[0])
+    runs = [tokens for _, tokens in shapes]
     assert runs[0] == short and all(length > short for length in runs[1:]) and len(runs) == 4
 
 
 def test_a_long_text_is_not_overtaken_by_texts_that_came_much_later(make_scheduler: Any, classifier: Classifier,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     scheduler = make_scheduler(start=False, max_texts=1, workers=1)
-    runs = _record_runs(classifier, monkeypatch)
+    shapes = _watch_runs(classifier, monkeypatch)
     with ThreadPoolExecutor(max_workers=2) as pool:
         first = pool.submit(scheduler.classify, [NEGATIVE + " really" * 300])
         while scheduler.depth < 1:
@@ -153,30 +161,16 @@ def test_a_long_text_is_not_overtaken_by_texts_that_came_much_later(make_schedul
         first.result(timeout=60)
         second.result(timeout=60)
     # the order the runs started in (the order the threads return in is the OS scheduler's)
+    runs = [tokens for _, tokens in shapes]
     assert runs[0] > runs[1] == len(classifier.encode([POSITIVE])[0])
-
-
-def _hold_long_runs(classifier: Classifier, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[int]]:
-    """Make runs of more than 100 tokens wait for the returned event (a run kept in progress); record run sizes."""
-    release = threading.Event()
-    sizes: list[int] = []
-    run = classifier.run
-
-    def holding_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-        sizes.append(int(feeds["input_ids"].shape[0]))
-        if feeds["input_ids"].shape[1] > 100:
-            release.wait(60)
-        return run(feeds)
-
-    monkeypatch.setattr(classifier, "run", holding_run)
-    return release, sizes
 
 
 def test_a_slot_beside_a_running_one_waits_for_requests_on_their_way(make_scheduler: Any, classifier: Classifier,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # a long gather window, ended early by the arrival it waits for: no timing involved
     scheduler = make_scheduler(workers=2, gather=30.0)
-    release, sizes = _hold_long_runs(classifier, monkeypatch)
+    release = threading.Event()
+    shapes = _watch_runs(classifier, monkeypatch, hold=release)
     on_its_way, go = threading.Event(), threading.Event()
 
     def late_request() -> Any:
@@ -187,7 +181,7 @@ def test_a_slot_beside_a_running_one_waits_for_requests_on_their_way(make_schedu
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         running = pool.submit(scheduler.classify, [NEGATIVE + " really" * 300])
-        while not sizes:  # the long run holds one slot
+        while not shapes:  # the long run holds one slot
             threading.Event().wait(0.005)
         late = pool.submit(late_request)
         on_its_way.wait(60)
@@ -195,10 +189,10 @@ def test_a_slot_beside_a_running_one_waits_for_requests_on_their_way(make_schedu
         while scheduler.depth < 1:
             threading.Event().wait(0.005)
         threading.Event().wait(0.2)
-        assert sizes == [1] and not first.done()  # it waits for the request on its way...
+        assert [texts for texts, _ in shapes] == [1] and not first.done()  # it waits for the request on its way...
         go.set()
         answers = [first.result(timeout=60), late.result(timeout=60)]
-        assert sizes == [1, 2]  # ...and both ran in one batch beside the long run
+        assert [texts for texts, _ in shapes] == [1, 2]  # ...and both ran in one batch beside the long run
         release.set()
         running.result(timeout=60)
     assert [answer[0][0]["label"] for answer in answers] == \
@@ -210,11 +204,12 @@ def test_a_slot_beside_a_running_one_waits_for_requests_on_their_way(make_schedu
 def test_a_free_slot_does_not_wait_without_a_run_in_progress_or_requests_on_their_way(
         make_scheduler: Any, classifier: Classifier, monkeypatch: pytest.MonkeyPatch, long_run: bool) -> None:
     scheduler = make_scheduler(workers=2, gather=30.0)
-    release, sizes = _hold_long_runs(classifier, monkeypatch)
+    release = threading.Event()
+    shapes = _watch_runs(classifier, monkeypatch, hold=release)
     with ThreadPoolExecutor(max_workers=2) as pool:
         if long_run:  # a run in progress, but nobody on the way
             running = pool.submit(scheduler.classify, [NEGATIVE + " really" * 300])
-            while not sizes:
+            while not shapes:
                 threading.Event().wait(0.005)
         else:  # someone on the way, but no run in progress
             ready = threading.Event()
