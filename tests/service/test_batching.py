@@ -128,19 +128,19 @@ def test_a_short_text_overtakes_long_texts_queued_just_before_it(make_scheduler:
     # not started: the texts queue up, then one slot runs one text per batch in queue order
     scheduler = make_scheduler(start=False, max_texts=1, workers=1)
     shapes = _watch_runs(classifier, monkeypatch)
-    long_text = NEGATIVE + " really" * 300
+    # three long texts of different lengths (under the 256-token limit), so their runs tell them apart
+    long_texts = [NEGATIVE + " really" * count for count in (200, 210, 220)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = []
-        for text in (long_text, long_text, long_text, POSITIVE):
+        for text in (*long_texts, POSITIVE):
             futures.append(pool.submit(scheduler.classify, [text]))
             while scheduler.depth < len(futures):
                 threading.Event().wait(0.005)
         scheduler.start()
         for future in futures:
             future.result(timeout=60)
-    short = len(classifier.encode([POSITIVE])[0])
-    runs = [tokens for _, tokens in shapes]
-    assert runs[0] == short and all(length > short for length in runs[1:]) and len(runs) == 4
+    expected = [len(encoding) for encoding in classifier.encode([POSITIVE, *long_texts])]
+    assert [tokens for _, tokens in shapes] == expected  # the short one first, then the long ones in order
 
 
 def test_a_long_text_is_not_overtaken_by_texts_that_came_much_later(make_scheduler: Any, classifier: Classifier,
