@@ -11,7 +11,8 @@ request threads but drives them itself:
   too slow with its head or body gets a JSON 408 and a lingering close; an idle one is closed;
 - at the connection limit, the accept path closes the connections that cost least to lose
   (lingering after an answer, idle between requests, then the oldest without a whole request yet,
-  which get a 408) so a new client is served instead of waiting in the backlog.
+  which get a 408) so a new client is served instead of waiting in the backlog;
+- request threads woken last idle first (LastIdleFirst), so the work stays on few, warm threads.
 
 On the connection (HTTP/1.1): a request with `Expect: 100-continue` is first shown to the app's
 routing and API-key check, so a refusal (401, 404, 405) is answered without reading the body, and a
@@ -52,7 +53,7 @@ from waitress import create_server, utilities, wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
-from waitress.task import ErrorTask, WSGITask
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from werkzeug.wrappers import Response
 
 from service.config import Settings
@@ -84,6 +85,63 @@ class RequestTimeout(utilities.Error):
     reason = "Request Timeout"
 
 
+class LastIdleFirst(ThreadedTaskDispatcher):
+    """Waitress' request threads, each request given to the thread that went idle last.
+
+    Waitress wakes the thread idle longest (a threading.Condition wakes its waiters in order), so
+    even one client at a time cycles through every request thread. Each thread that runs the model
+    keeps onnxruntime's and malloc's per-thread buffers, and none stays warm in the CPU caches.
+    Waking the thread idle shortest keeps the work on as few threads as the concurrency needs; the
+    others sleep untouched, and the thread count still bounds the requests in progress.
+    """
+
+    def __init__(self) -> None:
+        """Start with no threads (set_thread_count starts them) and an empty stack of idle ones."""
+        super().__init__()
+        self._idle: list[threading.Condition] = []  # one per idle thread, the latest on top
+
+    def handler_thread(self, thread_no: int) -> None:
+        """Serve tasks until stopped, waiting on top of the idle stack between them."""
+        wake = threading.Condition(self.lock)
+        while True:
+            with self.lock:
+                while not self.queue and self.stop_count == 0:
+                    self.active_count -= 1
+                    self._idle.append(wake)
+                    wake.wait()  # whoever wakes it has taken it off the stack
+                    self.active_count += 1
+                if self.stop_count > 0:
+                    self.active_count -= 1
+                    self.stop_count -= 1
+                    self.threads.discard(thread_no)
+                    self.thread_exit_cv.notify()
+                    break
+                task = self.queue.popleft()
+            try:
+                task.service()
+            except BaseException:
+                self.logger.exception("Exception when servicing %r", task)
+
+    def add_task(self, task: Any) -> None:
+        """Queue a task and wake the most recently idle thread for it."""
+        with self.lock:
+            self.queue.append(task)
+            if self._idle:
+                self._idle.pop().notify()
+            waiting = len(self.queue) - (len(self.threads) - self.stop_count - self.active_count)
+        if waiting > 0:
+            self.queue_logger.warning("Task queue depth is %d", waiting)
+
+    def set_thread_count(self, count: int) -> None:
+        """Start or stop threads; idle ones told to stop are woken so they can."""
+        super().set_thread_count(count)
+        with self.lock:
+            if self.stop_count > 0:
+                for wake in self._idle:
+                    wake.notify()
+                self._idle.clear()
+
+
 def raise_open_files_limit() -> int:
     """Raise the soft open-files limit to the hard one, as Go does at start-up; return the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -103,7 +161,9 @@ class GracefulServer:
         self.app = app
         self.settings = settings
         self.draining: threading.Event = app.extensions["service.draining"]
-        self.server = create_server(_answer_refusals(app), host=settings.host, port=settings.port,
+        dispatcher = LastIdleFirst()
+        self.server = create_server(_answer_refusals(app), _dispatcher=dispatcher,
+                                    host=settings.host, port=settings.port,
                                     threads=settings.threads, connection_limit=settings.connection_limit,
                                     backlog=_BACKLOG, channel_timeout=settings.keepalive_timeout,
                                     max_request_header_size=settings.max_header_bytes,
@@ -111,6 +171,7 @@ class GracefulServer:
                                     # own limit is 1 GiB, spooled to disk); the limit itself still passes
                                     max_request_body_size=settings.max_content_length + 1,
                                     expose_tracebacks=False, ident="onnx-classifier")
+        dispatcher.set_thread_count(settings.threads)  # Waitress starts them only for its own dispatcher
         # a MultiSocketServer (a host with several addresses) keeps its map public, a single server not
         self.map: dict[int, Any] = getattr(self.server, "map", None) or self.server._map
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
