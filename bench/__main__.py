@@ -26,13 +26,14 @@ CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
 ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
                 "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1",
-                "onnx-nogather", "onnx-shared")  # the last seven: opt-in levers
+                "onnx-nogather", "onnx-shared",  # opt-in levers
+                "onnx-baseline")  # opt-in: the service of another checkout (--baseline), for before/after
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
 
 
-def backend_specs(names: list[str], model_dir: str, work_dir: Path) -> tuple[dict[str, dict[str, Any]],
-                                                                               dict[str, str]]:
+def backend_specs(names: list[str], model_dir: str, work_dir: Path,
+                  baseline: Path | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Return each backend's label, server spec, serving-set key and workloads, and those skipped with why."""
     specs: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -89,6 +90,11 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path) -> tuple[dic
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": str(usable_cores())}
             specs[name] = {"label": "onnx, one pool of every core shared by the runs", "size_key": "onnx",
                            "server": ServerSpec(name, env)}
+        elif name == "onnx-baseline" and baseline is not None:
+            # another checkout's service at its defaults, on this checkout's model files
+            env = {"SERVICE_MODEL_DIR": str(REPO / model_dir)}
+            specs[name] = {"label": f"this service at {git_commit(baseline)[:7]} (baseline)", "size_key": "onnx",
+                           "server": ServerSpec(name, env, cwd=baseline)}
         elif name == "onnx-t2o1":
             # the lever: 2 Waitress threads x 1 ORT thread, unbatched
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1",
@@ -141,15 +147,15 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def git_commit() -> str | None:
-    """Return the checked-out commit, marked dirty when the tree has changes."""
+def git_commit(checkout: Path = REPO) -> str:
+    """Return the checkout's commit, marked dirty when the tree has changes ("unknown" outside git)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True,
                                timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return "unknown"
     return commit + ("-dirty" if dirty else "")
 
 
@@ -244,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                              "onnx-nogather: no gathering beside a running slot, onnx-shared: intra-op "
                              "threads = every core, shared by the runs, onnx-t2o1: unbatched, "
                              "2 Waitress x 1 ORT thread)")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="another checkout of this project (a git worktree of an older commit): its service "
+                             "joins the run as the backend onnx-baseline, for a before/after in one run")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--connections", nargs="+", type=int, default=list(CONNECTIONS),
                         help="concurrencies of the short text (default 1 8 32)")
@@ -266,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--duration, --warmup, --repetitions and the connections must be at least 1")
     if args.inprocess_seconds <= 0:
         parser.error("--inprocess-seconds must be > 0")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "service" / "__main__.py").is_file():
+            parser.error(f"--baseline {args.baseline} is not a checkout of this project (no service/__main__.py)")
+        if "onnx-baseline" not in args.backends:
+            args.backends.append("onnx-baseline")
+    elif "onnx-baseline" in args.backends:
+        parser.error("the backend onnx-baseline needs --baseline CHECKOUT")
     args.command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     began, today = time.monotonic(), dt.datetime.now(dt.UTC)
     try:
@@ -290,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, began: float, today: dt.datetime, wrk_version: list[str], work_dir: Path,
             log_dir: Path) -> int:
     """Run every repetition, then summarise and write the results; return the exit code."""
-    specs, skipped = backend_specs(args.backends, args.model_dir, work_dir)
+    specs, skipped = backend_specs(args.backends, args.model_dir, work_dir, args.baseline)
     if not specs:
         print("error: no backend left to measure", file=sys.stderr)
         return 1

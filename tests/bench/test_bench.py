@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench import infinity, inprocess, report
-from bench.__main__ import backend_specs, cells, restarted
+from bench.__main__ import REPO, backend_specs, cells, main, restarted
 from bench.floor import server_settings
 from bench.load import SENTIMENT, LoadError, Protocol, lua_script, parse_summary, run_wrk
 from bench.servers import Server, ServerSpec, start, stop
@@ -82,6 +82,29 @@ def test_the_floor_answers_a_constant_with_the_services_default_threads(floor: S
         assert response.status == 400 and "error" in json.loads(response.read())
     connection.close()
     assert run_wrk(floor.port, WORKLOADS["long"], 1, 1)["errors"] == 0
+
+
+def test_a_baseline_checkout_serves_this_checkouts_model_with_its_own_code(tmp_path: Path) -> None:
+    checkout = tmp_path / "old"
+    shutil.copytree(REPO / "service", checkout / "service")  # the code only: the model comes from this tree
+    specs, skipped = backend_specs(["onnx", "onnx-baseline"], DEFAULT_MODEL_DIR, tmp_path, checkout)
+    assert not skipped and specs["onnx-baseline"]["label"] == "this service at unknown (baseline)"
+    assert specs["onnx-baseline"]["server"].env["SERVICE_MODEL_DIR"] == str(REPO / DEFAULT_MODEL_DIR)
+    started = start(specs["onnx-baseline"]["server"], tmp_path, timeout=60)
+    try:
+        assert started.label == "POSITIVE"
+        assert Path(f"/proc/{started.pid}/cwd").resolve() == checkout.resolve()
+    finally:
+        stop(started)
+
+
+def test_a_baseline_must_be_a_checkout_of_this_project(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--baseline", str(tmp_path)], ["--backends", "onnx", "onnx-baseline"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        error = capsys.readouterr().err
+        assert "baseline" in error and "Traceback" not in error
 
 
 def test_a_missing_summary_is_an_error() -> None:
