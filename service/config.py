@@ -217,7 +217,8 @@ SETTINGS: tuple[Setting, ...] = (
             "benchmark, which need the dev dependencies and never batch"),
     Setting("THREADS", None, _threads,
             "Waitress request threads; with batching they mostly wait for a model slot, and fewer "
-            "than the queue holds would leave requests waiting unseen in Waitress' own queue",
+            "than the queue holds would leave requests waiting unseen in Waitress' own queue. A "
+            "request goes to the thread idle shortest, so threads beyond the concurrency stay unused",
             computed="batching: MAX_QUEUE + BATCH_MAX_TEXTS x BATCH_WORKERS + 32; else 4"),
     Setting("ORT_THREADS", None, _ort_threads, "onnxruntime intra-op threads, shared by concurrent runs",
             computed="usable cores (CPU affinity, capped by the cgroup's cpu.max) / BATCH_WORKERS when "
