@@ -57,6 +57,25 @@ def export_fp32(checkpoint: Path, output: Path, opset: int | None = None) -> Pat
     return model
 
 
+DATA_FILE = "model.onnx.data"  # the served model's weights, beside model.onnx
+
+
+def write_served(model: Path, target: Path) -> list[Path]:
+    """Write an ONNX model to target with its weights in DATA_FILE beside it; return both files.
+
+    onnxruntime memory-maps an external data file and uses the weights where they lie, where it
+    copies an inline model's weights into the heap. Only the pages that runs touch become resident
+    (of a BERT embedding table, the rows of the tokens that occur), and they are file pages that
+    processes on one machine share and the kernel can drop. Tensors under 1 KiB stay inline.
+    """
+    import onnx
+
+    proto = onnx.load(str(model))  # with any external data of its own (a model over 2 GB has some)
+    onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    return [path for path in (target, target.parent / DATA_FILE) if path.is_file()]
+
+
 def opset_of(model: Path) -> int:
     """Return the default-domain opset of an ONNX file."""
     import onnx

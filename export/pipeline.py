@@ -16,7 +16,7 @@ import numpy as np
 
 from export import manifest, progress
 from export.budget import Plan, plan
-from export.convert import export_fp32, opset_of
+from export.convert import export_fp32, opset_of, write_served
 from export.dataset import Example, load_splits, read_text_file
 from export.gate import Gate
 from export.quantize import CALIBRATION_SIZE, QuantizationSettings, sample
@@ -252,7 +252,7 @@ def run(options: ExportOptions) -> Path:
         stages.next("writing the model folder")
         folder = work / "final"
         folder.mkdir()
-        shutil.copy2(models[served], folder / "model.onnx")
+        written = write_served(models[served], folder / "model.onnx")
         for file in ("config.json", *TOKENIZER_FILES):
             if (fp32.parent / file).is_file():
                 shutil.copy2(fp32.parent / file, folder / file)
@@ -260,12 +260,13 @@ def run(options: ExportOptions) -> Path:
             "name": name,
             "task": "text-classification",
             "source": source.provenance,
-            "model": {"file": "model.onnx", "model_type": exported_config.get("model_type"),
+            "model": {"file": "model.onnx", "files": [path.name for path in written],
+                      "model_type": exported_config.get("model_type"),
                       "architectures": exported_config.get("architectures"),
                       "id2label": exported_config.get("id2label"), "max_length": pool.max_length,
                       "inputs": "text pairs" if options.pairs else "texts",
                       "opset": opset_of(folder / "model.onnx"),
-                      "size_bytes": (folder / "model.onnx").stat().st_size,
+                      "size_bytes": sum(path.stat().st_size for path in written),
                       "fp32_size_bytes": fp32.stat().st_size},
             "budget": budget.describe(),
             "quantization": quant_record,

@@ -94,6 +94,11 @@ def test_int8_export_writes_a_complete_folder_and_manifest(checkpoints, validati
     assert set(manifest["validation"]["latency"]["onnx_int8"]) == {"batch1_p50_ms", "batch8_p50_ms"}
     assert manifest["validation"]["latency"]["load_average_1min"] >= 0
     assert manifest["validation"]["gate"]["passed"] is True
+    # The weights lie in model.onnx.data beside the graph (onnxruntime maps the file), and both count.
+    assert manifest["model"]["files"] == ["model.onnx", "model.onnx.data"]
+    assert manifest["model"]["size_bytes"] == sum((folder / name).stat().st_size for name in manifest["model"]["files"])
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in graph.initializer)
     # Every file is listed with its real checksum, and nothing else is.
     assert set(manifest["files"]) == {p.name for p in folder.iterdir() if p.name != "manifest.json"}
     assert manifest_module.verify(folder) == []

@@ -141,6 +141,27 @@ def test_multi_label_models_default_to_sigmoid(tiny_models: dict[int, Path], tmp
     assert sum(scores) != pytest.approx(1.0, abs=1e-3)  # independent probabilities, not a softmax
 
 
+def test_weights_in_an_external_data_file_score_as_inline_ones(tiny_models: dict[int, Path], tmp_path: Path) -> None:
+    from export.convert import DATA_FILE, write_served  # the export's layout
+
+    folder = shutil.copytree(tiny_models[3], tmp_path / "external")
+    written = write_served(tiny_models[3] / "model.onnx", folder / "model.onnx")
+    assert [path.name for path in written] == ["model.onnx", DATA_FILE]
+    assert (folder / "model.onnx").stat().st_size < (folder / DATA_FILE).stat().st_size
+    write_manifest(folder, "external")
+    texts = ["a wonderful film", "a dull , boring plot " * 5, "fun"]
+    inline = Classifier(tiny_models[3]).classify(texts, top_k=None)
+    assert Classifier(folder).classify(texts, top_k=None) == inline
+    # the data file belongs to the model: without it, start-up stops with one line
+    (folder / DATA_FILE).unlink()
+    with pytest.raises(ModelLoadError, match=f"{DATA_FILE} is listed in manifest.json but missing"):
+        Classifier(folder)
+    write_manifest(folder, "external")  # signed without it: onnxruntime finds no weights
+    with pytest.raises(ModelLoadError, match="cannot be loaded by onnxruntime") as caught:
+        Classifier(folder)
+    assert "\n" not in str(caught.value)
+
+
 def test_score_functions_are_numerically_stable() -> None:
     logits = np.array([[1000.0, -1000.0], [-800.0, -800.0]], dtype=np.float32)
     assert apply_function(logits, "softmax").tolist() == [[1.0, 0.0], [0.5, 0.5]]
