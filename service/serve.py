@@ -85,6 +85,33 @@ class RequestTimeout(utilities.Error):
     reason = "Request Timeout"
 
 
+class _LatestWaiterFirst:
+    """A condition variable over a lock that wakes its most recent waiter first (a stack, not a queue)."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        """Wait and notify with `lock` held, as with threading.Condition(lock)."""
+        self._lock = lock
+        self._waiters: list[threading.Condition] = []  # one per waiting thread, the latest on top
+        self._local = threading.local()
+
+    def wait(self) -> None:
+        """Release the lock until notified, then hold it again."""
+        mine = getattr(self._local, "condition", None)
+        if mine is None:
+            mine = self._local.condition = threading.Condition(self._lock)
+        self._waiters.append(mine)
+        mine.wait()  # whoever notifies it has taken it off the stack
+
+    def notify(self, n: int = 1) -> None:
+        """Wake the n most recent waiters."""
+        for _ in range(min(n, len(self._waiters))):
+            self._waiters.pop().notify()
+
+    def notify_all(self) -> None:
+        """Wake every waiter."""
+        self.notify(len(self._waiters))
+
+
 class LastIdleFirst(ThreadedTaskDispatcher):
     """Waitress' request threads, each request given to the thread that went idle last.
 
@@ -92,54 +119,14 @@ class LastIdleFirst(ThreadedTaskDispatcher):
     even one client at a time cycles through every request thread. Each thread that runs the model
     keeps onnxruntime's and malloc's per-thread buffers, and none stays warm in the CPU caches.
     Waking the thread idle shortest keeps the work on as few threads as the concurrency needs; the
-    others sleep untouched, and the thread count still bounds the requests in progress.
+    others sleep untouched, and the thread count still bounds the requests in progress. Only the
+    order of waking changes: the loop, the queue and the stop are Waitress' own.
     """
 
     def __init__(self) -> None:
-        """Start with no threads (set_thread_count starts them) and an empty stack of idle ones."""
+        """Start with no threads (set_thread_count starts them), idle ones woken latest first."""
         super().__init__()
-        self._idle: list[threading.Condition] = []  # one per idle thread, the latest on top
-
-    def handler_thread(self, thread_no: int) -> None:
-        """Serve tasks until stopped, waiting on top of the idle stack between them."""
-        wake = threading.Condition(self.lock)
-        while True:
-            with self.lock:
-                while not self.queue and self.stop_count == 0:
-                    self.active_count -= 1
-                    self._idle.append(wake)
-                    wake.wait()  # whoever wakes it has taken it off the stack
-                    self.active_count += 1
-                if self.stop_count > 0:
-                    self.active_count -= 1
-                    self.stop_count -= 1
-                    self.threads.discard(thread_no)
-                    self.thread_exit_cv.notify()
-                    break
-                task = self.queue.popleft()
-            try:
-                task.service()
-            except BaseException:
-                self.logger.exception("Exception when servicing %r", task)
-
-    def add_task(self, task: Any) -> None:
-        """Queue a task and wake the most recently idle thread for it."""
-        with self.lock:
-            self.queue.append(task)
-            if self._idle:
-                self._idle.pop().notify()
-            waiting = len(self.queue) - (len(self.threads) - self.stop_count - self.active_count)
-        if waiting > 0:
-            self.queue_logger.warning("Task queue depth is %d", waiting)
-
-    def set_thread_count(self, count: int) -> None:
-        """Start or stop threads; idle ones told to stop are woken so they can."""
-        super().set_thread_count(count)
-        with self.lock:
-            if self.stop_count > 0:
-                for wake in self._idle:
-                    wake.notify()
-                self._idle.clear()
+        self.queue_cv = _LatestWaiterFirst(self.lock)  # type: ignore[assignment]
 
 
 def raise_open_files_limit() -> int:
