@@ -57,6 +57,13 @@ def threads_serving_one_at_a_time(dispatcher: ThreadedTaskDispatcher, tasks: int
     return names
 
 
+def started(dispatcher: ThreadedTaskDispatcher, threads: int) -> ThreadedTaskDispatcher:
+    """Start the dispatcher's threads and wait until each waits for work, so none takes a task on its way in."""
+    dispatcher.set_thread_count(threads)
+    wait_until(lambda: len(dispatcher.threads) == threads and dispatcher.active_count == 0)
+    return dispatcher
+
+
 def hold(dispatcher: ThreadedTaskDispatcher, count: int) -> tuple[threading.Event, list[Task]]:
     """Give the dispatcher `count` tasks that run until the returned event is set; wait until they run."""
     release = threading.Event()
@@ -70,8 +77,7 @@ def hold(dispatcher: ThreadedTaskDispatcher, count: int) -> tuple[threading.Even
 @pytest.fixture
 def dispatcher():
     """A LastIdleFirst dispatcher with 4 threads, shut down after the test."""
-    dispatcher = LastIdleFirst()
-    dispatcher.set_thread_count(4)
+    dispatcher = started(LastIdleFirst(), 4)
     yield dispatcher
     dispatcher.shutdown(timeout=TIMEOUT)
 
@@ -82,8 +88,7 @@ def test_requests_one_at_a_time_stay_on_one_thread(dispatcher: LastIdleFirst) ->
 
 def test_waitress_own_dispatcher_cycles_through_its_threads() -> None:
     # the control: what LastIdleFirst replaces (if Waitress changes this, LastIdleFirst is not needed)
-    dispatcher = ThreadedTaskDispatcher()
-    dispatcher.set_thread_count(4)
+    dispatcher = started(ThreadedTaskDispatcher(), 4)
     try:
         assert len(threads_serving_one_at_a_time(dispatcher, 12)) == 4
     finally:
@@ -111,8 +116,7 @@ def test_after_a_burst_one_of_its_threads_serves_alone(dispatcher: LastIdleFirst
 
 
 def test_shutdown_stops_every_thread_and_cancels_what_is_queued() -> None:
-    dispatcher = LastIdleFirst()
-    dispatcher.set_thread_count(2)
+    dispatcher = started(LastIdleFirst(), 2)
     release, _ = hold(dispatcher, 2)
     queued = Task()
     dispatcher.add_task(queued)
