@@ -38,7 +38,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SERVICE_HOST=0.0.0.0 \
     SERVICE_PORT=8000 \
-    SERVICE_MODEL_DIR=/app/onnx_models/minilm-l6-sentiment
+    SERVICE_MODEL_DIR=/app/onnx_models/minilm-l6-sentiment \
+    SERVICE_CACHE_DIR=/app/cache
+# The default model's weights are inline in its model.onnx: its memory-mapped copy is written here, so
+# a read-only root serves it mapped (docs/performance.md, Memory). Readable by the service's user.
+RUN python -m service --prepare
 USER 10001:10001
 EXPOSE 8000
 # No curl in a slim image: Python asks /health on the port the service listens on.

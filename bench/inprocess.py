@@ -48,15 +48,15 @@ class Setting:
                 f"/b{self.batch}")
 
 
-def bench_session(model_dir: Path, intra_op: int, spinning: bool) -> ort.InferenceSession:
-    """Return a CPU session of model.onnx with the given intra-op threads and spinning."""
+def bench_session(model: Path, intra_op: int, spinning: bool) -> ort.InferenceSession:
+    """Return a CPU session of the model file with the given intra-op threads and spinning."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op
     options.inter_op_num_threads = 1
     options.enable_mem_pattern = False  # as the service: every request is a new shape
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(model_dir / "model.onnx"), sess_options=options,
+    return ort.InferenceSession(str(model), sess_options=options,
                                 providers=["CPUExecutionProvider"])
 
 
@@ -155,7 +155,8 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
     model_dir = Path(model_dir).resolve()
     settings = service_settings(model_dir)
     # the service's classifier: its session is the "service" rows, its tokenizer pool serves every row
-    classifier = Classifier(model_dir, intra_op_threads=settings.ort_threads, spinning=settings.ort_spinning)
+    classifier = Classifier(model_dir, intra_op_threads=settings.ort_threads, spinning=settings.ort_spinning,
+                            cache_dir=settings.cache_dir)
     grid = settings_grid(usable_cores(), settings)
     for name, keys in (only or {}).items():
         known = {s.key(): s for s in grid if s.session == "bench"}
@@ -168,7 +169,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
     sessions: dict[tuple[int, bool], Any] = {}
     for setting in (s for rows in chosen.values() for s in rows):
         if setting.session == "bench" and (setting.intra_op, setting.spinning) not in sessions:
-            sessions[setting.intra_op, setting.spinning] = bench_session(model_dir, setting.intra_op,
+            sessions[setting.intra_op, setting.spinning] = bench_session(classifier.model_path, setting.intra_op,
                                                                          setting.spinning)
 
     runners = {key: _runner(session) for key, session in sessions.items()}

@@ -75,4 +75,5 @@ def load_classifier(settings: Settings) -> Any:
         return OptimumClassifier(settings.model_dir, settings.ort_threads)
     from service.classifier import Classifier
 
-    return Classifier(settings.model_dir, settings.ort_threads, spinning=settings.ort_spinning)
+    return Classifier(settings.model_dir, settings.ort_threads, spinning=settings.ort_spinning,
+                      cache_dir=settings.cache_dir)

@@ -12,7 +12,7 @@ from typing import Any
 
 from service import create_app
 from service.classifier import InferenceError, ModelLoadError
-from service.config import ConfigError, Settings, help_text, markdown_table
+from service.config import DEFAULTS, ConfigError, Settings, help_text, markdown_table
 from service.serve import GracefulServer, raise_open_files_limit
 
 logger = logging.getLogger("service")
@@ -37,10 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         epilog=help_text())
     parser.add_argument("--settings-markdown", action="store_true",
                         help="print the settings as the Markdown table of docs/serving.md and exit")
-    if parser.parse_args(argv).settings_markdown:
+    parser.add_argument("--prepare", action="store_true",
+                        help="write the memory-mapped copy of the model (MAP_WEIGHTS) into CACHE_DIR and exit, "
+                             "so a start with a read-only cache (an image) finds it")
+    args = parser.parse_args(argv)
+    if args.settings_markdown:
         print(markdown_table())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.prepare:
+        return prepare()
     raise_open_files_limit()  # before the settings check SERVICE_CONNECTION_LIMIT against it
     try:
         _check_spool_folder()
@@ -59,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, server.request_stop)
     batching = (f"batching up to {settings.batch_max_texts} texts" if app.extensions["service.scheduler"]
                 else "no batching")
+    served = getattr(app.extensions["service.classifier"], "model_path", None)
+    mapped = f", weights memory-mapped from {served.parent}" if served and served.parent != settings.model_dir else ""
     logger.info("serving model %s (%s backend, quantization: %s) with %d waitress threads, %s, %d ORT "
-                "intra-op threads%s on %s", model["name"], settings.backend, describe(model.get("quantization")),
-                settings.threads, batching, settings.ort_threads,
+                "intra-op threads%s%s on %s", model["name"], settings.backend, describe(model.get("quantization")),
+                settings.threads, batching, settings.ort_threads, mapped,
                 ", API key required" if settings.api_key else "", " ".join(server.urls()))
     try:
         drained = server.run()
@@ -72,6 +80,33 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("stopped; some requests in flight were dropped")
         _exit_now(0)
     logger.info("stopped")
+    return 0
+
+
+def prepare() -> int:
+    """Load the configured model as the service would, writing its memory-mapped copy; return the exit code."""
+    from flask import Config
+
+    from service import load_classifier
+    from service.weights import has_inline_weights
+
+    try:
+        config = Config(os.getcwd())
+        config.from_mapping(DEFAULTS)
+        config.from_prefixed_env("SERVICE", loads=str)
+        settings = Settings.from_mapping(config)
+        classifier = load_classifier(settings)
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    source = settings.model_dir / "model.onnx"
+    served = getattr(classifier, "model_path", source)
+    if served != source:
+        print(f"serving {source} from {served}")
+        return 0
+    if settings.backend == "onnx" and settings.cache_dir is not None and has_inline_weights(source):
+        return 1  # the copy could not be written: the warning above says why
+    print(f"serving {source} as it is (SERVICE_MAP_WEIGHTS is false, or its weights are not inline)")
     return 0
 
 

@@ -20,6 +20,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 from tokenizers import Encoding, Tokenizer
 
+from service import weights  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -180,10 +182,12 @@ class Classifier:
     backend = "onnx"
 
     def __init__(self, model_dir: Path, intra_op_threads: int = 1, spinning: bool = True, *,
-                 verify: bool = True) -> None:
+                 verify: bool = True, cache_dir: Path | None = None) -> None:
         """Load and check the model folder; raise ModelLoadError with one clear line if unusable.
 
         `verify=False` skips the manifest (for a folder still being written, such as the export's).
+        With `cache_dir`, a verified model whose weights are inline in model.onnx is served from a
+        memory-mapped copy kept there (service/weights.py).
         """
         self.model_dir = Path(model_dir)
         self.manifest = verify_manifest(self.model_dir) if verify else {}
@@ -206,7 +210,8 @@ class Classifier:
         self._vocab_size = right.get_vocab_size(with_added_tokens=True)
         self._untruncated: Tokenizer | None = None  # for tokens(), made on first use
         self._untruncated_lock = threading.Lock()
-        self.session = self._session(intra_op_threads, spinning)
+        self.model_path = self.model_dir / "model.onnx"  # the file the session loaded
+        self.session = self._session(intra_op_threads, spinning, cache_dir)
         self._check_model()
         self.ready = False
 
@@ -233,7 +238,7 @@ class Classifier:
         tokenizer.no_padding()
         return tokenizer
 
-    def _session(self, intra_op_threads: int, spinning: bool) -> ort.InferenceSession:
+    def _session(self, intra_op_threads: int, spinning: bool, cache_dir: Path | None) -> ort.InferenceSession:
         """Return the one InferenceSession of this process, shared by all request threads."""
         path = self.model_dir / "model.onnx"
         if not path.is_file():
@@ -253,11 +258,32 @@ class Classifier:
         if spinning:
             options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_MICROSECONDS))
             options.add_session_config_entry("session.force_spinning_stop", "1")
+        copy = self._mapped_copy(path, cache_dir)
+        if copy is not None:
+            try:
+                session = ort.InferenceSession(str(copy), sess_options=options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # a damaged copy: the model itself is still there
+                logger.warning("the memory-mapped copy %s cannot be loaded (%s); removed, serving %s with its "
+                               "weights in memory", copy, type(exc).__name__, path)
+                weights.discard(copy)
+            else:
+                self.model_path = copy
+                return session
         try:
             return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
                                  f"({type(exc).__name__})") from None
+
+    def _mapped_copy(self, path: Path, cache_dir: Path | None) -> Path | None:
+        """Return the memory-mapped copy to serve instead of path, or None to serve path itself.
+
+        Only a model verified against its manifest is copied: the copy is found by that sha256.
+        """
+        digest = (self.manifest.get("files") or {}).get("model.onnx")
+        if cache_dir is None or not isinstance(digest, str) or not weights.has_inline_weights(path):
+            return None
+        return weights.mapped_copy(path, digest, cache_dir)
 
     def _check_model(self) -> None:
         """Check inputs, the logits width and that every tokenizer id fits the embedding table."""

@@ -129,6 +129,23 @@ def _model_dir(config: Mapping[str, Any], key: str) -> Path:
     return resolve_model_dir(_value(config, key))
 
 
+def _cache_dir(config: Mapping[str, Any], key: str) -> Path | None:
+    """Return the folder of the memory-mapped model copies, or None when MAP_WEIGHTS is off."""
+    if not _boolean(config, "MAP_WEIGHTS"):
+        return None
+    if _unset(config, key):
+        from service.weights import default_cache_dir
+
+        return default_cache_dir()
+    value = _value(config, key)
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f"SERVICE_{key} must be a folder path, got {value!r}")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"SERVICE_{key} {str(value)!r} is not a folder")
+    return path
+
+
 def _batches(config: Mapping[str, Any]) -> bool:
     """Return whether requests are batched (the reference backends stand for the per-request service)."""
     return _boolean(config, "BATCHING") and _backend(config, "BACKEND") == "onnx"
@@ -227,6 +244,12 @@ SETTINGS: tuple[Setting, ...] = (
     # (see service/classifier.py): the latency of spinning without burning the cores under load.
     Setting("ORT_SPINNING", True, _boolean,
             "let idle intra-op threads spin briefly within a run (never between runs) instead of sleeping"),
+    Setting("MAP_WEIGHTS", True, _boolean, "serve a model whose weights are inline in model.onnx from a "
+            "copy with them in a data file, which onnxruntime memory-maps instead of copying to the heap "
+            "(written once in CACHE_DIR; same graph, same scores)"),
+    Setting("CACHE_DIR", None, _cache_dir, "folder of those copies, one per model and onnxruntime "
+            "version; safe to delete. If it cannot be written, the model is served as it is",
+            computed="$XDG_CACHE_HOME/onnx-text-classify, else ~/.cache/onnx-text-classify"),
     Setting("WARMUP", True, _boolean, "run the model before serving; /ready answers 503 until it has"),
     Setting("MAX_BATCH", 32, integer(1, 100_000), "most texts in one request (TEI's client batch limit)"),
     Setting("MAX_CONTENT_LENGTH", 2 * 1024 * 1024, integer(1, 2**40, "a positive integer (bytes)"),
@@ -278,6 +301,8 @@ class Settings:
     threads: int
     ort_threads: int
     ort_spinning: bool
+    map_weights: bool
+    cache_dir: Path | None
     warmup: bool
     max_batch: int
     max_content_length: int
