@@ -26,7 +26,7 @@ CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
 ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
                 "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1",
-                "onnx-nogather", "onnx-shared",  # opt-in levers
+                "onnx-nogather", "onnx-shared", "onnx-t256", "onnx-t384",  # opt-in levers
                 "onnx-baseline")  # opt-in: the service of another checkout (--baseline), for before/after
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
@@ -89,6 +89,12 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path,
             # the lever: every run on an intra-op pool of every core (the default splits the cores per slot)
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": str(usable_cores())}
             specs[name] = {"label": "onnx, one pool of every core shared by the runs", "size_key": "onnx",
+                           "server": ServerSpec(name, env)}
+        elif name in ("onnx-t256", "onnx-t384"):
+            # the lever: fewer padded tokens a run (the default 512 lets two 256-token texts share one)
+            tokens = name.removeprefix("onnx-t")
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_MAX_TOKENS": tokens}
+            specs[name] = {"label": f"onnx, at most {tokens} tokens a run", "size_key": "onnx",
                            "server": ServerSpec(name, env)}
         elif name == "onnx-baseline" and baseline is not None:
             # another checkout's service at its defaults, on this checkout's model files
@@ -249,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                              "onnx-nospin: spinning off, onnx-o1: 1 intra-op thread, onnx-o1-nospin: both, "
                              "onnx-nogather: no gathering beside a running slot, onnx-shared: intra-op "
                              "threads = every core, shared by the runs, onnx-t2o1: unbatched, "
-                             "2 Waitress x 1 ORT thread)")
+                             "2 Waitress x 1 ORT thread, onnx-t256 and onnx-t384: at most 256 or 384 "
+                             "padded tokens a run)")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="another checkout of this project (a git worktree of an older commit): its service "
                              "joins the run as the backend onnx-baseline, for a before/after in one run")
