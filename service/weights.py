@@ -12,7 +12,7 @@ onnxruntime's own serializer does the writing, with graph optimization off, so t
 graph and gives the same scores; serving needs no `onnx` package. A copy is named after model.onnx's
 sha256 (checked against the manifest at start-up) and the onnxruntime version. It is written in a
 temporary folder and renamed into place, so a crash or a concurrent start never leaves a partial
-copy where the next start would load it.
+copy where the next start would load it; a copy that another user owns or may write is not loaded.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ def mapped_copy(model: Path, sha256: str, cache_dir: Path) -> Path | None:
     """Return the cached copy of model with its weights in a data file, writing it if needed.
 
     Return None, after one warning line, when the copy cannot be written (a read-only or full
-    disk): the caller then loads model itself, as before.
+    disk) or another user may have written it: the caller then loads model itself.
     """
     folder = cache_dir / f"{sha256.lower()[:32]}-onnxruntime-{ort.__version__}"
     if _complete(folder):
-        return folder / "model.onnx"
+        return _trusted(folder)
     work = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def mapped_copy(model: Path, sha256: str, cache_dir: Path) -> Path | None:
         except OSError:
             if not _complete(folder):  # not another process' finished copy: a real failure
                 raise
-            return folder / "model.onnx"
+            return _trusted(folder)
         work = None
     except Exception as exc:  # OSError, or onnxruntime's own types when it cannot read or write
         hint = "; set SERVICE_CACHE_DIR to a writable folder" if isinstance(exc, OSError) else ""
@@ -81,7 +81,7 @@ def mapped_copy(model: Path, sha256: str, cache_dir: Path) -> Path | None:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     logger.info("wrote a memory-mapped copy of %s in %s", model, folder)
-    return folder / "model.onnx"
+    return _trusted(folder)
 
 
 def discard(copy: Path) -> None:
@@ -98,6 +98,22 @@ def _remove_abandoned(cache_dir: Path) -> None:
                 shutil.rmtree(partial, ignore_errors=True)
         except OSError:  # gone meanwhile
             continue
+
+
+def _trusted(folder: Path) -> Path | None:
+    """Return folder's model.onnx if only this user or root can have written the copy, else None.
+
+    The copy is loaded without checking its content against anything, so in a folder others can
+    write to (a shared cache), one planted by another user is refused, as ssh refuses such keys.
+    """
+    owners = {os.getuid(), 0}
+    for path in (folder, folder / "model.onnx", folder / DATA_FILE):
+        info = path.stat()
+        if info.st_uid not in owners or info.st_mode & 0o022:
+            logger.warning("serving the model with its weights in memory: the memory-mapped copy %s is "
+                           "owned by another user or writable by others", folder)
+            return None
+    return folder / "model.onnx"
 
 
 def _complete(folder: Path) -> bool:
@@ -121,6 +137,7 @@ def _write(model: Path, target: Path) -> None:
         raise OSError(f"onnxruntime wrote no {DATA_FILE}")
     # on disk before the rename makes the copy visible: after a crash, never a renamed copy of zeros
     for path in (target, target.parent / DATA_FILE):
+        path.chmod(0o644)  # whatever the umask: _trusted() refuses a copy others may write
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
 

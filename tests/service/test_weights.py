@@ -80,6 +80,24 @@ def test_a_damaged_copy_is_removed_and_written_again_at_the_next_start(
     assert data.stat().st_size > 40 << 20
 
 
+def test_a_copy_others_may_have_written_is_not_loaded(model_dir: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "cache"
+    copy = Classifier(model_dir, intra_op_threads=1, cache_dir=cache).model_path
+    data = copy.parent / weights.DATA_FILE
+    assert data.stat().st_mode & 0o777 == 0o644 and copy.parent.stat().st_mode & 0o777 == 0o755
+    data.chmod(0o666)  # a shared cache: anyone could have replaced the weights
+    with caplog.at_level(logging.WARNING, logger="service.weights"):
+        refused = Classifier(model_dir, intra_op_threads=1, cache_dir=cache)
+    assert refused.model_path == model_dir / "model.onnx" and data.exists()  # refused, not deleted
+    assert any("writable by others" in r.message for r in caplog.records)
+    data.chmod(0o644)
+    assert Classifier(model_dir, intra_op_threads=1, cache_dir=cache).model_path == copy
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(data, 12345, -1)
+        assert Classifier(model_dir, intra_op_threads=1, cache_dir=cache).model_path == model_dir / "model.onnx"
+
+
 def test_concurrent_starts_share_one_copy(model_dir: Path, tmp_path: Path) -> None:
     digest = Classifier(model_dir, intra_op_threads=1).manifest["files"]["model.onnx"]
     found: list[Path | None] = []
