@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from export.resolve import ExportError
+from service.weights import DATA_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ def export_fp32(checkpoint: Path, output: Path, opset: int | None = None) -> Pat
     return model
 
 
-DATA_FILE = "model.onnx.data"  # the served model's weights, beside model.onnx
 
 
 def write_served(model: Path, target: Path) -> list[Path]:

@@ -16,11 +16,7 @@ from service.metrics import Metrics
 def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> Flask:
     """Build the app: defaults, SERVICE_* env, then `config`; load and warm the classifier once."""
     app = Flask(__name__, static_folder=None)
-    app.config.from_mapping(DEFAULTS)
-    # Keep env values as strings: Settings validates them and names the variable when one is wrong.
-    app.config.from_prefixed_env("SERVICE", loads=str)
-    app.config.from_mapping(config or {})
-    settings = Settings.from_mapping(app.config)
+    settings = configure(app.config, config)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length  # Werkzeug answers 413 above it
 
     if classifier is None:
@@ -48,6 +44,15 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
     app.register_blueprint(tei.bp)
     app.register_blueprint(v2.bp)  # the Open Inference Protocol v2 (KServe, Triton)
     return app
+
+
+def configure(config: Any, overrides: dict[str, Any] | None = None) -> Settings:
+    """Fill a Flask config with the defaults, SERVICE_* env, then overrides; return the validated settings."""
+    config.from_mapping(DEFAULTS)
+    # Keep env values as strings: Settings validates them and names the variable when one is wrong.
+    config.from_prefixed_env("SERVICE", loads=str)
+    config.from_mapping(overrides or {})
+    return Settings.from_mapping(config)
 
 
 def start_scheduler(settings: Settings, classifier: Any, metrics: Metrics) -> Scheduler | None:

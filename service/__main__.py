@@ -12,7 +12,7 @@ from typing import Any
 
 from service import create_app
 from service.classifier import InferenceError, ModelLoadError
-from service.config import DEFAULTS, ConfigError, Settings, help_text, markdown_table
+from service.config import ConfigError, Settings, help_text, markdown_table
 from service.serve import GracefulServer, raise_open_files_limit
 
 logger = logging.getLogger("service")
@@ -87,14 +87,11 @@ def prepare() -> int:
     """Load the configured model as the service would, writing its memory-mapped copy; return the exit code."""
     from flask import Config
 
-    from service import load_classifier
+    from service import configure, load_classifier
     from service.weights import has_inline_weights
 
     try:
-        config = Config(os.getcwd())
-        config.from_mapping(DEFAULTS)
-        config.from_prefixed_env("SERVICE", loads=str)
-        settings = Settings.from_mapping(config)
+        settings = configure(Config(os.getcwd()))
         classifier = load_classifier(settings)
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
