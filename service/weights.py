@@ -108,7 +108,12 @@ def _trusted(folder: Path) -> Path | None:
     """
     owners = {os.getuid(), 0}
     for path in (folder, folder / "model.onnx", folder / DATA_FILE):
-        info = path.stat()
+        try:
+            info = path.stat()
+        except OSError as exc:  # removed by another process (a cache being cleaned) since it was found
+            logger.warning("serving the model with its weights in memory: the memory-mapped copy %s "
+                           "could not be read (%s)", folder, f"{type(exc).__name__}: {exc}")
+            return None
         if info.st_uid not in owners or info.st_mode & 0o022:
             logger.warning("serving the model with its weights in memory: the memory-mapped copy %s is "
                            "owned by another user or writable by others", folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -96,6 +97,25 @@ def test_a_copy_others_may_have_written_is_not_loaded(model_dir: Path, tmp_path:
     if os.geteuid() == 0:  # only root can give a file away
         os.chown(data, 12345, -1)
         assert Classifier(model_dir, intra_op_threads=1, cache_dir=cache).model_path == model_dir / "model.onnx"
+
+
+def test_a_copy_removed_while_the_service_starts_serves_the_model_as_it_is(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "cache"
+    copy = Classifier(model_dir, intra_op_threads=1, cache_dir=cache).model_path
+    found = weights._complete
+
+    def found_then_removed(folder: Path) -> bool:  # another process cleans the cache in that instant
+        complete = found(folder)
+        shutil.rmtree(folder)
+        return complete
+
+    monkeypatch.setattr(weights, "_complete", found_then_removed)
+    with caplog.at_level(logging.WARNING, logger="service.weights"):
+        classifier = Classifier(model_dir, intra_op_threads=1, cache_dir=cache)
+    assert classifier.model_path == model_dir / "model.onnx" and not copy.parent.exists()
+    assert any("could not be read" in r.message for r in caplog.records)
+    assert scores(classifier) == scores(Classifier(model_dir, intra_op_threads=1))
 
 
 def test_concurrent_starts_share_one_copy(model_dir: Path, tmp_path: Path) -> None:
