@@ -9,6 +9,7 @@ import os
 import re
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -157,12 +158,17 @@ def model_max_length(tokenizer_config: dict[str, Any], config: dict[str, Any]) -
     return min(limits) if limits else 512
 
 
-def verify_manifest(model_dir: Path) -> dict[str, Any]:
-    """Return manifest.json after checking every listed file against its sha256."""
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    """Return manifest.json, checked for its name and files map but not against the files."""
     manifest = read_json(model_dir / "manifest.json")
     missing = [key for key in ("name", "files") if key not in manifest]
     if missing or not isinstance(manifest["files"], dict):
         raise ModelLoadError(f"{model_dir / 'manifest.json'} lacks {', '.join(missing) or 'a files map'}")
+    return manifest
+
+
+def verify_files(model_dir: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists against its sha256; raise ModelLoadError naming the first that fails."""
     for relative, expected in manifest["files"].items():
         path = model_dir / relative
         if not path.is_file():
@@ -173,7 +179,6 @@ def verify_manifest(model_dir: Path) -> dict[str, Any]:
                 digest.update(block)
         if digest.hexdigest() != str(expected).lower():
             raise ModelLoadError(f"{path} does not match its sha256 in manifest.json (corrupt or changed)")
-    return manifest
 
 
 class Classifier:
@@ -190,7 +195,25 @@ class Classifier:
         memory-mapped copy kept there (service/weights.py).
         """
         self.model_dir = Path(model_dir)
-        self.manifest = verify_manifest(self.model_dir) if verify else {}
+        self.manifest = read_manifest(self.model_dir) if verify else {}
+        self.intra_op_threads = intra_op_threads
+        self.spinning = spinning
+        self.model_path = self.model_dir / "model.onnx"  # the file the session loaded
+        # A memory-mapped copy written at an earlier start (or image build) is loaded while this thread
+        # hashes the model files and reads the tokenizer: onnxruntime builds a session without the GIL.
+        # A copy is only ever written after the model has been verified (below).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model") as loader:
+            early = loader.submit(self._early_session, cache_dir)
+            self._read_folder(verify)
+            session = early.result()
+        self.session = session if session is not None else self._session(cache_dir)
+        self._check_model()
+        self.ready = False
+
+    def _read_folder(self, verify: bool) -> None:
+        """Verify the manifest's files, then read the config and the tokenizer."""
+        if verify:
+            verify_files(self.model_dir, self.manifest)
         self.config = read_json(self.model_dir / "config.json")
         self.labels = labels_from_config(self.config, self.model_dir / "config.json")
         self.function = default_function(self.config, len(self.labels))
@@ -199,21 +222,14 @@ class Classifier:
         self.truncation_side: Direction = ("left" if tokenizer_config.get("truncation_side") == "left"
                                            else "right")
         self.name = str(self.manifest.get("name") or self.model_dir.name)
-        self.intra_op_threads = intra_op_threads
-        self.spinning = spinning
-        # One tokenizer per truncation side, configured once and never changed: encoding only reads
-        # it, so threads may share it (tokenizers #537 concerns changing settings while in use).
+        # One tokenizer per truncation side (and one that does not truncate, for tokens()), each
+        # configured once and never changed: encoding only reads it, so threads may share it
+        # (tokenizers #537 concerns changing settings while in use). Those other than the right-
+        # truncating one are made on first use: most models never need them.
         right = self._configured_tokenizer(tokenizer_config)
-        left = Tokenizer.from_str(right.to_str())
-        left.enable_truncation(max_length=self.max_length, direction="left")
-        self._tokenizers: dict[str, Tokenizer] = {"right": right, "left": left}
+        self._tokenizers: dict[str, Tokenizer] = {"right": right}
+        self._derived_lock = threading.Lock()
         self._vocab_size = right.get_vocab_size(with_added_tokens=True)
-        self._untruncated: Tokenizer | None = None  # for tokens(), made on first use
-        self._untruncated_lock = threading.Lock()
-        self.model_path = self.model_dir / "model.onnx"  # the file the session loaded
-        self.session = self._session(intra_op_threads, spinning, cache_dir)
-        self._check_model()
-        self.ready = False
 
     def _configured_tokenizer(self, tokenizer_config: dict[str, Any]) -> Tokenizer:
         """Return tokenizer.json with truncation at max_length; remember how to pad for collate()."""
@@ -238,13 +254,25 @@ class Classifier:
         tokenizer.no_padding()
         return tokenizer
 
-    def _session(self, intra_op_threads: int, spinning: bool, cache_dir: Path | None) -> ort.InferenceSession:
-        """Return the one InferenceSession of this process, shared by all request threads."""
-        path = self.model_dir / "model.onnx"
-        if not path.is_file():
-            raise ModelLoadError(f"model.onnx is missing in {self.model_dir}")
+    def _tokenizer(self, kind: str) -> Tokenizer:
+        """Return the tokenizer truncating on the "right" or "left", or the "untruncated" one."""
+        tokenizer = self._tokenizers.get(kind)
+        if tokenizer is None:
+            with self._derived_lock:
+                tokenizer = self._tokenizers.get(kind)
+                if tokenizer is None:
+                    tokenizer = Tokenizer.from_str(self._tokenizers["right"].to_str())
+                    if kind == "left":
+                        tokenizer.enable_truncation(max_length=self.max_length, direction="left")
+                    else:
+                        tokenizer.no_truncation()
+                    self._tokenizers[kind] = tokenizer  # configured before any thread can see it
+        return tokenizer
+
+    def _options(self) -> ort.SessionOptions:
+        """Return the session options of the service: threads, spinning, full graph optimization."""
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
+        options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Memory patterns are planned per input shape; with every request a new sequence length
@@ -254,36 +282,57 @@ class Classifier:
         # Spinning between a run's parallel sections saves the wake-up of each; spinning between
         # runs would burn the CPU that request threads and a second run need, so it is bounded
         # and stops as soon as no run is in progress.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        if spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        if self.spinning:
             options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_MICROSECONDS))
             options.add_session_config_entry("session.force_spinning_stop", "1")
-        copy = self._mapped_copy(path, cache_dir)
-        if copy is not None:
-            try:
-                session = ort.InferenceSession(str(copy), sess_options=options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # a damaged copy: the model itself is still there
-                logger.warning("the memory-mapped copy %s cannot be loaded (%s); removed, serving %s with its "
-                               "weights in memory", copy, type(exc).__name__, path)
-                weights.discard(copy)
-            else:
-                self.model_path = copy
+        return options
+
+    def _early_session(self, cache_dir: Path | None) -> ort.InferenceSession | None:
+        """Return a session of the memory-mapped copy if one was written before, else None."""
+        digest = self._digest()
+        if cache_dir is None or digest is None:
+            return None
+        try:
+            path = self.model_dir / "model.onnx"
+            copy = weights.existing_copy(digest, cache_dir) if weights.has_inline_weights(path) else None
+        except OSError:  # no model.onnx: the sequential load reports it
+            return None
+        return self._load_copy(copy) if copy is not None else None
+
+    def _session(self, cache_dir: Path | None) -> ort.InferenceSession:
+        """Return the one InferenceSession of this process, shared by all request threads."""
+        path = self.model_dir / "model.onnx"
+        if not path.is_file():
+            raise ModelLoadError(f"model.onnx is missing in {self.model_dir}")
+        digest = self._digest()  # verified by now: only a verified model is copied
+        if cache_dir is not None and digest is not None and weights.has_inline_weights(path):
+            copy = weights.mapped_copy(path, digest, cache_dir)
+            session = self._load_copy(copy) if copy is not None else None
+            if session is not None:
                 return session
         try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), sess_options=self._options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
                                  f"({type(exc).__name__})") from None
 
-    def _mapped_copy(self, path: Path, cache_dir: Path | None) -> Path | None:
-        """Return the memory-mapped copy to serve instead of path, or None to serve path itself.
-
-        Only a model verified against its manifest is copied: the copy is found by that sha256.
-        """
+    def _digest(self) -> str | None:
+        """Return model.onnx's sha256 from the manifest, which names its memory-mapped copy."""
         digest = (self.manifest.get("files") or {}).get("model.onnx")
-        if cache_dir is None or not isinstance(digest, str) or not weights.has_inline_weights(path):
+        return digest if isinstance(digest, str) else None
+
+    def _load_copy(self, copy: Path) -> ort.InferenceSession | None:
+        """Return a session of a memory-mapped copy, or None (the copy removed) if it cannot be loaded."""
+        try:
+            session = ort.InferenceSession(str(copy), sess_options=self._options(), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a damaged copy: the model itself is still there
+            logger.warning("the memory-mapped copy %s cannot be loaded (%s); removed, serving %s with its "
+                           "weights in memory", copy, type(exc).__name__, self.model_dir / "model.onnx")
+            weights.discard(copy)
             return None
-        return weights.mapped_copy(path, digest, cache_dir)
+        self.model_path = copy
+        return session
 
     def _check_model(self) -> None:
         """Check inputs, the logits width and that every tokenizer id fits the embedding table."""
@@ -320,7 +369,7 @@ class Classifier:
         Pairs are truncated longest first, as transformers does. With truncate=False an input over
         max_length raises InputTooLong instead.
         """
-        tokenizer = self._tokenizers[direction or self.truncation_side]
+        tokenizer = self._tokenizer(direction or self.truncation_side)
         left = (direction or self.truncation_side) == "left"
         items = list(inputs)
         clipped = [_clip(item, self.max_length * CLIP_CHARS_PER_TOKEN, left) for item in items]
@@ -335,11 +384,7 @@ class Classifier:
 
     def tokens(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[Token]]:
         """Return every token of each text, not truncated, with its text and byte offsets."""
-        with self._untruncated_lock:
-            if self._untruncated is None:
-                self._untruncated = Tokenizer.from_str(self._tokenizers["right"].to_str())
-                self._untruncated.no_truncation()
-        encodings = self._untruncated.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        encodings = self._tokenizer("untruncated").encode_batch(list(texts), add_special_tokens=add_special_tokens)
         results = []
         for text, encoding in zip(texts, encodings, strict=True):
             tokens: list[Token] = []
@@ -418,8 +463,11 @@ class Classifier:
         return self.postprocess(self.logits(inputs), top_k, function_to_apply)
 
     def warmup_batches(self) -> list[list[str]]:
-        """Return a short and a long batch, so the first request does not pay ORT's first-run costs."""
-        return [["warm up"], ["warm up " * self.max_length] * 2]
+        """Return a short text and a max-length one, so the first request does not pay ORT's first-run costs.
+
+        One long text is enough: after it, a first run of two is no slower than the runs after it.
+        """
+        return [["warm up"], ["warm up " * self.max_length]]
 
     def warmup(self) -> None:
         """Classify the warm-up batches."""

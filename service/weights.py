@@ -55,7 +55,7 @@ def mapped_copy(model: Path, sha256: str, cache_dir: Path) -> Path | None:
     Return None, after one warning line, when the copy cannot be written (a read-only or full
     disk) or another user may have written it: the caller then loads model itself.
     """
-    folder = cache_dir / f"{sha256.lower()[:32]}-onnxruntime-{ort.__version__}"
+    folder = _folder(sha256, cache_dir)
     if _complete(folder):
         return _trusted(folder)
     work = None
@@ -84,8 +84,19 @@ def mapped_copy(model: Path, sha256: str, cache_dir: Path) -> Path | None:
     return _trusted(folder)
 
 
+def existing_copy(sha256: str, cache_dir: Path) -> Path | None:
+    """Return the cached copy of the model with this sha256 if one was written before, else None."""
+    folder = _folder(sha256, cache_dir)
+    return _trusted(folder) if _complete(folder) else None
+
+
+def _folder(sha256: str, cache_dir: Path) -> Path:
+    """Return the folder of a model's copy: named after its sha256 and this onnxruntime version."""
+    return cache_dir / f"{sha256.lower()[:32]}-onnxruntime-{ort.__version__}"
+
+
 def discard(copy: Path) -> None:
-    """Remove a cached copy that onnxruntime could not load, so the next start writes it again."""
+    """Remove a cached copy that onnxruntime could not load, so that it is written again."""
     shutil.rmtree(copy.parent, ignore_errors=True)
 
 
