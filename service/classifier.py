@@ -311,6 +311,8 @@ class Classifier:
             session = self._load_copy(copy) if copy is not None else None
             if session is not None:
                 return session
+            if copy is not None:
+                logger.warning("serving %s with its weights in memory", path)
         try:
             return ort.InferenceSession(str(path), sess_options=self._options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
@@ -327,8 +329,7 @@ class Classifier:
         try:
             session = ort.InferenceSession(str(copy), sess_options=self._options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # a damaged copy: the model itself is still there
-            logger.warning("the memory-mapped copy %s cannot be loaded (%s); removed, serving %s with its "
-                           "weights in memory", copy, type(exc).__name__, self.model_dir / "model.onnx")
+            logger.warning("the memory-mapped copy %s cannot be loaded (%s); removed", copy, type(exc).__name__)
             weights.discard(copy)
             return None
         self.model_path = copy

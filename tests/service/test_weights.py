@@ -79,6 +79,25 @@ def test_a_damaged_copy_is_removed_and_written_again(
     assert scores(healed) == scores(Classifier(model_dir, intra_op_threads=1))
 
 
+def test_a_copy_that_cannot_be_loaded_even_when_written_afresh_serves_the_model_as_it_is(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def unloadable(model: Path, target: Path) -> None:  # a writer that produces what ORT rejects
+        target.write_bytes(b"not an onnx graph")
+        (target.parent / weights.DATA_FILE).write_bytes(b"\0" * 1024)
+        for path in (target, target.parent / weights.DATA_FILE):
+            path.chmod(0o644)
+
+    monkeypatch.setattr(weights, "_write", unloadable)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING):
+        classifier = Classifier(model_dir, intra_op_threads=1, cache_dir=cache)
+    assert classifier.model_path == model_dir / "model.onnx" and list(cache.iterdir()) == []
+    messages = [r.message for r in caplog.records]
+    assert any("cannot be loaded" in m and "removed" in m for m in messages)
+    assert any(m.endswith("with its weights in memory") for m in messages)
+    assert scores(classifier) == scores(Classifier(model_dir, intra_op_threads=1))
+
+
 def test_a_copy_others_may_have_written_is_not_loaded(model_dir: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     cache = tmp_path / "cache"
