@@ -53,19 +53,47 @@ class Server:
         """Return the server's process id."""
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """Return the server's process and its descendants (the children of SERVICE_PROCESSES)."""
+        found, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for children in Path(f"/proc/{pid}/task").glob("*/children"):
+                try:
+                    todo += [int(child) for child in children.read_text().split()]
+                except OSError:  # the thread or the process ended meanwhile
+                    continue
+        return found
+
     def cpu_seconds(self) -> float:
-        """Return the server process' user + system CPU time so far, from /proc/<pid>/stat."""
-        # the command name may hold spaces, so split after its closing parenthesis
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+        """Return the user + system CPU time of the server's processes so far, from /proc/<pid>/stat."""
+        total = 0.0
+        for pid in self.pids():
+            try:
+                # the command name may hold spaces, so split after its closing parenthesis
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+        return total
 
     def memory_mb(self) -> dict[str, float]:
-        """Return VmRSS (now) and VmHWM (peak) in MiB, from /proc/<pid>/status."""
-        values = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) / 1024  # kB -> MiB
+        """Return VmRSS (now) and VmHWM (peak) in MiB, from /proc/<pid>/status, summed over its processes.
+
+        For several processes the sum counts the pages they share (the mapped weights, the libraries)
+        once for each: an upper bound of what they take together.
+        """
+        values = {"VmRSS": 0.0, "VmHWM": 0.0}
+        for pid in self.pids():
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                key, _, rest = line.partition(":")
+                if key in values:
+                    values[key] += int(rest.split()[0]) / 1024  # kB -> MiB
         return {"rss_mb": values["VmRSS"], "peak_rss_mb": values["VmHWM"]}
 
     def log_tail(self, lines: int = 15) -> str:

@@ -8,11 +8,16 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 from typing import Any
 
-from service import create_app
+from flask import Config
+
+from service import configure, create_app
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table
+from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Supervisor, inherited
 from service.serve import GracefulServer, raise_open_files_limit
 
 logger = logging.getLogger("service")
@@ -40,29 +45,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare", action="store_true",
                         help="write the memory-mapped copy of the model (MAP_WEIGHTS) into CACHE_DIR and exit, "
                              "so a start with a read-only cache (an image) finds it")
+    # how the parent of SERVICE_PROCESSES children hands them its listening sockets
+    parser.add_argument(LISTEN_FD_FLAG, type=int, action="append", dest="listen_fds", help=argparse.SUPPRESS)
+    parser.add_argument(PARENT_FLAG, type=int, dest="parent", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.settings_markdown:
         print(markdown_table())
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    several = bool(args.listen_fds) or os.environ.get("SERVICE_PROCESSES", "1").strip() not in ("", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s"
+                        f"{'[%(process)d]' if several else ''}: %(message)s")
     if args.prepare:
         return prepare()
+    watcher = _ParentWatch(args.parent) if args.listen_fds else None
     raise_open_files_limit()  # before the settings check SERVICE_CONNECTION_LIMIT against it
     try:
         _check_spool_folder()
+        if not args.listen_fds:
+            settings = configure(Config(os.getcwd()))
+            if settings.processes > 1:
+                return supervise(settings)
         app = create_app()
     except (ConfigError, ModelLoadError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings: Settings = app.extensions["service.settings"]
+    settings = app.extensions["service.settings"]
     model = app.extensions["service.classifier"].info()
     try:
-        server = GracefulServer(app, settings)
+        sockets = inherited(args.listen_fds) if args.listen_fds else None
+        server = GracefulServer(app, settings, sockets)
     except (OSError, ValueError) as exc:  # port in use, unknown host, ...
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
+    if watcher is not None:
+        watcher.server = server
     batching = (f"batching up to {settings.batch_max_texts} texts" if app.extensions["service.scheduler"]
                 else "no batching")
     served = getattr(app.extensions["service.classifier"], "model_path", None)
@@ -83,11 +101,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def supervise(settings: Settings) -> int:
+    """Serve with settings.processes children on sockets bound here; return the exit code."""
+    try:
+        supervisor = Supervisor(settings)
+    except (OSError, ValueError) as exc:  # port in use, unknown host, ...
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    logger.info("starting %d server processes on %s", settings.processes, " ".join(supervisor.urls()))
+    code = supervisor.run()
+    if code == 0:
+        logger.info("stopped")
+    else:
+        logger.info("stopped with exit code %d", code)
+    return code
+
+
+class _ParentWatch:
+    """Stop a child of SERVICE_PROCESSES if its parent dies without stopping it (killed with SIGKILL)."""
+
+    def __init__(self, parent: int | None) -> None:
+        """Watch from now on: the parent may die while this child is still loading the model."""
+        self.parent = parent if parent is not None else os.getppid()
+        self.server: GracefulServer | None = None
+        threading.Thread(target=self._watch, name="parent-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while os.getppid() == self.parent:
+            time.sleep(0.5)
+        logger.warning("the parent process %d is gone: stopping", self.parent)
+        if self.server is None:  # not serving yet: nothing to drain
+            _exit_now(1)
+        try:
+            self.server.request_stop()
+        except KeyboardInterrupt:  # a stop was already under way: this counts as a second one
+            pass
+
+
 def prepare() -> int:
     """Load the configured model as the service would, writing its memory-mapped copy; return the exit code."""
-    from flask import Config
-
-    from service import configure, load_classifier
+    from service import load_classifier
     from service.weights import has_inline_weights
 
     try:

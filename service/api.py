@@ -76,7 +76,9 @@ def info() -> Response:
         model=classifier.info(),
         backend=classifier.backend,
         versions={name: _version(name) for name in names} | {"python": platform.python_version()},
-        threads={"waitress": settings.threads, "ort_intra_op": settings.ort_threads, "ort_inter_op": 1,
+        # per process: with SERVICE_PROCESSES, each of them has these
+        threads={"processes": settings.processes, "waitress": settings.threads,
+                 "ort_intra_op": settings.ort_threads, "ort_inter_op": 1,
                  "ort_spinning": settings.ort_spinning, "batch_workers": settings.batch_workers if batching else 0},
         limits={"max_batch": settings.max_batch, "max_content_length": settings.max_content_length,
                 "max_queue": settings.max_queue, "connection_limit": settings.connection_limit},
@@ -91,7 +93,7 @@ def info() -> Response:
 @bp.get("/metrics")
 def metrics() -> Response:
     """Return the Prometheus text exposition of this app's registry."""
-    registry = current_app.extensions["service.metrics"].registry
+    registry = current_app.extensions["service.metrics"].exposition()
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 

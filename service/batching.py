@@ -230,6 +230,7 @@ class Scheduler:
                                                 job, index))
             self._pending += len(encodings)
             self._pending_tokens += job.queued_tokens
+            self._queue_changed()
             self._cond.notify_all()  # a slot holder gathering a batch counts the texts
             batch = None
             if self._free:  # then nothing else is queued: run now, in this thread
@@ -308,6 +309,7 @@ class Scheduler:
             if item.job.taken == 0 and self.metrics is not None:
                 self.metrics.queue_wait.observe(now - item.job.enqueued)
             item.job.taken += 1
+        self._queue_changed()
         return batch
 
     def _cancel(self, job: Job) -> None:
@@ -316,6 +318,12 @@ class Scheduler:
         self._pending -= len(job.encodings) - job.taken
         self._pending_tokens -= job.queued_tokens
         job.taken, job.queued_tokens = len(job.encodings), 0
+        self._queue_changed()
+
+    def _queue_changed(self) -> None:
+        """Tell the metrics the queue's new depth (called with the lock held)."""
+        if self.metrics is not None:
+            self.metrics.queue_changed(self._pending)
 
     def _hand_over(self, batch: list[Item]) -> None:
         """Give a held slot and its next batch to the thread of the batch's most urgent text."""

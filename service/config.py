@@ -168,19 +168,22 @@ def _ort_threads(config: Mapping[str, Any], key: str) -> int:
     """Return ORT_THREADS: by default the usable cores, split between the model slots when batching."""
     if not _unset(config, key):
         return _integer(config, key, 1, 1024)
+    cores = max(1, usable_cores() // _integer(config, "PROCESSES", 1, 64))  # this process' share
     if not _batches(config):
-        return usable_cores()
+        return cores
     # Concurrent runs of one session share its intra-op pool: two runs on a pool of every core take
     # turns on it, and its threads spin waiting for each other's work. A share of the cores per run
     # costs less CPU per text and serves more under load (docs/performance.md).
-    return max(1, usable_cores() // _workers(config, "BATCH_WORKERS"))
+    return max(1, cores // _workers(config, "BATCH_WORKERS"))
 
 
 def _workers(config: Mapping[str, Any], key: str) -> int:
-    """Return BATCH_WORKERS, the model runs at once: by default 2, or 1 on a single usable core."""
+    """Return BATCH_WORKERS, the model runs at once: by default 2, or 1 on a single core's share."""
     # Two runs at once keep both cores busy while one batch is collated or answered; more runs on
     # few cores only split the same cores (the intra-op pool is shared by concurrent runs).
-    return min(2, usable_cores()) if _unset(config, key) else _integer(config, key, 1, 64)
+    if not _unset(config, key):
+        return _integer(config, key, 1, 64)
+    return min(2, max(1, usable_cores() // _integer(config, "PROCESSES", 1, 64)))
 
 
 def _max_queue(config: Mapping[str, Any], key: str) -> int:
@@ -232,14 +235,18 @@ SETTINGS: tuple[Setting, ...] = (
             "onnx; pytorch (a transformers checkpoint through the original pipeline) or optimum "
             "(Optimum's ORTModelForSequenceClassification): the references of the tests and the "
             "benchmark, which need the dev dependencies and never batch"),
+    Setting("PROCESSES", 1, integer(1, 64),
+            "server processes sharing the port, each with its own model session, slots, queue and "
+            "threads (the defaults below split the usable cores between them); `python -m service` "
+            "only. More than 1 serves more requests at once on 2 or more cores, for more memory"),
     Setting("THREADS", None, _threads,
             "Waitress request threads; with batching they mostly wait for a model slot, and fewer "
             "than the queue holds would leave requests waiting unseen in Waitress' own queue. A "
             "request goes to the thread idle shortest, so threads beyond the concurrency stay unused",
             computed="batching: MAX_QUEUE + BATCH_MAX_TEXTS x BATCH_WORKERS + 32; else 4"),
     Setting("ORT_THREADS", None, _ort_threads, "onnxruntime intra-op threads, shared by concurrent runs",
-            computed="usable cores (CPU affinity, capped by the cgroup's cpu.max) / BATCH_WORKERS when "
-                     "batching, else usable cores"),
+            computed="usable cores (CPU affinity, capped by the cgroup's cpu.max) / PROCESSES / "
+                     "BATCH_WORKERS when batching, else usable cores / PROCESSES"),
     # Idle intra-op threads spin briefly between a run's parallel sections, never between runs
     # (see service/classifier.py): the latency of spinning without burning the cores under load.
     Setting("ORT_SPINNING", True, _boolean,
@@ -257,7 +264,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BATCHING", True, _boolean,
             "batch concurrent requests into shared model runs; false: each request runs the model alone"),
     Setting("BATCH_WORKERS", None, _workers, "model runs at once (each run is one batch)",
-            computed="2, or 1 on a single usable core"),
+            computed="2, or 1 when usable cores / PROCESSES is 1"),
     Setting("BATCH_MAX_TEXTS", 32, integer(1, 100_000), "most texts in one model run"),
     # a longer run costs more per text once its activations outgrow the caches
     Setting("BATCH_MAX_TOKENS", 512, integer(1, 10_000_000), "most padded tokens in one model run "
@@ -298,6 +305,7 @@ class Settings:
     host: str
     port: int
     backend: str
+    processes: int
     threads: int
     ort_threads: int
     ort_spinning: bool

@@ -143,14 +143,20 @@ def raise_open_files_limit() -> int:
 class GracefulServer:
     """One Waitress server whose run() returns after a requested stop has drained the connections."""
 
-    def __init__(self, app: Flask, settings: Settings) -> None:
-        """Bind the listening socket(s); raise OSError or ValueError when that is impossible."""
+    def __init__(self, app: Flask, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+        """Bind the listening socket(s), or serve `sockets` bound by the parent of several processes.
+
+        Raise OSError or ValueError when binding is impossible.
+        """
         self.app = app
         self.settings = settings
         self.draining: threading.Event = app.extensions["service.draining"]
         dispatcher = LastIdleFirst()
-        self.server = create_server(_answer_refusals(app), _dispatcher=dispatcher,
-                                    host=settings.host, port=settings.port,
+        where: dict[str, Any] = {"sockets": sockets} if sockets else {"host": settings.host, "port": settings.port}
+        # A socket shared with other processes wakes all of them for each connection: accepting one
+        # at a time lets them take turns instead of the quickest one taking a whole burst.
+        self._accept_batch = 1 if sockets else _ACCEPT_BATCH
+        self.server = create_server(_answer_refusals(app), _dispatcher=dispatcher, **where,
                                     threads=settings.threads, connection_limit=settings.connection_limit,
                                     backlog=_BACKLOG, channel_timeout=settings.keepalive_timeout,
                                     max_request_header_size=settings.max_header_bytes,
@@ -236,7 +242,7 @@ class GracefulServer:
                 continue
             self._watch.add(key.fd)
             if dispatcher in self.listeners:
-                self._accept(dispatcher, _ACCEPT_BATCH)
+                self._accept(dispatcher, self._accept_batch)
             else:
                 _handle(dispatcher, events, lambda fd=key.fd, d=dispatcher: self.map.get(fd) is d)
 

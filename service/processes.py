@@ -1,0 +1,215 @@
+"""Several server processes on one port (SERVICE_PROCESSES): a parent that binds and supervises.
+
+One process runs its request threads' Python under one GIL: at 8 clients on 2 cores that left
+about 0.4 of the cores idle (docs/performance.md). With SERVICE_PROCESSES=N the parent binds the
+listening socket(s), then starts N `python -m service` children that share them, each with its own
+model session, model slots, queue and threads, splitting the usable cores between them. The kernel
+wakes every child for a new connection, and the first to accept it serves it.
+
+The parent loads no model: it only watches. On SIGTERM or Ctrl-C it passes the signal on; each child
+drains as a single server does, and the parent exits 0 once all have. A second signal is passed on
+too, and they stop at once. A child that fails to start (its error line is on stderr) stops the
+others and the parent exits with the child's code. A child that dies while serving (killed, out of
+memory) is replaced, at most RESTARTS times in RESTART_WINDOW seconds; beyond that the parent stops.
+
+Metrics: the parent gives the children a fresh PROMETHEUS_MULTIPROC_DIR, so /metrics sums every
+process' counters, whichever child answers (service/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from typing import Any
+
+from waitress.adjustments import Adjustments
+
+from service.config import Settings
+from service.metrics import MULTIPROCESS_DIR
+
+logger = logging.getLogger("service")
+
+LISTEN_FD_FLAG = "--listen-fd"  # how a child learns the parent's sockets (repeated for each)
+PARENT_FLAG = "--parent"  # and the parent's pid, so it stops if the parent dies
+BACKLOG = 2048
+RESTARTS = 5
+RESTART_WINDOW = 60.0
+_POLL = 0.1  # seconds between two looks at the children
+_STOP_MARGIN = 5.0  # seconds beyond SHUTDOWN_TIMEOUT a child may take to exit before it is killed
+
+
+class Supervisor:
+    """The parent of SERVICE_PROCESSES children that serve the sockets it binds."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Bind the listening socket(s); raise OSError or ValueError when that is impossible."""
+        self.settings = settings
+        self.sockets = bind(settings.host, settings.port)
+        self.children: dict[int, subprocess.Popen] = {}  # child number -> process
+        self.metrics_dir = tempfile.mkdtemp(prefix="onnx-classifier-metrics-")
+        self._signals = 0
+        self._restarts: deque[float] = deque()
+
+    def urls(self) -> list[str]:
+        """Return the URLs the sockets are bound to (the bound port when SERVICE_PORT=0)."""
+        urls = []
+        for sock in self.sockets:
+            host, port = sock.getsockname()[:2]
+            urls.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+        return urls
+
+    def request_stop(self, signum: int | None = None, frame: Any = None) -> None:
+        """Pass a stop on to every child (signal handler); run() notices and waits for them."""
+        self._signals += 1
+        for process in self.children.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        """Start the children and watch them until they have stopped; return the exit code."""
+        try:
+            for number in range(self.settings.processes):
+                self._start(number)
+            return self._watch()
+        finally:
+            for sock in self.sockets:
+                sock.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _start(self, number: int) -> None:
+        """Start child `number` on the parent's sockets."""
+        env = {**os.environ, MULTIPROCESS_DIR: self.metrics_dir}
+        fds = [sock.fileno() for sock in self.sockets]
+        argv = [sys.executable, "-m", "service", PARENT_FLAG, str(os.getpid())]
+        for fd in fds:
+            argv += [LISTEN_FD_FLAG, str(fd)]
+        # its own process group: a Ctrl-C in the terminal reaches the parent only, which passes it on once
+        self.children[number] = subprocess.Popen(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                                  process_group=0)
+
+    def _watch(self) -> int:
+        """Wait for the children; replace one that dies while serving; return the exit code."""
+        stopping_since: float | None = None
+        killed = False
+        while True:
+            if self._signals and stopping_since is None:
+                stopping_since = time.monotonic()
+            running = {n: p for n, p in self.children.items() if p.poll() is None}
+            if not running:
+                codes = [p.returncode for p in self.children.values()]
+                if stopping_since is None:  # all gone at once, unasked: a bad setting or model
+                    logger.error("every server process exited (%s); stopping",
+                                 ", ".join(_describe(code) for code in codes))
+                    return 2 if 2 in codes else 1
+                # -SIGTERM: a child still starting when the stop came, killed before it served anything
+                if self._signals == 1 and not killed and all(code in (0, -signal.SIGTERM) for code in codes):
+                    return 0
+                return 1
+            for number, process in self.children.items():
+                if number in running or stopping_since is not None:
+                    continue
+                code = process.returncode
+                if code == 2:  # a bad setting or model: its error line is on stderr already
+                    logger.error("server process %d (pid %d) could not start; stopping", number, process.pid)
+                    self._stop_all()
+                    self._wait_all()
+                    return 2
+                if not self._may_restart():
+                    logger.error("server process %d (pid %d) exited with %s; it was restarted %d times in "
+                                 "%.0f s, stopping", number, process.pid, _describe(code), RESTARTS,
+                                 RESTART_WINDOW)
+                    self._stop_all()
+                    self._wait_all()
+                    return 1
+                logger.warning("server process %d (pid %d) exited with %s; starting another",
+                               number, process.pid, _describe(code))
+                _forget_process(process.pid, self.metrics_dir)
+                self._start(number)
+                break  # children changed: look again
+            if stopping_since is not None and not killed:
+                if time.monotonic() - stopping_since > self.settings.shutdown_timeout + _STOP_MARGIN:
+                    for process in running.values():
+                        process.kill()
+                    killed = True
+            time.sleep(_POLL)
+
+    def _may_restart(self) -> bool:
+        """Return whether another restart fits in the window."""
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW:
+            self._restarts.popleft()
+        if len(self._restarts) >= RESTARTS:
+            return False
+        self._restarts.append(now)
+        return True
+
+    def _stop_all(self) -> None:
+        """Ask every running child to drain."""
+        for process in self.children.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def _wait_all(self) -> None:
+        """Wait for every child to exit, killing those that outlast the drain."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout + _STOP_MARGIN
+        for process in self.children.values():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Return listening sockets for host:port, resolved as Waitress resolves them."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, address in Adjustments(host=host, port=port).listen:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # every address on the port the first one was given
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def inherited(fds: list[int]) -> list[socket.socket]:
+    """Return the listening sockets a child was given by its parent."""
+    return [socket.socket(fileno=fd) for fd in fds]
+
+
+def _forget_process(pid: int, metrics_dir: str) -> None:
+    """Drop a dead child's live gauges from the metrics folder (its counters still count)."""
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid, metrics_dir)
+    except OSError:
+        pass
+
+
+def _describe(code: int | None) -> str:
+    """Return an exit code, or the signal that ended a process, in words."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
