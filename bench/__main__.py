@@ -26,7 +26,7 @@ CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
 ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
                 "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1",
-                "onnx-nogather", "onnx-shared", "onnx-t256", "onnx-t384", "onnx-p2",  # opt-in levers
+                "onnx-nogather", "onnx-shared", "onnx-t256", "onnx-t384", "onnx-p2", "onnx-p2w2",  # opt-in levers
                 "onnx-baseline")  # opt-in: the service of another checkout (--baseline), for before/after
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
@@ -94,6 +94,12 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path,
             # the lever: two server processes sharing the port, each with one core's share
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_PROCESSES": "2"}
             specs[name] = {"label": "onnx, 2 server processes", "size_key": "onnx", "server": ServerSpec(name, env)}
+        elif name == "onnx-p2w2":
+            # the lever: and two model slots in each, so a long text's run leaves a slot to the short ones
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_PROCESSES": "2", "SERVICE_BATCH_WORKERS": "2",
+                   "SERVICE_ORT_THREADS": "1"}
+            specs[name] = {"label": "onnx, 2 server processes of 2 slots", "size_key": "onnx",
+                           "server": ServerSpec(name, env)}
         elif name in ("onnx-t256", "onnx-t384"):
             # the lever: fewer padded tokens a run (the default 512 lets two 256-token texts share one)
             tokens = name.removeprefix("onnx-t")
@@ -260,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                              "onnx-nogather: no gathering beside a running slot, onnx-shared: intra-op "
                              "threads = every core, shared by the runs, onnx-t2o1: unbatched, "
                              "2 Waitress x 1 ORT thread, onnx-t256 and onnx-t384: at most 256 or 384 "
-                             "padded tokens a run, onnx-p2: 2 server processes)")
+                             "padded tokens a run, onnx-p2: 2 server processes, onnx-p2w2: "
+                             "and 2 model slots in each)")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="another checkout of this project (a git worktree of an older commit): its service "
                              "joins the run as the backend onnx-baseline, for a before/after in one run")

@@ -72,7 +72,8 @@ def summarise(runs: list[dict[str, Any]], servers: list[dict[str, Any]],
     summary_servers = {name: {"cold_start_s": spread(s["cold_start_s"] for s in group
                                                      if s["cold_start_s"] is not None),
                               "rss_mb": spread(s["rss_mb"] for s in group),
-                              "peak_rss_mb": spread(s["peak_rss_mb"] for s in group)}
+                              "peak_rss_mb": spread(s["peak_rss_mb"] for s in group),
+                              "pss_mb": spread(s["pss_mb"] for s in group if "pss_mb" in s)}
                        for name, group in by_backend.items()}
     return {"cells": summary_cells, "servers": summary_servers,
             "limit": {name: {k: v for k, v in entry.items() if k != "by_rep"} for name, entry in limit.items()}}
@@ -377,8 +378,11 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{_range(c['throughput_vs_onnx'], 2)} | {_range(c['p50_vs_onnx'], 2)} | "
                          f"{_fmt(_median(c, 'p99_ms'))} / {_fmt(_median(ours, 'p99_ms'))} |")
     lines += ["", "## Processes", "",
-              "| backend | cold start s | RSS after load MiB | peak RSS MiB | RSS ÷ PyTorch | installed MiB |",
-              "|---|---|---|---|---|---|"]
+              "RSS and PSS are summed over a server's processes: the RSS sum counts a page that several of "
+              "them share once for each, the PSS sum once in all.", "",
+              "| backend | cold start s | RSS after load MiB | peak RSS MiB | PSS after load MiB | RSS ÷ PyTorch "
+              "| installed MiB |",
+              "|---|---|---|---|---|---|---|"]
     reference_rss = summary["servers"].get(REFERENCE, {}).get("rss_mb", {}).get("median")
     for name, label in labels.items():
         server = summary["servers"].get(name)
@@ -387,7 +391,8 @@ def markdown(result: dict[str, Any]) -> str:
         size = result["sizes"].get(result["backends"][name].get("size_key") or "", {}).get("total_mb")
         ratio = _fmt(server["rss_mb"]["median"] / reference_rss, 2) if reference_rss else "n/a"
         lines.append(f"| {label} | {_range(server['cold_start_s'], 2)} | {_range(server['rss_mb'], 0)} | "
-                     f"{_range(server['peak_rss_mb'], 0)} | {ratio} | {_fmt(size, 0)} |")
+                     f"{_range(server['peak_rss_mb'], 0)} | {_range(server.get('pss_mb'), 0)} | {ratio} | "
+                     f"{_fmt(size, 0)} |")
     lines += ["", "## In-process limit (tokenize + session.run, no HTTP)", "",
               "Best of the sweep (intra-op threads x spinning x calling threads x batch, each setting its own "
               "session) and the session the service itself builds, at its default setting. Setting: the one "

@@ -79,22 +79,25 @@ class Server:
         return total
 
     def memory_mb(self) -> dict[str, float]:
-        """Return VmRSS (now) and VmHWM (peak) in MiB, from /proc/<pid>/status, summed over its processes.
+        """Return VmRSS (now), VmHWM (peak) and Pss (now) in MiB, each summed over the server's processes.
 
-        For several processes the sum counts the pages they share (the mapped weights, the libraries)
-        once for each: an upper bound of what they take together.
+        For several processes the RSS sum counts the pages they share (the mapped weights, the
+        libraries, what forked children share with their parent) once for each: an upper bound of
+        what they take together. Pss (/proc/<pid>/smaps_rollup) charges a shared page to each of the
+        processes mapping it by its share, so its sum counts such a page once.
         """
-        values = {"VmRSS": 0.0, "VmHWM": 0.0}
+        values = {"VmRSS": 0.0, "VmHWM": 0.0, "Pss": 0.0}
         for pid in self.pids():
             try:
                 lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+                lines += Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
             except OSError:
                 continue
             for line in lines:
                 key, _, rest = line.partition(":")
                 if key in values:
                     values[key] += int(rest.split()[0]) / 1024  # kB -> MiB
-        return {"rss_mb": values["VmRSS"], "peak_rss_mb": values["VmHWM"]}
+        return {"rss_mb": values["VmRSS"], "peak_rss_mb": values["VmHWM"], "pss_mb": values["Pss"]}
 
     def log_tail(self, lines: int = 15) -> str:
         """Return the last lines of the server's log."""

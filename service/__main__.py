@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 from typing import Any
 
-from flask import Config
+from flask import Config, Flask
 
 from service import configure, create_app
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table
-from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Supervisor, inherited
+from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
 from service.serve import GracefulServer, raise_open_files_limit
 
 logger = logging.getLogger("service")
@@ -69,11 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelLoadError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    sockets = inherited(args.listen_fds) if args.listen_fds else None
+    return serve(app, sockets, watcher)
+
+
+def serve(app: Flask, sockets: list[socket.socket] | None = None, watcher: _ParentWatch | None = None,
+          shares: Shares | None = None) -> int:
+    """Serve app with Waitress (on the parent's sockets, if given) until stopped; return the exit code."""
     settings = app.extensions["service.settings"]
     model = app.extensions["service.classifier"].info()
     try:
-        sockets = inherited(args.listen_fds) if args.listen_fds else None
-        server = GracefulServer(app, settings, sockets)
+        server = GracefulServer(app, settings, sockets, shares)
     except (OSError, ValueError) as exc:  # port in use, unknown host, ...
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
@@ -108,15 +116,53 @@ def supervise(settings: Settings) -> int:
     except (OSError, ValueError) as exc:  # port in use, unknown host, ...
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
+    how = "each loading the model"
+    if can_fork(settings):
+        try:
+            classifier = preload(settings)
+        except (ConfigError, ModelLoadError, InferenceError) as exc:
+            supervisor.close()
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        supervisor.serve = lambda sockets, shares: serve_forked(classifier, sockets, shares)
+        how = "forked after loading the model"
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
-    logger.info("starting %d server processes on %s", settings.processes, " ".join(supervisor.urls()))
+    logger.info("starting %d server processes (%s) on %s", settings.processes, how, " ".join(supervisor.urls()))
     code = supervisor.run()
     if code == 0:
         logger.info("stopped")
     else:
         logger.info("stopped with exit code %d", code)
     return code
+
+
+def preload(settings: Settings) -> Any:
+    """Load and warm the model in the parent of forked children; return the classifier they share."""
+    # Each child has its own share of the cores; encoding in parallel would also leave tokenizers'
+    # thread pool in the parent, which a fork does not copy.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from service import api, load_classifier, tei, v2  # noqa: F401 - imported once, shared by the children
+
+    classifier = load_classifier(settings)
+    if settings.warmup:
+        classifier.warmup()
+    # Objects that exist now are left out of the children's collections, so collecting does not write
+    # to (and copy) the pages they share with the parent.
+    gc.collect()
+    gc.freeze()
+    return classifier
+
+
+def serve_forked(classifier: Any, sockets: list[socket.socket], shares: Shares) -> int:
+    """Serve the parent's loaded classifier on its sockets in a forked child; return the exit code."""
+    watcher = _ParentWatch(None)
+    try:
+        app = create_app(classifier=classifier)
+    except (ConfigError, ModelLoadError, InferenceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(app, sockets, watcher, shares)
 
 
 class _ParentWatch:
@@ -182,4 +228,8 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # Ctrl-C before serving (while the model loads): no traceback
+        print("stopped before serving", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,6 +1,6 @@
 """Prometheus metrics in a per-app registry: requests, latency, inference, batches and the queue.
 
-A process of several serving one port (SERVICE_PROCESSES) is started with PROMETHEUS_MULTIPROC_DIR
+A process of several serving one port (SERVICE_PROCESSES) has PROMETHEUS_MULTIPROC_DIR
 set: prometheus_client then keeps every value in a file of that folder, and /metrics, whichever
 process answers it, sums those of all of them.
 """
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from flask import Flask, Response, g, request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when it is imported
@@ -88,6 +88,14 @@ class Metrics:
             if started is not None:
                 self.latency.labels(route).observe(time.perf_counter() - started)
             return response
+
+
+def share_values(folder: str) -> None:
+    """Keep the values of the metrics made from now on in files of folder (a child forked after import)."""
+    os.environ[MULTIPROCESS_DIR] = folder
+    # prometheus_client picks its value class from the variable once, when it is first imported:
+    # a forked child imported it before the folder was known.
+    values.ValueClass = values.get_value_class()
 
 
 def _start_timer() -> None:

@@ -2,11 +2,20 @@
 
 One process runs its request threads' Python under one GIL: at 8 clients on 2 cores that left
 about 0.4 of the cores idle (docs/performance.md). With SERVICE_PROCESSES=N the parent binds the
-listening socket(s), then starts N `python -m service` children that share them, each with its own
-model session, model slots, queue and threads, splitting the usable cores between them. The kernel
-wakes every child for a new connection, and the first to accept it serves it.
+listening socket(s) and starts N children that share them, each with its own model slots, queue and
+threads, splitting the usable cores between them. The kernel wakes every child for a new connection,
+and the first to accept it serves it.
 
-The parent loads no model: it only watches. On SIGTERM or Ctrl-C it passes the signal on; each child
+How the children get the model:
+- forked (an ONNX model run on one intra-op thread, the default split on 2 cores): the parent loads
+  and warms the model, then forks the children, which share its pages copy-on-write: the session's
+  weights, the tokenizer and the imported code. A start takes about as long as one process', and
+  each child adds only what it writes (its heap, its threads' stacks, its run buffers). Forked
+  children also share their connection counts (Shares), so that a burst of connections is split
+  between them. A session on more intra-op threads owns a thread pool that a fork does not copy, so then:
+- started (`python -m service` children): each loads the model itself, at the same time.
+
+The parent serves nothing: it watches. On SIGTERM or Ctrl-C it passes the signal on; each child
 drains as a single server does, and the parent exits 0 once all have. A second signal is passed on
 too, and they stop at once. A child that fails to start (its error line is on stderr) stops the
 others and the parent exits with the child's code. A child that dies while serving (killed, out of
@@ -19,6 +28,7 @@ process' counters, whichever child answers (service/metrics.py).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import signal
@@ -28,12 +38,13 @@ import sys
 import tempfile
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from waitress.adjustments import Adjustments
 
 from service.config import Settings
-from service.metrics import MULTIPROCESS_DIR
+from service.metrics import MULTIPROCESS_DIR, share_values
 
 logger = logging.getLogger("service")
 
@@ -46,6 +57,13 @@ _POLL = 0.1  # seconds between two looks at the children
 _STOP_MARGIN = 5.0  # seconds beyond SHUTDOWN_TIMEOUT a child may take to exit before it is killed
 
 
+def can_fork(settings: Settings) -> bool:
+    """Return whether children may be forked from a parent holding the loaded model."""
+    # onnxruntime makes no threads for a session of one intra-op thread (and sequential execution);
+    # a fork copies only the calling thread, so a pool's threads would be missing in the children.
+    return settings.backend == "onnx" and settings.ort_threads == 1
+
+
 class Supervisor:
     """The parent of SERVICE_PROCESSES children that serve the sockets it binds."""
 
@@ -53,8 +71,12 @@ class Supervisor:
         """Bind the listening socket(s); raise OSError or ValueError when that is impossible."""
         self.settings = settings
         self.sockets = bind(settings.host, settings.port)
-        self.children: dict[int, subprocess.Popen] = {}  # child number -> process
+        self.children: dict[int, subprocess.Popen | Forked] = {}  # child number -> process
         self.metrics_dir = tempfile.mkdtemp(prefix="onnx-classifier-metrics-")
+        # Set with the model loaded here: each child is forked and calls it with the sockets; it
+        # returns the child's exit code. Unset, each child is a `python -m service` of its own.
+        self.serve: Callable[[list[socket.socket], Shares], int] | None = None
+        self.shares = Shares(settings.processes)
         self._signals = 0
         self._restarts: deque[float] = deque()
 
@@ -80,12 +102,24 @@ class Supervisor:
                 self._start(number)
             return self._watch()
         finally:
-            for sock in self.sockets:
-                sock.close()
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.close()
+
+    def close(self) -> None:
+        """Close the sockets and remove the metrics folder (the parent, once its children are gone)."""
+        for sock in self.sockets:
+            sock.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _start(self, number: int) -> None:
         """Start child `number` on the parent's sockets."""
+        if self.serve is not None:
+            self.shares.reset(number)
+            pid = os.fork()
+            if pid == 0:
+                self.shares.index = number
+                self._forked_child()
+            self.children[number] = Forked(pid)
+            return
         env = {**os.environ, MULTIPROCESS_DIR: self.metrics_dir}
         fds = [sock.fileno() for sock in self.sockets]
         argv = [sys.executable, "-m", "service", PARENT_FLAG, str(os.getpid())]
@@ -94,6 +128,29 @@ class Supervisor:
         # its own process group: a Ctrl-C in the terminal reaches the parent only, which passes it on once
         self.children[number] = subprocess.Popen(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
                                                   process_group=0)
+
+    def _forked_child(self) -> NoReturn:
+        """Serve as a forked child until stopped, then exit with its code (never return to the parent's code)."""
+        code = 1
+        try:
+            # the parent's handlers would signal the other children; Waitress' runner sets its own
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.setpgid(0, 0)  # as a started child: a Ctrl-C in the terminal reaches the parent only
+            share_values(self.metrics_dir)
+            assert self.serve is not None
+            code = self.serve(self.sockets, self.shares)
+        except KeyboardInterrupt:
+            code = 1
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # noqa: BLE001 - one line, never a traceback, and never the parent's code
+            logger.error("server process failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     def _watch(self) -> int:
         """Wait for the children; replace one that dies while serving; return the exit code."""
@@ -117,6 +174,7 @@ class Supervisor:
                 if number in running or stopping_since is not None:
                     continue
                 code = process.returncode
+                self.shares.gone(number)
                 if code == 2:  # a bad setting or model: its error line is on stderr already
                     logger.error("server process %d (pid %d) could not start; stopping", number, process.pid)
                     self._stop_all()
@@ -166,6 +224,95 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class Shares:
+    """Each forked child's open connections and accepts so far, in memory the children share.
+
+    A kernel wakes every child for a new connection and the quickest takes it; a child already
+    running (or that just accepted) is often quickest, so a burst of keep-alive connections (a
+    client pool opening at once) would mostly land on one child and stay there, leaving the other's
+    core idle. With these counts, a child that has more open connections than another leaves a new
+    one to it, unless that one accepted nothing while it waited (busy or gone).
+    """
+
+    _SLOT = 2  # open connections, connections accepted since start
+
+    def __init__(self, processes: int) -> None:
+        """Make room for `processes` children (shared with those forked after this)."""
+        self._memory = mmap.mmap(-1, 8 * self._SLOT * processes)  # anonymous and shared
+        self._values = memoryview(self._memory).cast("q")
+        self.processes = processes
+        self.index = 0  # this child's number, set in the child
+
+    def reset(self, index: int) -> None:
+        """Clear a child's counts before it is (re)started."""
+        self._values[index * self._SLOT] = 0
+        self._values[index * self._SLOT + 1] = 0
+
+    def gone(self, index: int) -> None:
+        """Mark a dead child's slot, so the others stop leaving connections to it."""
+        self._values[index * self._SLOT] = 2**62
+
+    def publish(self, open_connections: int) -> None:
+        """Record this child's open connections now."""
+        self._values[self.index * self._SLOT] = open_connections
+
+    def accepted(self) -> None:
+        """Count one connection accepted by this child."""
+        self._values[self.index * self._SLOT + 1] += 1
+
+    def others_accepted(self) -> int:
+        """Return the connections the other children have accepted so far."""
+        return sum(self._values[i * self._SLOT + 1] for i in range(self.processes) if i != self.index)
+
+    def fewest(self, open_connections: int) -> bool:
+        """Return whether no other child has fewer open connections than this one's."""
+        return all(open_connections <= self._values[i * self._SLOT]
+                   for i in range(self.processes) if i != self.index)
+
+
+class Forked:
+    """A child forked from this process, behind the part of subprocess.Popen's interface used here."""
+
+    def __init__(self, pid: int) -> None:
+        """Follow the child `pid`."""
+        self.pid = pid
+        self.returncode: int | None = None  # as Popen's: the exit code, or -N when signal N ended it
+
+    def poll(self) -> int | None:
+        """Return the exit code once the child has exited (reaping it), else None."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                self.returncode = 1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Return the exit code, waiting at most timeout seconds (subprocess.TimeoutExpired beyond)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        """Send signum unless the child has been reaped (its pid may be another process' by now)."""
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """Kill the child."""
+        self.send_signal(signal.SIGKILL)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:

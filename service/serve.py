@@ -45,7 +45,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from flask import request as flask_request
@@ -58,6 +58,9 @@ from werkzeug.wrappers import Response
 
 from service.config import Settings
 
+if TYPE_CHECKING:
+    from service.processes import Shares
+
 logger = logging.getLogger(__name__)
 
 _TICK = 0.1  # seconds the socket loop may sleep before it looks at the stop flag
@@ -67,6 +70,7 @@ _IDLE_GRACE = 0.5  # seconds a keep-alive connection must have been quiet before
 _BACKLOG = 2048  # connections the kernel holds for accept(): bursts land here first
 _LINGER = 2.0  # seconds to read and drop what a client still sends after an early error response
 _ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener
+_LEAVE = 0.005  # seconds a process with more connections than another leaves a new one to it
 _SHED_BATCH = 16  # connections closed at once at the connection limit (one scan, several slots)
 _EXPIRE_BATCH = 128  # connections answered or closed per sweep: a mass timeout must not stall the loop
 _REPORT_EVERY = 10.0  # seconds between two log lines about slow clients or a full connection budget
@@ -143,9 +147,11 @@ def raise_open_files_limit() -> int:
 class GracefulServer:
     """One Waitress server whose run() returns after a requested stop has drained the connections."""
 
-    def __init__(self, app: Flask, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    def __init__(self, app: Flask, settings: Settings, sockets: list[socket.socket] | None = None,
+                 shares: Shares | None = None) -> None:
         """Bind the listening socket(s), or serve `sockets` bound by the parent of several processes.
 
+        With `shares` (forked processes), a process leaves a new connection to one with fewer open.
         Raise OSError or ValueError when binding is impossible.
         """
         self.app = app
@@ -175,6 +181,9 @@ class GracefulServer:
         self._registered: dict[int, tuple[int, Any]] = {}  # fd -> the events and dispatcher registered
         self._watch: set[int] = set(self.map)  # fds whose interest must be looked at on the next turn
         self._accept_paused_until = 0.0
+        self.shares = shares
+        # when this process last left a connection to the others, and how many they had accepted then
+        self._left: tuple[float, int] | None = None
         self._tally: Counter[str] = Counter()  # slow clients answered or shed since the last report
         self._next_report = 0.0
         self._loop_thread = threading.get_ident()  # the selector and the watch set are this thread's
@@ -197,7 +206,9 @@ class GracefulServer:
         self._loop_thread = threading.get_ident()
         sweep = 0.0
         while not self._stop.is_set():
-            self._turn(0 if sweep <= time.monotonic() else _TICK)
+            now = time.monotonic()
+            pause = self._accept_paused_until - now  # a pause of accepting ends on time, not at an event
+            self._turn(0 if sweep <= now else min(_TICK, pause) if pause > 0 else _TICK)
             if time.monotonic() >= sweep:  # not after every event: the sweep is O(connections)
                 # more expired than one sweep handles: the rest after the next turn's events
                 sweep = time.monotonic() + (0 if self._sweep() else _SWEEP)
@@ -225,6 +236,8 @@ class GracefulServer:
     def _turn(self, timeout: float) -> None:
         """Update the interest of the connections that may have changed, wait for events, handle them."""
         watch, self._watch = self._watch, set()
+        if self.shares is not None:  # closed connections too, for the other processes' next accept
+            self.shares.publish(self._open())
         for fd in watch:
             dispatcher = self.map.get(fd)
             if dispatcher is None:
@@ -242,7 +255,8 @@ class GracefulServer:
                 continue
             self._watch.add(key.fd)
             if dispatcher in self.listeners:
-                self._accept(dispatcher, self._accept_batch)
+                if self.shares is None or not self._leave():
+                    self._accept(dispatcher, self._accept_batch)
             else:
                 _handle(dispatcher, events, lambda fd=key.fd, d=dispatcher: self.map.get(fd) is d)
 
@@ -315,7 +329,27 @@ class GracefulServer:
                 connection.close()
                 continue
             accepted += 1
+            if self.shares is not None:
+                self.shares.accepted()
+                self.shares.publish(self._open())
         return accepted
+
+    def _leave(self) -> bool:
+        """Return whether to leave the waiting connection to a process with fewer open ones, for a moment.
+
+        A process leaves it once; if the others accepted nothing meanwhile (busy, or gone), it takes
+        the connection when it finds it still waiting.
+        """
+        assert self.shares is not None
+        now, others = time.monotonic(), self.shares.others_accepted()
+        left, self._left = self._left, None
+        if self.shares.fewest(self._open()):
+            return False
+        if left is not None and now - left[0] < _LEAVE * 10 and others == left[1]:
+            return False  # still waiting after a moment: nobody else takes it
+        self._left = (now, others)
+        self._accept_paused_until = now + _LEAVE
+        return True
 
     def _make_room(self) -> bool:
         """Close the connections that cost least to lose to admit new clients; return whether any was."""

@@ -1,7 +1,12 @@
-"""SERVICE_PROCESSES=2 on a real port: both processes serve, /metrics counts both, stops and failures."""
+"""SERVICE_PROCESSES=2 on a real port: both processes serve, /metrics counts both, stops and failures.
+
+On 2 cores each child has one intra-op thread, so the children are forked from a parent that loaded
+the model (the default here); SERVICE_ORT_THREADS=2 makes each child a `python -m service` of its own.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -59,8 +64,19 @@ def classify(url: str, text: str = POSITIVE) -> requests.Response:
                          headers={"Connection": "close"})
 
 
-def test_two_processes_share_the_port_and_metrics_count_every_request(model_dir: Path) -> None:
-    with running_server(SERVICE_MODEL_DIR=str(model_dir), SERVICE_PROCESSES="2") as server:
+FORKED = {"SERVICE_PROCESSES": "2", "SERVICE_ORT_THREADS": "1"}
+STARTED = {"SERVICE_PROCESSES": "2", "SERVICE_ORT_THREADS": "2"}  # a pool thread a fork would not copy
+
+
+def memory(pid: int) -> dict[str, int]:
+    """Return the kB fields of /proc/<pid>/smaps_rollup (Rss, Pss, Private_Dirty, ...)."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    return {key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in lines)}
+
+
+@pytest.mark.parametrize("mode", [FORKED, STARTED], ids=["forked", "started"])
+def test_two_processes_share_the_port_and_metrics_count_every_request(model_dir: Path, mode: dict) -> None:
+    with running_server(SERVICE_MODEL_DIR=str(model_dir), **mode) as server:
         pids = wait_for(lambda: len(found := children(server.process.pid)) == 2 and found, 30, "two children")
         info = requests.get(f"{server.url}/info", timeout=10).json()
         assert info["threads"]["processes"] == 2 and info["threads"]["batch_workers"] >= 1
@@ -69,13 +85,93 @@ def test_two_processes_share_the_port_and_metrics_count_every_request(model_dir:
         assert {response.status_code for response in answers} == {200}
         bodies = {response.text for response in answers}
         assert len(bodies) == 1 and json.loads(bodies.pop())["label"] == "POSITIVE"  # the same model in both
-        folder = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
-        metrics_dir = next(v.split(b"=", 1)[1].decode() for v in folder if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+        # prometheus_client maps its value files: the folder is where the child's counter file is
+        maps = Path(f"/proc/{pids[0]}/maps").read_text().split()
+        metrics_dir = str(Path(next(f for f in maps if f.endswith(f"/counter_{pids[0]}.db"))).parent)
         per_process = [sentiment_requests(metrics_dir, pid) for pid in pids]
         assert all(count > 0 for count in per_process) and sum(per_process) == 96, per_process
         scraped = requests.get(f"{server.url}/metrics", timeout=10).text  # answered by one of them: the sum
         assert 'service_requests_total{method="POST",route="/sentiment",status="200"} 96.0' in scraped
     assert not Path(metrics_dir).exists()  # the parent removes the folder when it stops
+
+
+def test_forked_children_share_the_loaded_model_with_their_parent(model_dir: Path) -> None:
+    with running_server(SERVICE_MODEL_DIR=str(model_dir), **FORKED) as server:
+        pids = wait_for(lambda: len(found := children(server.process.pid)) == 2 and found, 30, "two children")
+        wait_for(lambda: sum("serving model" in line for line in server.log) == 2, 30, "both children serving")
+        assert any("starting 2 server processes (forked after loading the model)" in line for line in server.log)
+        # a fork copies only the calling thread: the parent must have no other one (tokenizers' pool,
+        # an onnxruntime pool, the loader's) when it forks, nor later, when it replaces a child
+        assert len(list(Path(f"/proc/{server.process.pid}/task").iterdir())) == 1
+        parent = memory(server.process.pid)
+        assert parent["Rss"] > 60_000  # the parent holds the session and the tokenizer
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"--listen-fd" not in cmdline  # forked, not started
+            child = memory(pid)
+            # the session, the tokenizer and the code are the parent's pages: most of a child's RSS
+            # is shared (a child that loads the model itself has over half of its RSS private)
+            private = child["Private_Clean"] + child["Private_Dirty"]
+            assert private < 0.4 * child["Rss"], child
+        assert classify(server.url).json()["label"] == "POSITIVE"
+
+
+def established(pid: int, port: int) -> int:
+    """Return the TCP connections to port that process pid holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").rstrip("]"))
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()  # local address, remote, state (01: established), ..., inode
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def test_a_burst_of_keep_alive_connections_is_shared_between_the_forked_processes(model_dir: Path) -> None:
+    # A client pool opening its connections at once: without the shared counts, the process awake
+    # first accepted all 8 of them, every time, and the other process' core stayed idle.
+    with running_server(SERVICE_MODEL_DIR=str(model_dir), **FORKED) as server:
+        pids = wait_for(lambda: len(found := children(server.process.pid)) == 2 and found, 30, "two children")
+        wait_for(lambda: sum("serving model" in line for line in server.log) == 2, 30, "both children serving")
+        port = urlsplit(server.url).port
+        for _ in range(3):
+            clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+            try:
+                counts = wait_for(lambda: sum(found := [established(pid, port) for pid in pids]) == 8 and found,
+                                  10, "the 8 connections accepted")
+                assert min(counts) >= 2, counts
+            finally:
+                for client in clients:
+                    client.close()
+            wait_for(lambda: sum(established(pid, port) for pid in pids) == 0, 10, "the connections closed")
+        assert classify(server.url).status_code == 200
+
+
+def test_a_process_that_stopped_accepting_leaves_the_connections_to_the_other(model_dir: Path) -> None:
+    with running_server(SERVICE_MODEL_DIR=str(model_dir), **FORKED) as server:
+        pids = wait_for(lambda: len(found := children(server.process.pid)) == 2 and found, 30, "two children")
+        wait_for(lambda: sum("serving model" in line for line in server.log) == 2, 30, "both children serving")
+        os.kill(pids[0], signal.SIGSTOP)  # it has the fewest connections (none) but takes none of them
+        try:
+            port = urlsplit(server.url).port
+            clients = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(6)]
+            for client in clients:  # each kept open, so the other process holds more and more of them
+                client.request("POST", "/sentiment", body=json.dumps({"text": POSITIVE}),
+                               headers={"Content-Type": "application/json"})
+                assert client.getresponse().status == 200
+            assert established(pids[1], port) == 6
+            for client in clients:
+                client.close()
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
 
 
 def test_sigterm_drains_every_process_and_exits_0(model_dir: Path) -> None:
@@ -135,14 +231,21 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def test_a_model_that_cannot_be_served_stops_every_process_with_exit_2(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [FORKED, STARTED], ids=["forked", "started"])
+def test_a_model_that_cannot_be_served_stops_every_process_with_exit_2(model_dir: Path, tmp_path: Path,
+                                                                       mode: dict) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)
     (broken / "config.json").write_text("{not json")
     result = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env=service_env(SERVICE_MODEL_DIR=str(broken), SERVICE_PROCESSES="2"))
+                            env=service_env(SERVICE_MODEL_DIR=str(broken), **mode))
     assert result.returncode == 2, result.stderr
-    assert "config.json" in result.stderr and "; stopping" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "config.json" in line]
+    if mode is FORKED:  # the parent loads the model: one line, and no child was started
+        assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+        assert "server process" not in result.stderr
+    else:  # each child's own line, then the parent's
+        assert errors and "; stopping" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
