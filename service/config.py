@@ -236,8 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(Optimum's ORTModelForSequenceClassification): the references of the tests and the "
             "benchmark, which need the dev dependencies and never batch"),
     Setting("PROCESSES", 1, integer(1, 64),
-            "server processes sharing the port, each with its own model session, slots, queue and "
-            "threads (the defaults below split the usable cores between them); `python -m service` "
+            "server processes sharing the port, each with its own slots, queue and threads (the "
+            "defaults below split the usable cores between them); forked from a parent that loaded "
+            "the model when each runs one intra-op thread, else each loads it; `python -m service` "
             "only. More than 1 serves more requests at once on 2 or more cores, for more memory"),
     Setting("THREADS", None, _threads,
             "Waitress request threads; with batching they mostly wait for a model slot, and fewer "
