@@ -26,7 +26,7 @@ CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
 ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
                 "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1",
-                "onnx-nogather", "onnx-shared", "onnx-t256", "onnx-t384", "onnx-p2", "onnx-p2w2",  # opt-in levers
+                "onnx-nogather", "onnx-shared", "onnx-t256", "onnx-t512", "onnx-p2", "onnx-p2w2",  # opt-in levers
                 "onnx-baseline")  # opt-in: the service of another checkout (--baseline), for before/after
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
@@ -88,7 +88,7 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path,
         elif name == "onnx-shared":
             # the lever: every run on an intra-op pool of every core (the default splits the cores per slot)
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": str(usable_cores())}
-            specs[name] = {"label": "onnx, one pool of every core shared by the runs", "size_key": "onnx",
+            specs[name] = {"label": "onnx, intra-op threads = every core, for each slot", "size_key": "onnx",
                            "server": ServerSpec(name, env)}
         elif name == "onnx-p2":
             # the lever: two server processes sharing the port, each with one core's share
@@ -100,8 +100,8 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path,
                    "SERVICE_ORT_THREADS": "1"}
             specs[name] = {"label": "onnx, 2 server processes of 2 slots", "size_key": "onnx",
                            "server": ServerSpec(name, env)}
-        elif name in ("onnx-t256", "onnx-t384"):
-            # the lever: fewer padded tokens a run (the default 512 lets two 256-token texts share one)
+        elif name in ("onnx-t256", "onnx-t512"):
+            # the lever: fewer or more padded tokens a run (the default 384 keeps two 256-token texts apart)
             tokens = name.removeprefix("onnx-t")
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_MAX_TOKENS": tokens}
             specs[name] = {"label": f"onnx, at most {tokens} tokens a run", "size_key": "onnx",
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: onnx-w1: 1 run at a time, "
                              "onnx-nospin: spinning off, onnx-o1: 1 intra-op thread, onnx-o1-nospin: both, "
                              "onnx-nogather: no gathering beside a running slot, onnx-shared: intra-op "
-                             "threads = every core, shared by the runs, onnx-t2o1: unbatched, "
-                             "2 Waitress x 1 ORT thread, onnx-t256 and onnx-t384: at most 256 or 384 "
+                             "threads = every core, for each slot, onnx-t2o1: unbatched, "
+                             "2 Waitress x 1 ORT thread, onnx-t256 and onnx-t512: at most 256 or 512 "
                              "padded tokens a run, onnx-p2: 2 server processes, onnx-p2w2: "
                              "and 2 model slots in each)")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",

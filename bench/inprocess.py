@@ -2,9 +2,10 @@
 
 Run in its own process (`python -m bench.inprocess`), so it shares nothing with the driver or a
 server; it prints one JSON object. Every setting (intra-op threads x spinning x calling threads x
-batch) gets its own session built here; the settings take turns in short windows, round after
+batch) gets sessions built here, one per calling thread (two threads sharing one session ran
+slower: docs/performance.md); the settings take turns in short windows, round after
 round, so a busy moment of this shared machine falls on all of them alike. A second group of
-rows runs the session the service itself builds, at the service's defaults.
+rows runs the sessions the service itself builds, at the service's defaults.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,9 @@ def settings_grid(cores: int, service: Settings) -> list[Setting]:
     return grid
 
 
-def window(infer: Callable[[dict[str, Any]], Any], classifier: Classifier, texts: tuple[str, ...], threads: int,
-           batch: int, seconds: float) -> tuple[float, list[float]]:
-    """Return texts per second and per-call seconds of `threads` loops of tokenize + run."""
+def window(infers: Sequence[Callable[[dict[str, Any]], Any]], classifier: Classifier, texts: tuple[str, ...],
+           threads: int, batch: int, seconds: float) -> tuple[float, list[float]]:
+    """Return texts per second and per-call seconds of `threads` loops of tokenize + run (infers[i] in loop i)."""
     latencies: list[list[float]] = [[] for _ in range(threads)]
     start_line = threading.Barrier(threads + 1)
 
@@ -91,7 +92,7 @@ def window(infer: Callable[[dict[str, Any]], Any], classifier: Classifier, texts
             chunk = [texts[(position + i) % len(texts)] for i in range(batch)]
             position += batch
             began = time.perf_counter()
-            infer(classifier.tokenize(chunk))
+            infers[index](classifier.tokenize(chunk))
             latencies[index].append(time.perf_counter() - began)
             if began >= deadline:
                 break
@@ -156,7 +157,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
     settings = service_settings(model_dir)
     # the service's classifier: its session is the "service" rows, its tokenizer pool serves every row
     classifier = Classifier(model_dir, intra_op_threads=settings.ort_threads, spinning=settings.ort_spinning,
-                            cache_dir=settings.cache_dir)
+                            sessions=settings.batch_workers, cache_dir=settings.cache_dir)
     grid = settings_grid(usable_cores(), settings)
     for name, keys in (only or {}).items():
         known = {s.key(): s for s in grid if s.session == "bench"}
@@ -166,19 +167,21 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
             raise ValueError(f"the settings of {name} need one with 1 thread and batch 1 (the latency limit)")
     chosen = {name: [s for s in grid if s.session == "service" or only is None or name not in only
                      or s.key() in only[name]] for name in workloads}
-    sessions: dict[tuple[int, bool], Any] = {}
+    # runners[intra_op, spinning]: one per calling thread of the settings that need them
+    runners: dict[tuple[int, bool], list[Callable[[dict[str, Any]], Any]]] = {}
     for setting in (s for rows in chosen.values() for s in rows):
-        if setting.session == "bench" and (setting.intra_op, setting.spinning) not in sessions:
-            sessions[setting.intra_op, setting.spinning] = bench_session(classifier.model_path, setting.intra_op,
-                                                                         setting.spinning)
+        if setting.session == "bench":
+            have = runners.setdefault((setting.intra_op, setting.spinning), [])
+            have += [_runner(bench_session(classifier.model_path, setting.intra_op, setting.spinning))
+                     for _ in range(setting.threads - len(have))]
 
-    runners = {key: _runner(session) for key, session in sessions.items()}
-
-    def infer_of(setting: Setting) -> Callable[[dict[str, Any]], Any]:
+    def infers_of(setting: Setting) -> Sequence[Callable[[dict[str, Any]], Any]]:
         # the service's rows go through Classifier.run, so they follow whatever the service does there
-        return classifier.run if setting.session == "service" else runners[setting.intra_op, setting.spinning]
+        if setting.session == "service":
+            return [classifier.run] * setting.threads
+        return runners[setting.intra_op, setting.spinning]
 
-    for infer in [classifier.run, *runners.values()]:  # first runs pay ORT's one-off costs
+    for infer in [classifier.run, *(r for group in runners.values() for r in group)]:  # ORT's one-off costs
         for batch in (["warm up"], [LONG] * max(BATCHES)):
             infer(classifier.tokenize(batch))
     results: dict[str, Any] = {}
@@ -189,7 +192,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
         for index in range(rounds):
             # every other round backwards, so no setting always runs early or after the same one
             for setting in chosen[name] if (turn + index) % 2 == 0 else chosen[name][::-1]:
-                rate, latencies = window(infer_of(setting), classifier, texts, setting.threads,
+                rate, latencies = window(infers_of(setting), classifier, texts, setting.threads,
                                          setting.batch, seconds)
                 rates[setting].append(rate)
                 calls[setting] += latencies

@@ -81,4 +81,4 @@ def load_classifier(settings: Settings) -> Any:
     from service.classifier import Classifier
 
     return Classifier(settings.model_dir, settings.ort_threads, spinning=settings.ort_spinning,
-                      cache_dir=settings.cache_dir)
+                      sessions=settings.batch_workers, cache_dir=settings.cache_dir)

@@ -1,4 +1,4 @@
-"""The ONNX backend: the tokenizer and one ONNX Runtime session of an exported model folder."""
+"""The ONNX backend: the tokenizer and the ONNX Runtime sessions (one per model slot) of an exported model folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -187,12 +188,14 @@ class Classifier:
     backend = "onnx"
 
     def __init__(self, model_dir: Path, intra_op_threads: int = 1, spinning: bool = True, *,
-                 verify: bool = True, cache_dir: Path | None = None) -> None:
+                 sessions: int = 1, verify: bool = True, cache_dir: Path | None = None) -> None:
         """Load and check the model folder; raise ModelLoadError with one clear line if unusable.
 
-        `verify=False` skips the manifest (for a folder still being written, such as the export's).
-        With `cache_dir`, a verified model whose weights are inline in model.onnx is served from a
-        memory-mapped copy kept there (service/weights.py).
+        `sessions` is how many runs may go at once without sharing a session (the model slots): two
+        runs at once of one session share its allocator and buffers, and ran slower than two sessions
+        (docs/performance.md). `verify=False` skips the manifest (for a folder still being
+        written, such as the export's). With `cache_dir`, a verified model whose weights are inline
+        in model.onnx is served from a memory-mapped copy kept there (service/weights.py).
         """
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir) if verify else {}
@@ -208,6 +211,10 @@ class Classifier:
             session = early.result()
         self.session = session if session is not None else self._session(cache_dir)
         self._check_model()
+        # Idle sessions, taken last-in first-out by run(); session (taken first) is also the one shared
+        # when more runs go at once than there are sessions.
+        self._sessions = (*self._more_sessions(sessions - 1), self.session)
+        self._idle: deque[ort.InferenceSession] = deque(self._sessions)
         self.ready = False
 
     def _read_folder(self, verify: bool) -> None:
@@ -317,6 +324,27 @@ class Classifier:
             return ort.InferenceSession(str(path), sess_options=self._options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
+                                 f"({type(exc).__name__})") from None
+
+    def _more_sessions(self, count: int) -> list[ort.InferenceSession]:
+        """Return `count` more sessions of the loaded file, built side by side and each run once on the
+        warm-up batches (which the first session runs later, through the queue)."""
+        if count <= 0:
+            return []
+        feeds = [self.tokenize(texts) for texts in self.warmup_batches()]
+
+        def build(_: int) -> ort.InferenceSession:
+            session = ort.InferenceSession(str(self.model_path), sess_options=self._options(),
+                                           providers=["CPUExecutionProvider"])
+            for feed in feeds:
+                session.run(["logits"], feed)
+            return session
+
+        try:
+            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="load-model") as builders:
+                return list(builders.map(build, range(count)))
+        except Exception as exc:  # the first session of the same file loaded: out of memory, most likely
+            raise ModelLoadError(f"{self.model_path} loaded once but not {count + 1} times "
                                  f"({type(exc).__name__})") from None
 
     def _digest(self) -> str | None:
@@ -438,12 +466,24 @@ class Classifier:
         return {name: feeds[name] for name in self.input_names}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Return the logits [batch, labels] for tokenized inputs."""
+        """Return the logits [batch, labels] for tokenized inputs, from an idle session if there is one."""
         try:
-            (logits,) = self.session.run(["logits"], feeds)
+            session = self._idle.pop()  # deque.pop and append are atomic: no lock needed
+        except IndexError:
+            session = None
+        try:
+            (logits,) = (self.session if session is None else session).run(["logits"], feeds)
         except Exception as exc:  # ORT's exception types are not part of its public API
             raise InferenceError(f"onnxruntime failed on a batch of shape {list(feeds['input_ids'].shape)}") from exc
+        finally:
+            if session is not None:
+                self._idle.append(session)
         return logits
+
+    @property
+    def sessions(self) -> int:
+        """Return how many sessions this classifier holds."""
+        return len(self._sessions)
 
     def postprocess(self, logits: np.ndarray, top_k: int | None,
                     function_to_apply: str | None = None) -> list[list[Prediction]]:

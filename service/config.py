@@ -245,7 +245,7 @@ SETTINGS: tuple[Setting, ...] = (
             "than the queue holds would leave requests waiting unseen in Waitress' own queue. A "
             "request goes to the thread idle shortest, so threads beyond the concurrency stay unused",
             computed="batching: MAX_QUEUE + BATCH_MAX_TEXTS x BATCH_WORKERS + 32; else 4"),
-    Setting("ORT_THREADS", None, _ort_threads, "onnxruntime intra-op threads, shared by concurrent runs",
+    Setting("ORT_THREADS", None, _ort_threads, "onnxruntime intra-op threads of each model slot's session",
             computed="usable cores (CPU affinity, capped by the cgroup's cpu.max) / PROCESSES / "
                      "BATCH_WORKERS when batching, else usable cores / PROCESSES"),
     # Idle intra-op threads spin briefly between a run's parallel sections, never between runs
@@ -267,8 +267,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BATCH_WORKERS", None, _workers, "model runs at once (each run is one batch)",
             computed="2, or 1 when usable cores / PROCESSES is 1"),
     Setting("BATCH_MAX_TEXTS", 32, integer(1, 100_000), "most texts in one model run"),
-    # a longer run costs more per text once its activations outgrow the caches
-    Setting("BATCH_MAX_TOKENS", 512, integer(1, 10_000_000), "most padded tokens in one model run "
+    # a longer run costs more per text once its activations outgrow the caches, and each model slot's
+    # session keeps buffers for the longest run it has made
+    Setting("BATCH_MAX_TOKENS", 384, integer(1, 10_000_000), "most padded tokens in one model run "
             "(a longer text runs alone)"),
     Setting("BATCH_WAIT_MS", 0, integer(0, 1000, "an integer 0-1000 (milliseconds)"),
             "a free model slot waits this long for BATCH_MAX_TEXTS texts; 0: run what is queued at once"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench import infinity, inprocess, report
+from bench import infinity, inprocess, report, sessions
 from bench.__main__ import REPO, backend_specs, cells, main, restarted
 from bench.floor import server_settings
 from bench.load import SENTIMENT, LoadError, Protocol, lua_script, parse_summary, run_wrk
@@ -179,6 +179,15 @@ def test_a_short_real_sweep_returns_every_row_then_its_finalists() -> None:
     again = inprocess.sweep(DEFAULT_MODEL_DIR, seconds=0.01, rounds=1, workloads=["short"], only=chosen)
     keys = [inprocess.setting_of(r).key() for r in again["workloads"]["short"]["settings"]]
     assert keys == [s.key() for s in grid if s.key() in chosen["short"] or s.session == "service"]
+
+
+def test_the_sessions_comparison_alternates_both_layouts_and_prints_their_ratio(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert sessions.main(["--workloads", "short", "--seconds", "0.05", "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["short round 1", "short round 2", "short"]
+    assert all("one shared session" in line and "one session each" in line for line in lines[:2])
+    assert lines[2].startswith("short: one session each ÷ one shared, median ")
 
 
 def test_a_failed_infinity_install_is_one_line_and_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -149,7 +149,7 @@ def test_health_ready_info(client: FlaskClient) -> None:
     assert info["threads"] == {"processes": 1, "waitress": 64 + 32 * workers + 32,
                                "ort_intra_op": max(1, usable_cores() // workers),
                                "ort_inter_op": 1, "ort_spinning": True, "batch_workers": workers}
-    assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 512, "wait_ms": 0,
+    assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 384, "wait_ms": 0,
                                 "gather_ms": 1, "queue_timeout_s": 5.0}
     settings = client.application.extensions["service.settings"]
     assert info["limits"] == {"max_batch": 32, "max_content_length": 2097152, "max_queue": 64,

@@ -109,6 +109,40 @@ def test_tokenizer_is_safe_across_threads(classifier: Classifier) -> None:
     assert not failures, failures[0]
 
 
+def test_runs_at_once_use_sessions_of_their_own_and_score_alike(model_dir: Path) -> None:
+    """Each model slot has its own session; more callers than sessions share one; scores never change."""
+    reference = Classifier(model_dir, intra_op_threads=1)
+    two = Classifier(model_dir, intra_op_threads=1, sessions=2)
+    assert (reference.sessions, two.sessions) == (1, 2)
+    feeds = two.tokenize(TOKENIZER_TEXTS)
+    expected = reference.run(feeds)
+    used: dict[int, int] = {}
+    for session in two._sessions:  # count the calls of each real session
+        def counted(*args: Any, _run: Any = session.run, _key: int = id(session), **kwargs: Any) -> Any:
+            used[_key] = used.get(_key, 0) + 1
+            return _run(*args, **kwargs)
+        session.run = counted
+    failures: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work() -> None:
+        try:
+            start.wait(timeout=30)
+            for _ in range(10):
+                np.testing.assert_array_equal(two.run(feeds), expected)
+        except BaseException as exc:  # collected and re-raised in the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures[0]
+    assert sum(used.values()) == 40
+    assert len(used) == 2 and min(used.values()) >= 5, used  # both sessions ran, not only the first
+
+
 def test_three_labels_top_k_and_functions(tiny_models: dict[int, Path]) -> None:
     tiny = Classifier(tiny_models[3])
     texts = ["a wonderful film", "dull and terrible"]

@@ -36,7 +36,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.ort_threads == max(1, usable_cores() // workers) and settings.ort_spinning is True
     assert settings.batching is True
     assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_gather_ms,
-            settings.batch_workers) == (32, 512, 0, 1, workers)
+            settings.batch_workers) == (32, 384, 0, 1, workers)
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # two per connection at worst, and spares
     limit = 4000 if files == resource.RLIM_INFINITY else min(4000, (files - 64) // 2)
     assert (settings.max_queue, settings.queue_timeout, settings.connection_limit) == (64, 5.0, limit)
