@@ -90,23 +90,34 @@ def test_token_ids_equal_transformers_autotokenizer(model_dir: Path, classifier:
                                   AutoTokenizer.from_pretrained(model_dir)(["ok"], return_tensors="np")["input_ids"])
 
 
-def test_tokenizer_is_safe_across_threads(classifier: Classifier) -> None:
-    expected = classifier.tokenize(TOKENIZER_TEXTS)["input_ids"]
+def _at_once(work: Any, threads: int) -> None:
+    """Run work in that many threads started together; fail with the first exception any raised."""
     failures: list[BaseException] = []
+    start = threading.Barrier(threads)
 
-    def work() -> None:
+    def guarded() -> None:
         try:
-            for _ in range(20):
-                np.testing.assert_array_equal(classifier.tokenize(TOKENIZER_TEXTS)["input_ids"], expected)
+            start.wait(timeout=30)
+            work()
         except BaseException as exc:  # collected and re-raised in the main thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
+    running = [threading.Thread(target=guarded) for _ in range(threads)]
+    for thread in running:
         thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    for thread in running:
+        thread.join(timeout=120)
     assert not failures, failures[0]
+
+
+def test_tokenizer_is_safe_across_threads(classifier: Classifier) -> None:
+    expected = classifier.tokenize(TOKENIZER_TEXTS)["input_ids"]
+
+    def work() -> None:
+        for _ in range(20):
+            np.testing.assert_array_equal(classifier.tokenize(TOKENIZER_TEXTS)["input_ids"], expected)
+
+    _at_once(work, 8)
 
 
 def test_runs_at_once_use_sessions_of_their_own_and_score_alike(model_dir: Path) -> None:
@@ -122,23 +133,12 @@ def test_runs_at_once_use_sessions_of_their_own_and_score_alike(model_dir: Path)
             used[_key] = used.get(_key, 0) + 1
             return _run(*args, **kwargs)
         session.run = counted
-    failures: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def work() -> None:
-        try:
-            start.wait(timeout=30)
-            for _ in range(10):
-                np.testing.assert_array_equal(two.run(feeds), expected)
-        except BaseException as exc:  # collected and re-raised in the main thread
-            failures.append(exc)
+        for _ in range(10):
+            np.testing.assert_array_equal(two.run(feeds), expected)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not failures, failures[0]
+    _at_once(work, 4)
     assert sum(used.values()) == 40
     assert len(used) == 2 and min(used.values()) >= 5, used  # both sessions ran, not only the first
 
