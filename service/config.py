@@ -264,7 +264,8 @@ SETTINGS: tuple[Setting, ...] = (
             "largest request body in bytes (TEI's payload limit)"),
     Setting("BATCHING", True, _boolean,
             "batch concurrent requests into shared model runs; false: each request runs the model alone"),
-    Setting("BATCH_WORKERS", None, _workers, "model runs at once (each run is one batch), each slot with an onnxruntime session of its own",
+    Setting("BATCH_WORKERS", None, _workers,
+            "model runs at once (each run is one batch), each slot with an onnxruntime session of its own",
             computed="2, or 1 when usable cores / PROCESSES is 1"),
     Setting("BATCH_MAX_TEXTS", 32, integer(1, 100_000), "most texts in one model run"),
     # a longer run costs more per text once its activations outgrow the caches, and each model slot's
