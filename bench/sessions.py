@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.inprocess import DEFAULT_MODEL, _runner, bench_session, window
 from bench.workloads import WORKLOADS
-from service.classifier import Classifier
+from service.classifier import Classifier, ModelLoadError
 
 THREADS = 2
 
@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of each layout per round")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
-
-    classifier = Classifier(args.model_dir.resolve())  # its tokenizer; the sessions are built here
+    if args.seconds <= 0 or args.rounds < 1 or args.batch < 1:
+        parser.error("--seconds must be > 0, --rounds and --batch at least 1")
+    try:
+        classifier = Classifier(args.model_dir.resolve())  # its tokenizer; the sessions are built here
+    except ModelLoadError as exc:
+        parser.error(str(exc))
     own = [_runner(bench_session(classifier.model_path, 1, False)) for _ in range(THREADS)]
     layouts = {"one shared session": [own[0]] * THREADS, "one session each": own}
     for run in own:

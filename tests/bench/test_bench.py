@@ -190,6 +190,16 @@ def test_the_sessions_comparison_alternates_both_layouts_and_prints_their_ratio(
     assert lines[2].startswith("short: one session each ÷ one shared, median ")
 
 
+@pytest.mark.parametrize("argv", [["--seconds", "0"], ["--rounds", "0"], ["--model-dir", "/nonexistent"]])
+def test_the_sessions_comparison_refuses_bad_arguments_in_one_line(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        sessions.main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "error:" in error and "Traceback" not in error
+
+
 def test_a_failed_infinity_install_is_one_line_and_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     # a pin pip rejects at once: the install must fail without a traceback, then the bench goes on
