@@ -172,7 +172,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
     for setting in (s for rows in chosen.values() for s in rows):
         if setting.session == "bench":
             have = runners.setdefault((setting.intra_op, setting.spinning), [])
-            have += [_runner(bench_session(classifier.model_path, setting.intra_op, setting.spinning))
+            have += [runner(bench_session(classifier.model_path, setting.intra_op, setting.spinning))
                      for _ in range(setting.threads - len(have))]
 
     def infers_of(setting: Setting) -> Sequence[Callable[[dict[str, Any]], Any]]:
@@ -205,7 +205,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
             "workloads": results}
 
 
-def _runner(session: ort.InferenceSession) -> Callable[[dict[str, Any]], Any]:
+def runner(session: ort.InferenceSession) -> Callable[[dict[str, Any]], Any]:
     """Return a function running the session on model inputs, returning its logits."""
     return lambda feeds: session.run(["logits"], feeds)
 

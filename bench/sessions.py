@@ -16,7 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from bench.inprocess import DEFAULT_MODEL, _runner, bench_session, window
+from bench.inprocess import DEFAULT_MODEL, bench_session, runner, window
 from bench.workloads import WORKLOADS
 from service.classifier import Classifier, ModelLoadError
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier = Classifier(args.model_dir.resolve())  # its tokenizer; the sessions are built here
     except ModelLoadError as exc:
         parser.error(str(exc))
-    own = [_runner(bench_session(classifier.model_path, 1, False)) for _ in range(THREADS)]
+    own = [runner(bench_session(classifier.model_path, 1, False)) for _ in range(THREADS)]
     layouts = {"one shared session": [own[0]] * THREADS, "one session each": own}
     for run in own:
         run(classifier.tokenize(["warm up"]))

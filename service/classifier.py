@@ -321,10 +321,14 @@ class Classifier:
             if copy is not None:
                 logger.warning("serving %s with its weights in memory", path)
         try:
-            return ort.InferenceSession(str(path), sess_options=self._options(), providers=["CPUExecutionProvider"])
+            return self._new_session(path)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
                                  f"({type(exc).__name__})") from None
+
+    def _new_session(self, path: Path) -> ort.InferenceSession:
+        """Return a CPU session of the file at path with the service's options."""
+        return ort.InferenceSession(str(path), sess_options=self._options(), providers=["CPUExecutionProvider"])
 
     def _more_sessions(self, count: int) -> list[ort.InferenceSession]:
         """Return `count` more sessions of the loaded file, built side by side and each run once on the
@@ -334,8 +338,7 @@ class Classifier:
         feeds = [self.tokenize(texts) for texts in self.warmup_batches()]
 
         def build(_: int) -> ort.InferenceSession:
-            session = ort.InferenceSession(str(self.model_path), sess_options=self._options(),
-                                           providers=["CPUExecutionProvider"])
+            session = self._new_session(self.model_path)
             for feed in feeds:
                 session.run(["logits"], feed)
             return session
@@ -355,7 +358,7 @@ class Classifier:
     def _load_copy(self, copy: Path) -> ort.InferenceSession | None:
         """Return a session of a memory-mapped copy, or None (the copy removed) if it cannot be loaded."""
         try:
-            session = ort.InferenceSession(str(copy), sess_options=self._options(), providers=["CPUExecutionProvider"])
+            session = self._new_session(copy)
         except Exception as exc:  # a damaged copy: the model itself is still there
             logger.warning("the memory-mapped copy %s cannot be loaded (%s); removed", copy, type(exc).__name__)
             weights.discard(copy)
