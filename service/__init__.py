@@ -81,4 +81,5 @@ def load_classifier(settings: Settings) -> Any:
     from service.classifier import Classifier
 
     return Classifier(settings.model_dir, settings.ort_threads, spinning=settings.ort_spinning,
-                      sessions=settings.batch_workers, cache_dir=settings.cache_dir)
+                      sessions=settings.batch_workers, lone_threads=settings.ort_lone_threads,
+                      cache_dir=settings.cache_dir)

@@ -94,8 +94,9 @@ def serve(app: Flask, sockets: list[socket.socket] | None = None, watcher: _Pare
     served = getattr(app.extensions["service.classifier"], "model_path", None)
     mapped = f", weights memory-mapped from {served.parent}" if served and served.parent != settings.model_dir else ""
     logger.info("serving model %s (%s backend, quantization: %s) with %d waitress threads, %s, %d ORT "
-                "intra-op threads%s%s on %s", model["name"], settings.backend, describe(model.get("quantization")),
-                settings.threads, batching, settings.ort_threads, mapped,
+                "intra-op threads%s%s%s on %s", model["name"], settings.backend, describe(model.get("quantization")),
+                settings.threads, batching, settings.ort_threads,
+                f" ({settings.ort_lone_threads} for a lone run)" if settings.ort_lone_threads else "", mapped,
                 ", API key required" if settings.api_key else "", " ".join(server.urls()))
     try:
         drained = server.run()

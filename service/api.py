@@ -79,7 +79,8 @@ def info() -> Response:
         # per process: with SERVICE_PROCESSES, each of them has these
         threads={"processes": settings.processes, "waitress": settings.threads,
                  "ort_intra_op": settings.ort_threads, "ort_inter_op": 1,
-                 "ort_spinning": settings.ort_spinning, "batch_workers": settings.batch_workers if batching else 0},
+                 "ort_spinning": settings.ort_spinning, "ort_lone_threads": settings.ort_lone_threads,
+                 "batch_workers": settings.batch_workers if batching else 0},
         limits={"max_batch": settings.max_batch, "max_content_length": settings.max_content_length,
                 "max_queue": settings.max_queue, "connection_limit": settings.connection_limit},
         batching={"enabled": batching, "max_texts": settings.batch_max_texts,

@@ -353,9 +353,12 @@ class Scheduler:
         if all(item.job.error is not None for item in batch):
             return
         encodings = [item.job.encodings[item.index] for item in batch]
+        # Alone: no other run, nothing queued, no request on its way; under load a run that takes every
+        # core would share them with the runs that start beside it. Read without the lock: a hint.
+        alone = self._free == self.workers - 1 and not self._pending and not self._arriving
         started = time.monotonic()
         try:
-            logits = self.classifier.run(self.classifier.collate(encodings))
+            logits = self.classifier.run(self.classifier.collate(encodings), alone=alone)
         except Exception as exc:  # InferenceError from session.run, or anything in collate
             with self._cond:
                 for item in batch:

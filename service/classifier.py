@@ -188,14 +188,18 @@ class Classifier:
     backend = "onnx"
 
     def __init__(self, model_dir: Path, intra_op_threads: int = 1, spinning: bool = True, *,
-                 sessions: int = 1, verify: bool = True, cache_dir: Path | None = None) -> None:
+                 sessions: int = 1, lone_threads: int = 0, verify: bool = True,
+                 cache_dir: Path | None = None) -> None:
         """Load and check the model folder; raise ModelLoadError with one clear line if unusable.
 
         `sessions` is how many runs may go at once without sharing a session (the model slots): two
         runs at once of one session share its allocator and buffers, and ran slower than two sessions
-        (docs/performance.md). `verify=False` skips the manifest (for a folder still being
-        written, such as the export's). With `cache_dir`, a verified model whose weights are inline
-        in model.onnx is served from a memory-mapped copy kept there (service/weights.py).
+        (docs/performance.md). With `lone_threads`, one more session with that many intra-op threads
+        takes each run that starts while no other is in progress, so a request at low load has
+        every core, while runs side by side keep a share each. `verify=False` skips the manifest
+        (for a folder still being written, such as the export's). With `cache_dir`, a verified model
+        whose weights are inline in model.onnx is served from a memory-mapped copy kept there
+        (service/weights.py).
         """
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir) if verify else {}
@@ -211,10 +215,15 @@ class Classifier:
             session = early.result()
         self.session = session if session is not None else self._session(cache_dir)
         self._check_model()
+        # onnxruntime has no thread count per run, so the lone runs' threads need a session of their own.
+        more = self._more_sessions([intra_op_threads] * (sessions - 1) + [lone_threads] * (lone_threads > 0))
+        self._lone = more.pop() if lone_threads > 0 else None
         # Idle sessions, taken last-in first-out by run(); session (taken first) is also the one shared
         # when more runs go at once than there are sessions.
-        self._sessions = (*self._more_sessions(sessions - 1), self.session)
+        self._sessions = (*more, self.session)
         self._idle: deque[ort.InferenceSession] = deque(self._sessions)
+        self._running = 0  # runs in progress, counted only when there is a lone session
+        self._running_lock = threading.Lock()
         self.ready = False
 
     def _read_folder(self, verify: bool) -> None:
@@ -276,10 +285,11 @@ class Classifier:
                     self._tokenizers[kind] = tokenizer  # configured before any thread can see it
         return tokenizer
 
-    def _options(self) -> ort.SessionOptions:
-        """Return the session options of the service: threads, spinning, full graph optimization."""
+    def _options(self, threads: int | None = None) -> ort.SessionOptions:
+        """Return the session options of the service: threads (default: intra_op_threads), spinning,
+        full graph optimization."""
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
+        options.intra_op_num_threads = threads or self.intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Memory patterns are planned per input shape; with every request a new sequence length
@@ -326,26 +336,28 @@ class Classifier:
             raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
                                  f"({type(exc).__name__})") from None
 
-    def _new_session(self, path: Path) -> ort.InferenceSession:
+    def _new_session(self, path: Path, threads: int | None = None) -> ort.InferenceSession:
         """Return a CPU session of the file at path with the service's options."""
-        return ort.InferenceSession(str(path), sess_options=self._options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=self._options(threads),
+                                    providers=["CPUExecutionProvider"])
 
-    def _more_sessions(self, count: int) -> list[ort.InferenceSession]:
-        """Return `count` more sessions of the loaded file, built side by side and each run once on the
-        warm-up batches (which the first session runs later, through the queue)."""
+    def _more_sessions(self, threads: list[int]) -> list[ort.InferenceSession]:
+        """Return more sessions of the loaded file, one per intra-op thread count, built side by side and
+        each run once on the warm-up batches (which the first session runs later, through the queue)."""
+        count = len(threads)
         if count <= 0:
             return []
         feeds = [self.tokenize(texts) for texts in self.warmup_batches()]
 
-        def build(_: int) -> ort.InferenceSession:
-            session = self._new_session(self.model_path)
+        def build(intra_op_threads: int) -> ort.InferenceSession:
+            session = self._new_session(self.model_path, intra_op_threads)
             for feed in feeds:
                 session.run(["logits"], feed)
             return session
 
         try:
             with ThreadPoolExecutor(max_workers=count, thread_name_prefix="load-model") as builders:
-                return list(builders.map(build, range(count)))
+                return list(builders.map(build, threads))
         except Exception as exc:  # the first session of the same file loaded: out of memory, most likely
             raise ModelLoadError(f"{self.model_path} loaded once but not {count + 1} times "
                                  f"({type(exc).__name__})") from None
@@ -468,25 +480,40 @@ class Classifier:
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         return {name: feeds[name] for name in self.input_names}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Return the logits [batch, labels] for tokenized inputs, from an idle session if there is one."""
+    def run(self, feeds: dict[str, np.ndarray], alone: bool = True) -> np.ndarray:
+        """Return the logits [batch, labels] for tokenized inputs: on the lone session if no other run
+        is in progress and the caller expects none (`alone`), else on an idle session if there is
+        one, else on the first."""
+        lone = False
+        if self._lone is not None:
+            with self._running_lock:
+                self._running += 1
+                lone = alone and self._running == 1
+        session = None
+        if not lone:
+            try:
+                session = self._idle.pop()  # deque.pop and append are atomic: no lock needed
+            except IndexError:
+                pass
         try:
-            session = self._idle.pop()  # deque.pop and append are atomic: no lock needed
-        except IndexError:
-            session = None
-        try:
-            (logits,) = (self.session if session is None else session).run(["logits"], feeds)
+            used = self.session if session is None else session
+            if lone and self._lone is not None:
+                used = self._lone
+            (logits,) = used.run(["logits"], feeds)
         except Exception as exc:  # ORT's exception types are not part of its public API
             raise InferenceError(f"onnxruntime failed on a batch of shape {list(feeds['input_ids'].shape)}") from exc
         finally:
             if session is not None:
                 self._idle.append(session)
+            if self._lone is not None:
+                with self._running_lock:
+                    self._running -= 1
         return logits
 
     @property
     def sessions(self) -> int:
-        """Return how many sessions this classifier holds."""
-        return len(self._sessions)
+        """Return how many sessions this classifier holds, the lone one included."""
+        return len(self._sessions) + (self._lone is not None)
 
     def postprocess(self, logits: np.ndarray, top_k: int | None,
                     function_to_apply: str | None = None) -> list[list[Prediction]]:

@@ -252,6 +252,11 @@ SETTINGS: tuple[Setting, ...] = (
     # (see service/classifier.py): the latency of spinning without burning the cores under load.
     Setting("ORT_SPINNING", True, _boolean,
             "let idle intra-op threads spin briefly within a run (never between runs) instead of sleeping"),
+    # onnxruntime fixes a session's threads when it is built: lone runs need a session of their own
+    Setting("ORT_LONE_THREADS", 0, integer(0, 1024),
+            "intra-op threads of one more session, which takes a run that starts alone (no other run "
+            "in progress, nothing queued): at low load a request gets that many cores, while runs "
+            "side by side keep ORT_THREADS each; costs one more session's memory; 0: no such session"),
     Setting("MAP_WEIGHTS", True, _boolean, "serve a model whose weights are inline in model.onnx from a "
             "copy with them in a data file, which onnxruntime memory-maps instead of copying to the heap "
             "(written once in CACHE_DIR; same graph, same scores)"),
@@ -312,6 +317,7 @@ class Settings:
     threads: int
     ort_threads: int
     ort_spinning: bool
+    ort_lone_threads: int
     map_weights: bool
     cache_dir: Path | None
     warmup: bool

@@ -331,7 +331,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                 "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
                 "threads": {"type": "object",
                             "required": ["processes", "waitress", "ort_intra_op", "ort_inter_op", "ort_spinning",
-                                         "batch_workers"],
+                                         "ort_lone_threads", "batch_workers"],
                             "properties": {"ort_spinning": {"type": "boolean"}},
                             "additionalProperties": {"type": "integer"}},
                 "limits": {"type": "object", "required": ["max_batch", "max_content_length", "max_queue",

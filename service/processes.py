@@ -61,7 +61,7 @@ def can_fork(settings: Settings) -> bool:
     """Return whether children may be forked from a parent holding the loaded model."""
     # onnxruntime makes no threads for a session of one intra-op thread (and sequential execution);
     # a fork copies only the calling thread, so a pool's threads would be missing in the children.
-    return settings.backend == "onnx" and settings.ort_threads == 1
+    return settings.backend == "onnx" and settings.ort_threads == 1 and settings.ort_lone_threads <= 1
 
 
 class Supervisor:

@@ -148,7 +148,8 @@ def test_health_ready_info(client: FlaskClient) -> None:
     workers = min(2, usable_cores())
     assert info["threads"] == {"processes": 1, "waitress": 64 + 32 * workers + 32,
                                "ort_intra_op": max(1, usable_cores() // workers),
-                               "ort_inter_op": 1, "ort_spinning": True, "batch_workers": workers}
+                               "ort_inter_op": 1, "ort_spinning": True, "ort_lone_threads": 0,
+                               "batch_workers": workers}
     assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 384, "wait_ms": 0,
                                 "gather_ms": 1, "queue_timeout_s": 5.0}
     settings = client.application.extensions["service.settings"]

@@ -92,15 +92,47 @@ def test_a_lone_request_runs_in_its_own_thread(make_scheduler: Any, classifier: 
     runners: list[str] = []
     run = classifier.run
 
-    def recording_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def recording_run(feeds: dict[str, np.ndarray], alone: bool = True) -> np.ndarray:
         runners.append(threading.current_thread().name)
-        return run(feeds)
+        return run(feeds, alone)
 
     monkeypatch.setattr(classifier, "run", recording_run)
     caller = threading.Thread(target=scheduler.classify, args=([POSITIVE],), name="the-request")
     caller.start()
     caller.join(timeout=60)
     assert runners == ["the-request"]  # no hand-off to another thread
+
+
+def test_a_run_is_told_it_goes_alone_only_with_nothing_beside_it(make_scheduler: Any, classifier: Classifier,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a run with no other in progress, nothing queued and no request arriving may take every core."""
+    scheduler = make_scheduler(workers=2)
+    hold = threading.Event()
+    seen: list[tuple[int, bool]] = []  # (padded tokens, alone) of each run as it starts
+    run = classifier.run
+
+    def watched_run(feeds: dict[str, np.ndarray], alone: bool = True) -> np.ndarray:
+        tokens = int(feeds["input_ids"].shape[1])
+        seen.append((tokens, alone))
+        if tokens > 100:
+            hold.wait(60)  # keep the long run in progress
+        return run(feeds, alone)
+
+    monkeypatch.setattr(classifier, "run", watched_run)
+    scheduler.classify([POSITIVE])
+    assert [alone for _, alone in seen] == [True]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        long_request = pool.submit(scheduler.classify, [NEGATIVE + " really" * 200])
+        deadline = time.monotonic() + 30
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        short_request = pool.submit(scheduler.classify, [POSITIVE])
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        hold.set()
+        long_request.result(timeout=60)
+        short_request.result(timeout=60)
+    assert [(tokens > 100, alone) for tokens, alone in seen] == [(False, True), (True, True), (False, False)]
 
 
 def _watch_runs(classifier: Classifier, monkeypatch: pytest.MonkeyPatch,
@@ -112,12 +144,12 @@ def _watch_runs(classifier: Classifier, monkeypatch: pytest.MonkeyPatch,
     shapes: list[tuple[int, int]] = []
     run = classifier.run
 
-    def watched_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def watched_run(feeds: dict[str, np.ndarray], alone: bool = True) -> np.ndarray:
         texts, tokens = feeds["input_ids"].shape
         shapes.append((int(texts), int(tokens)))
         if hold is not None and tokens > 100:
             hold.wait(60)
-        return run(feeds)
+        return run(feeds, alone)
 
     monkeypatch.setattr(classifier, "run", watched_run)
     return shapes

@@ -143,6 +143,62 @@ def test_runs_at_once_use_sessions_of_their_own_and_score_alike(model_dir: Path)
     assert len(used) == 2 and min(used.values()) >= 5, used  # both sessions ran, not only the first
 
 
+def test_a_run_alone_takes_the_lone_session_and_runs_beside_it_the_others(model_dir: Path) -> None:
+    """The lone session (every core) runs only when no other run is in progress; scores never change."""
+    reference = Classifier(model_dir, intra_op_threads=1)
+    classifier = Classifier(model_dir, intra_op_threads=1, sessions=2, lone_threads=2)
+    lone = classifier._lone
+    assert classifier.sessions == 3 and lone is not None
+    assert lone.get_session_options().intra_op_num_threads == 2
+    feeds = classifier.tokenize(TOKENIZER_TEXTS)
+    expected = reference.run(feeds)
+    lock = threading.Lock()
+    calls = {"lone": 0, "beside": 0}
+    active = {"lone": 0, "most_lone": 0}
+    beside_started = threading.Event()
+    lone_run, beside_runs = lone.run, {id(s): s.run for s in classifier._sessions}
+
+    def on_lone(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            calls["lone"] += 1
+            active["lone"] += 1
+            active["most_lone"] = max(active["most_lone"], active["lone"])
+        beside_started.wait(10)  # hold it until a run has started beside it
+        try:
+            return lone_run(*args, **kwargs)
+        finally:
+            with lock:
+                active["lone"] -= 1
+
+    def beside(session_id: int) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                calls["beside"] += 1
+            beside_started.set()
+            return beside_runs[session_id](*args, **kwargs)
+        return run
+
+    lone.run = on_lone
+    for session in classifier._sessions:
+        session.run = beside(id(session))
+    beside_started.set()  # one caller at a time: every run is alone and takes the lone session
+    for _ in range(3):
+        np.testing.assert_array_equal(classifier.run(feeds), expected)
+    assert calls == {"lone": 3, "beside": 0}
+    beside_started.clear()
+
+    def work() -> None:
+        for _ in range(10):
+            np.testing.assert_array_equal(classifier.run(feeds), expected)
+
+    _at_once(work, 4)
+    assert calls["lone"] + calls["beside"] == 43
+    assert calls["lone"] >= 4 and calls["beside"] >= 1, calls  # the first run held it: the others went beside
+    assert active["most_lone"] == 1  # never two runs at once on the lone session
+    np.testing.assert_array_equal(classifier.run(feeds), expected)  # alone again: the lone session
+    assert calls["lone"] >= 5
+
+
 def test_three_labels_top_k_and_functions(tiny_models: dict[int, Path]) -> None:
     tiny = Classifier(tiny_models[3])
     texts = ["a wonderful film", "dull and terrible"]

@@ -24,6 +24,8 @@ import pytest
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.config import Settings
+from service.processes import can_fork
 from tests.testkit import NEGATIVE, POSITIVE, REPO, post_in_flight, running_server, service_env
 
 LONG = NEGATIVE + " It drags on and on." * 60  # 256 tokens: a batch of these takes a while
@@ -93,6 +95,19 @@ def test_two_processes_share_the_port_and_metrics_count_every_request(model_dir:
         scraped = requests.get(f"{server.url}/metrics", timeout=10).text  # answered by one of them: the sum
         assert 'service_requests_total{method="POST",route="/sentiment",status="200"} 96.0' in scraped
     assert not Path(metrics_dir).exists()  # the parent removes the folder when it stops
+
+
+@pytest.mark.parametrize(("config", "forked"), [
+    ({"ORT_THREADS": "1"}, True),
+    ({"ORT_THREADS": "2"}, False),  # a session's thread pool: a fork copies only the calling thread
+    ({"ORT_THREADS": "1", "ORT_LONE_THREADS": "1"}, True),
+    ({"ORT_THREADS": "1", "ORT_LONE_THREADS": "2"}, False),  # the lone session's pool, likewise
+    ({"ORT_THREADS": "1", "BACKEND": "pytorch"}, False),
+])
+def test_children_are_forked_only_when_no_session_has_a_thread_pool(model_dir: Path, config: dict,
+                                                                    forked: bool) -> None:
+    settings = Settings.from_mapping({"MODEL_DIR": str(model_dir), "PROCESSES": "2", **config})
+    assert can_fork(settings) is forked
 
 
 def test_forked_children_share_the_loaded_model_with_their_parent(model_dir: Path) -> None:

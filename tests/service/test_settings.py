@@ -34,6 +34,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.backend == "onnx" and settings.warmup is True
     # each model slot gets its share of the cores
     assert settings.ort_threads == max(1, usable_cores() // workers) and settings.ort_spinning is True
+    assert settings.ort_lone_threads == 0  # no lone-run session unless asked: it costs a session's memory
     assert settings.batching is True
     assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_gather_ms,
             settings.batch_workers) == (32, 384, 0, 1, workers)
@@ -60,8 +61,9 @@ def test_environment_strings_are_parsed(tmp_path: Path) -> None:
                                       "ORT_THREADS": "1", "MAX_BATCH": "64", "BACKEND": "PyTorch",
                                       "WARMUP": "false", "BATCHING": "off", "BATCH_WAIT_MS": "2",
                                       "MAX_QUEUE": "64", "QUEUE_TIMEOUT": "0.5", "SHUTDOWN_TIMEOUT": "9",
-                                      "ORT_SPINNING": "yes", "API_KEY": "abc"})
+                                      "ORT_SPINNING": "yes", "API_KEY": "abc", "ORT_LONE_THREADS": "2"})
     assert (settings.port, settings.threads, settings.ort_threads, settings.max_batch) == (0, 8, 1, 64)
+    assert settings.ort_lone_threads == 2
     assert settings.backend == "pytorch" and settings.warmup is False
     assert settings.batching is False and settings.batch_wait_ms == 2 and settings.ort_spinning is True
     assert (settings.queue_timeout, settings.shutdown_timeout, settings.api_key) == (0.5, 9.0, "abc")
@@ -91,6 +93,7 @@ def test_environment_strings_are_parsed(tmp_path: Path) -> None:
                                  "got 'soon'"),
     ("CONNECTION_LIMIT", "0", "SERVICE_CONNECTION_LIMIT must be an integer 1-1000000, got '0'"),
     ("ORT_SPINNING", "2", "SERVICE_ORT_SPINNING must be true or false, got '2'"),
+    ("ORT_LONE_THREADS", "-1", "SERVICE_ORT_LONE_THREADS must be an integer 0-1024, got '-1'"),
 ])
 def test_bad_values_name_the_variable(tmp_path: Path, key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -229,7 +229,7 @@ def test_overload_is_429_with_retry_after(stopped_app: Flask) -> None:
 
 def test_a_model_failure_is_424_backend(client: FlaskClient, classifier: Classifier,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def failing(feeds: dict[str, np.ndarray], alone: bool = True) -> np.ndarray:
         raise InferenceError("injected")
 
     monkeypatch.setattr(classifier, "run", failing)
