@@ -25,8 +25,8 @@ DEFAULT_MODEL = "onnx_models/minilm-l6-sentiment"
 CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
 ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
-                "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1",
-                "onnx-nogather", "onnx-shared", "onnx-t256", "onnx-t512", "onnx-p2", "onnx-p2w2",  # opt-in levers
+                "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1", "onnx-nogather",  # opt-in levers
+                "onnx-shared", "onnx-lone", "onnx-t256", "onnx-t512", "onnx-p2", "onnx-p2w2",
                 "onnx-baseline")  # opt-in: the service of another checkout (--baseline), for before/after
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
@@ -89,6 +89,11 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path,
             # the lever: every run on an intra-op pool of every core (the default splits the cores per slot)
             env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": str(usable_cores())}
             specs[name] = {"label": "onnx, intra-op threads = every core, for each slot", "size_key": "onnx",
+                           "server": ServerSpec(name, env)}
+        elif name == "onnx-lone":
+            # the lever: one more session, of every core, for each run that starts while no other is in progress
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_LONE_THREADS": str(usable_cores())}
+            specs[name] = {"label": "onnx, a session of every core for a lone run", "size_key": "onnx",
                            "server": ServerSpec(name, env)}
         elif name == "onnx-p2":
             # the lever: two server processes sharing the port, each with one core's share
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: onnx-w1: 1 run at a time, "
                              "onnx-nospin: spinning off, onnx-o1: 1 intra-op thread, onnx-o1-nospin: both, "
                              "onnx-nogather: no gathering beside a running slot, onnx-shared: intra-op "
-                             "threads = every core, for each slot, onnx-t2o1: unbatched, "
+                             "threads = every core, for each slot, onnx-lone: one more session, of every "
+                             "core, for a run alone, onnx-t2o1: unbatched, "
                              "2 Waitress x 1 ORT thread, onnx-t256 and onnx-t512: at most 256 or 512 "
                              "padded tokens a run, onnx-p2: 2 server processes, onnx-p2w2: "
                              "and 2 model slots in each)")

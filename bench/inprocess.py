@@ -22,6 +22,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from bench.report import in_flight
 from bench.workloads import LONG, WORKLOADS
 from service.classifier import Classifier
 from service.config import Settings, usable_cores
@@ -67,10 +68,16 @@ def service_settings(model_dir: Path) -> Settings:
 
 
 def settings_grid(cores: int, service: Settings) -> list[Setting]:
-    """Return the sweep (intra-op 1 and the usable cores) and the service's own rows."""
+    """Return the sweep (intra-op 1 and the usable cores) and the service's own rows.
+
+    Besides batch 1 and 8 on each number of calling threads, the largest batch is also split over
+    the most threads (2 x 4): the most texts in flight that 8 clients can give a server.
+    """
+    shapes = [(threads, batch) for threads in CALLING_THREADS for batch in BATCHES]
+    shapes.append((max(CALLING_THREADS), max(BATCHES) // max(CALLING_THREADS)))
     grid = [Setting("bench", intra, spinning, threads, batch)
             for intra in sorted({1, cores}) for spinning in (True, False)
-            for threads in CALLING_THREADS for batch in BATCHES]
+            for threads, batch in dict.fromkeys(shapes)]
     # the service's session at its own setting: its batch workers call it, and one call alone for latency
     grid += [Setting("service", service.ort_threads, service.ort_spinning, threads, batch)
              for threads in sorted({1, service.batch_workers}) for batch in BATCHES]
@@ -135,14 +142,21 @@ def setting_of(row: dict[str, Any]) -> Setting:
     return Setting(row["session"], row["intra_op"], row["spinning"], row["threads"], row["batch"])
 
 
+def best_in_flight(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Return, per number of texts in flight found in the rows, the fastest row with at most that many."""
+    counts = sorted({in_flight(r) for r in rows})
+    return {n: max((r for r in rows if in_flight(r) <= n), key=lambda r: r["texts_per_s"]) for n in counts}
+
+
 def finalists(result: dict[str, Any], places: int = 2) -> dict[str, list[str]]:
-    """Return per workload the keys of the sweep's fastest and lowest-latency settings (the top places each)."""
+    """Return per workload the keys of the sweep's fastest and lowest-latency settings (the top places
+    each), and the fastest at each number of texts in flight."""
     chosen: dict[str, list[str]] = {}
     for name, found in result["workloads"].items():
         rows = [r for r in found["settings"] if r["session"] == "bench"]
         alone = [r for r in rows if r["threads"] == 1 and r["batch"] == 1]
         top = (sorted(rows, key=lambda r: -r["texts_per_s"])[:places]
-               + sorted(alone, key=lambda r: r["p50_ms"])[:places])
+               + sorted(alone, key=lambda r: r["p50_ms"])[:places] + list(best_in_flight(rows).values()))
         chosen[name] = list(dict.fromkeys(setting_of(r).key() for r in top))
     return chosen
 

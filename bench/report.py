@@ -102,6 +102,7 @@ def _paired(group: list[dict[str, Any]], reference: list[dict[str, Any]],
 def _limits(inprocess: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Return per workload the in-process limits: the sweep's best and the service's own setting."""
     limits: dict[str, dict[str, Any]] = {}
+    swept: dict[str, list[list[dict[str, Any]]]] = {}  # per workload, each repetition's sweep rows
     fields = ("session", "intra_op", "spinning", "threads", "batch")
     for entry in inprocess:
         for workload, result in entry["result"]["workloads"].items():
@@ -117,7 +118,15 @@ def _limits(inprocess: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "service_latency_setting": {k: service["latency"][k] for k in fields}}
             for row in result["settings"]:
                 limit["rows"].setdefault(describe_setting(row), []).append(row)
-    for limit in limits.values():
+            swept.setdefault(workload, []).append([r for r in result["settings"] if r["session"] == "bench"])
+    for workload, limit in limits.items():
+        # the model's best with at most n texts in flight (calling threads x batch), for each n swept:
+        # what a server whose clients keep n texts in flight could reach at most
+        caps = sorted({in_flight(r) for rows in swept[workload] for r in rows})
+        limit["in_flight"] = {str(cap): spread(max(r["texts_per_s"] for r in rows if in_flight(r) <= cap)
+                                               for rows in swept[workload]
+                                               if any(in_flight(r) <= cap for r in rows))
+                              for cap in caps}
         reps = [limit["by_rep"][rep] for rep in sorted(limit["by_rep"])]
         for key in ("texts_per_s", "p50_ms", "service_texts_per_s", "service_p50_ms"):
             limit[key] = spread(r[key] for r in reps)
@@ -128,6 +137,11 @@ def _limits(inprocess: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                  "p50_ms": spread(r["p50_ms"] for r in rows)}
                           for name, rows in limit.pop("rows").items()}
     return limits
+
+
+def in_flight(row: dict[str, Any]) -> int:
+    """Return the texts an in-process setting keeps in the model at once: calling threads x batch."""
+    return int(row["threads"]) * int(row["batch"])
 
 
 def most_common(settings: list[dict[str, Any]]) -> str:
@@ -235,6 +249,27 @@ def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
         floor_cpu = median(cell(FLOOR, "short", connections), "server_cpu_ms_per_request")
         return text if floor_cpu is None else f"{text}, of which the HTTP floor takes {floor_cpu:.2f} ms"
 
+    def ceiling(workload: str, connections: int, limit_rps: float | None, factor: float) -> str:
+        """Say what no server on this stack can pass at this concurrency: the model's best with at most
+        `connections` texts in flight, plus the HTTP floor's CPU a request (short bodies) on the cores."""
+        found = limit.get(workload, {}).get("in_flight", {})
+        caps = [int(cap) for cap in found if int(cap) <= connections]
+        if not caps or not limit_rps:
+            return ""
+        model = found[str(max(caps))]["median"]
+        text = (f"with at most {connections} texts in flight the model alone does {model:.0f} texts/s "
+                f"({model / limit_rps:.2f} x the limit)")
+        floor_cpu = median(cell(FLOOR, "short", connections), "server_cpu_ms_per_request")
+        if floor_cpu is None:
+            return text
+        top = cores / (cores / model + floor_cpu / 1000)
+        text = (f"{text}; adding the HTTP floor's {floor_cpu:.2f} ms of CPU a request, a server that cost "
+                f"nothing else would serve {top:.0f} req/s ({top / limit_rps:.2f} x the limit)")
+        if top < factor * limit_rps:
+            return f"{text}: out of reach on this stack"
+        left = 1000 * (cores / (factor * limit_rps) - cores / model) - floor_cpu
+        return f"{text}, which leaves {left:.2f} ms of CPU a request for the rest of the server's work"
+
     def peer_cpu(backend: str, workload: str, connections: int) -> str:
         theirs = median(cell(backend, workload, connections), "server_cpu_ms_per_request")
         return "" if theirs is None else f"{PEERS[backend]} uses {theirs:.1f} ms of server CPU per request"
@@ -272,8 +307,9 @@ def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
         bound = None if best_rps is None else 0.85 * best_rps
         check(f"short c={connections}: req/s >= 0.85 x in-process limit", ours_rps, bound, ">=", "req/s",
               f"limit {_fmt(best_rps, 0)} texts/s: {throughput_setting}",
-              [cpu_why("short", connections, bound, "0.85 x the limit"), model_at_service("short", "throughput"),
-               busy("short", connections)], ("short", connections, "throughput_rps"))
+              [ceiling("short", connections, best_rps, 0.85), cpu_why("short", connections, bound, "0.85 x the limit"),
+               model_at_service("short", "throughput"), busy("short", connections)],
+              ("short", connections, "throughput_rps"))
         for backend, factor in ((INFINITY, 2.0), (OPTIMUM, 2.0), (REFERENCE, 6.0)):
             theirs = median(cell(backend, "short", connections), "throughput_rps")
             bound = None if theirs is None else factor * theirs
@@ -291,8 +327,8 @@ def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
         setting = most_common(limit.get(workload, {}).get("throughput_settings", []))
         check(f"{workload} c=8: req/s >= 0.9 x in-process limit", ours_rps, bound, ">=", "req/s",
               f"limit {_fmt(workload_rps)} texts/s: {setting}",
-              [cpu_why(workload, 8, bound, "0.9 x the limit"), model_at_service(workload, "throughput"),
-               busy(workload, 8)], (workload, 8, "throughput_rps"))
+              [ceiling(workload, 8, workload_rps, 0.9), cpu_why(workload, 8, bound, "0.9 x the limit"),
+               model_at_service(workload, "throughput"), busy(workload, 8)], (workload, 8, "throughput_rps"))
 
     # the process
     ours_rss = servers.get(OURS, {}).get("rss_mb", {}).get("median")
@@ -407,11 +443,21 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {most_common(limit['service_throughput_settings']).removeprefix('service session: ')} "
                      f"| {_range(limit['service_p50_ms'], 2)} "
                      f"| {most_common(limit['service_latency_settings']).removeprefix('service session: ')} |")
+    caps = sorted({int(cap) for limit in summary["limit"].values() for cap in limit.get("in_flight", {})})
+    if caps:
+        lines += ["", "### The model's best with at most n texts in flight (texts/s)", "",
+                  "n = calling threads x batch. A server whose clients keep n texts in flight cannot give "
+                  "the model more: 8 clients at most 8.", "",
+                  "| workload | " + " | ".join(f"n <= {cap}" for cap in caps) + " |", "|---|" + "---|" * len(caps)]
+        for workload, limit in summary["limit"].items():
+            found = limit.get("in_flight", {})
+            lines.append(f"| {workload} | " + " | ".join(_range(found.get(str(cap)), 0) for cap in caps) + " |")
     if summary["limit"]:
         workloads = list(summary["limit"])
         lines += ["", "### Every in-process setting (median over the repetitions: texts/s, p50 ms per call)", "",
                   "The first repetition measures every setting; the others re-measure its finalists (the two "
-                  "fastest and the two lowest one-call p50s of each workload) and the service's rows. "
+                  "fastest, the two lowest one-call p50s and the fastest at each n texts in flight of each "
+                  "workload) and the service's rows. "
                   "A figure marked * comes from the first repetition alone.", "",
                   "| setting | " + " | ".join(f"{w} texts/s | {w} p50 ms" for w in workloads) + " |",
                   "|---|" + "---|---|" * len(workloads)]
