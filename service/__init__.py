@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import threading
 from typing import Any
 
-from flask import Flask
 
-from service import auth, batching, errors
-from service.batching import Scheduler
-from service.config import DEFAULTS, Settings
-from service.metrics import Metrics
+def _stopped_while_importing(signum: int, frame: Any) -> None:
+    """Exit on Ctrl-C during the imports of `python -m service`, without Python's traceback."""
+    print("stopped before serving", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # nothing runs yet: no thread to stop, no file to flush
+
+
+def _launched_as_main() -> bool:
+    """Return whether `python -m service` is importing this package, before its __main__ runs."""
+    # while -m locates the module, sys.argv[0] is "-m" (the docs of the -m option)
+    arguments = list(getattr(sys, "orig_argv", []))
+    module = arguments[arguments.index("-m") + 1:][:1] if "-m" in arguments else []
+    return sys.argv[:1] == ["-m"] and module == ["service"]
+
+
+# The serving libraries take a few tenths of a second to import; __main__ restores Python's handler
+# once they are in, and catches KeyboardInterrupt from there on.
+if _launched_as_main() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stopped_while_importing)
+
+from flask import Flask  # noqa: E402
+
+from service import auth, batching, errors  # noqa: E402
+from service.batching import Scheduler  # noqa: E402
+from service.config import DEFAULTS, Settings  # noqa: E402
+from service.metrics import Metrics  # noqa: E402
 
 
 def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> Flask:

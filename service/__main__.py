@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from service import configure, create_app
+from service import _stopped_while_importing, configure, create_app
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table
 from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
@@ -229,6 +229,9 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    # the imports are in: from here a Ctrl-C raises KeyboardInterrupt again, which main() handles
+    if signal.getsignal(signal.SIGINT) is _stopped_while_importing:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         raise SystemExit(main())
     except KeyboardInterrupt:  # Ctrl-C before serving (while the model loads): no traceback

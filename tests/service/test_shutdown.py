@@ -6,13 +6,17 @@ import http.client
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.testkit import NEGATIVE, POSITIVE, post_in_flight, running_server
+import pytest
+
+from tests.testkit import NEGATIVE, POSITIVE, REPO, post_in_flight, running_server, service_env
 
 IN_FLIGHT = 12  # requests on the wire when SIGTERM comes: 11 long texts and one upload half sent
 LONG = NEGATIVE + " It drags on and on." * 60  # 256 tokens: each batch of these takes a while
@@ -24,6 +28,24 @@ def _post(connection: http.client.HTTPConnection, text: str) -> tuple[int, str |
                        headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     return response.status, response.getheader("Connection"), json.loads(response.read())
+
+
+# From the interpreter's start through the package imports (a few tenths of a second) to the model load
+@pytest.mark.parametrize("delay", [0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
+def test_ctrl_c_while_starting_stops_without_a_traceback(model_dir: Path, delay: float) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO,
+                               env=service_env(SERVICE_MODEL_DIR=str(model_dir)), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert "Traceback" not in out + err, err
+    if process.returncode == -signal.SIGINT:  # before Python had a handler: killed by the signal itself
+        assert err == ""
+    elif "serving model" not in err:  # it stopped before serving, and says so
+        assert process.returncode == 130 and err.strip().endswith("stopped before serving"), err
+    else:  # it was already serving: a graceful stop
+        assert process.returncode == 0
 
 
 def test_sigterm_finishes_requests_in_flight_and_exits_0_within_10_s(model_dir: Path) -> None:
