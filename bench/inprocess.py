@@ -22,7 +22,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from bench.report import in_flight
+from bench.report import best_in_flight
 from bench.workloads import LONG, WORKLOADS
 from service.classifier import Classifier
 from service.config import Settings, usable_cores
@@ -140,12 +140,6 @@ def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def setting_of(row: dict[str, Any]) -> Setting:
     """Return the Setting a result row was measured at."""
     return Setting(row["session"], row["intra_op"], row["spinning"], row["threads"], row["batch"])
-
-
-def best_in_flight(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Return, per number of texts in flight found in the rows, the fastest row with at most that many."""
-    counts = sorted({in_flight(r) for r in rows})
-    return {n: max((r for r in rows if in_flight(r) <= n), key=lambda r: r["texts_per_s"]) for n in counts}
 
 
 def finalists(result: dict[str, Any], places: int = 2) -> dict[str, list[str]]:

@@ -123,9 +123,8 @@ def _limits(inprocess: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         # the model's best with at most n texts in flight (calling threads x batch), for each n swept:
         # what a server whose clients keep n texts in flight could reach at most
         caps = sorted({in_flight(r) for rows in swept[workload] for r in rows})
-        limit["in_flight"] = {str(cap): spread(max(r["texts_per_s"] for r in rows if in_flight(r) <= cap)
-                                               for rows in swept[workload]
-                                               if any(in_flight(r) <= cap for r in rows))
+        fastest = [best_in_flight(rows, caps) for rows in swept[workload]]
+        limit["in_flight"] = {str(cap): spread(found[cap]["texts_per_s"] for found in fastest if cap in found)
                               for cap in caps}
         reps = [limit["by_rep"][rep] for rep in sorted(limit["by_rep"])]
         for key in ("texts_per_s", "p50_ms", "service_texts_per_s", "service_p50_ms"):
@@ -142,6 +141,17 @@ def _limits(inprocess: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def in_flight(row: dict[str, Any]) -> int:
     """Return the texts an in-process setting keeps in the model at once: calling threads x batch."""
     return int(row["threads"]) * int(row["batch"])
+
+
+def best_in_flight(rows: list[dict[str, Any]], caps: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+    """Return, per number n of texts in flight (by default each one in the rows), the fastest row with at
+    most n; an n that no row fits is left out."""
+    best: dict[int, dict[str, Any]] = {}
+    for cap in sorted({in_flight(r) for r in rows} if caps is None else set(caps)):
+        within = [r for r in rows if in_flight(r) <= cap]
+        if within:
+            best[cap] = max(within, key=lambda r: r["texts_per_s"])
+    return best
 
 
 def most_common(settings: list[dict[str, Any]]) -> str:

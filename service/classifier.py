@@ -489,16 +489,14 @@ class Classifier:
             with self._running_lock:
                 self._running += 1
                 lone = alone and self._running == 1
-        session = None
+        session = None  # the idle session taken, given back after the run
         if not lone:
             try:
                 session = self._idle.pop()  # deque.pop and append are atomic: no lock needed
             except IndexError:
                 pass
+        used = self._lone if lone and self._lone is not None else self.session if session is None else session
         try:
-            used = self.session if session is None else session
-            if lone and self._lone is not None:
-                used = self._lone
             (logits,) = used.run(["logits"], feeds)
         except Exception as exc:  # ORT's exception types are not part of its public API
             raise InferenceError(f"onnxruntime failed on a batch of shape {list(feeds['input_ids'].shape)}") from exc
