@@ -23,7 +23,7 @@ def _launched_as_main() -> bool:
     return sys.argv[:1] == ["-m"] and module == ["service"]
 
 
-# The serving libraries take a few tenths of a second to import; __main__ restores Python's handler
+# Importing the serving libraries is most of the start; __main__ restores Python's handler
 # once they are in, and catches KeyboardInterrupt from there on.
 if _launched_as_main() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _stopped_while_importing)

@@ -30,7 +30,7 @@ def _post(connection: http.client.HTTPConnection, text: str) -> tuple[int, str |
     return response.status, response.getheader("Connection"), json.loads(response.read())
 
 
-# From the interpreter's start through the package imports (a few tenths of a second) to the model load
+# From the interpreter's start through the package imports to the model load
 @pytest.mark.parametrize("delay", [0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
 def test_ctrl_c_while_starting_stops_without_a_traceback(model_dir: Path, delay: float) -> None:
     process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO,
