@@ -87,8 +87,8 @@ def wrk_path() -> str:
 
 
 def run_wrk(port: int, workload: Workload, connections: int, duration_s: int,
-            protocol: Protocol = SENTIMENT) -> dict[str, Any]:
-    """Run wrk against 127.0.0.1:port for duration_s; return its summary, rates and client CPU."""
+            protocol: Protocol = SENTIMENT, cpus: list[int] | None = None) -> dict[str, Any]:
+    """Run wrk against 127.0.0.1:port for duration_s, pinned to cpus if given; return its summary and client CPU."""
     if not isinstance(duration_s, int) or duration_s < 1:
         raise LoadError(f"wrk takes whole seconds >= 1, got {duration_s!r}")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as script:
@@ -96,7 +96,8 @@ def run_wrk(port: int, workload: Workload, connections: int, duration_s: int,
         script.flush()
         # One wrk thread: it sustains far more requests than these servers answer, and every
         # client core-second is taken from the two cores the server runs on.
-        command = [wrk_path(), "-t1", f"-c{connections}", f"-d{duration_s}s", f"--timeout={WRK_TIMEOUT}",
+        pin = ["taskset", "-c", ",".join(str(cpu) for cpu in cpus)] if cpus else []
+        command = [*pin, wrk_path(), "-t1", f"-c{connections}", f"-d{duration_s}s", f"--timeout={WRK_TIMEOUT}",
                    "--latency", "-s", script.name, f"http://127.0.0.1:{port}{protocol.path}"]
         # wrk is the only child that exits during the run, so the children's rusage delta is its CPU
         before = resource.getrusage(resource.RUSAGE_CHILDREN)

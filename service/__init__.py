@@ -86,7 +86,7 @@ def start_scheduler(settings: Settings, classifier: Any, metrics: Metrics) -> Sc
     scheduler = Scheduler(classifier, max_texts=settings.batch_max_texts, max_tokens=settings.batch_max_tokens,
                           max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,
                           wait=settings.batch_wait_ms / 1000, gather=settings.batch_gather_ms / 1000,
-                          workers=settings.batch_workers, metrics=metrics)
+                          workers=settings.batch_workers, express=settings.batch_express, metrics=metrics)
     scheduler.start()
     return scheduler
 

@@ -18,7 +18,7 @@ from flask import Config, Flask
 
 from service import _stopped_while_importing, configure, create_app
 from service.classifier import InferenceError, ModelLoadError
-from service.config import ConfigError, Settings, help_text, markdown_table
+from service.config import ConfigError, Settings, help_text, markdown_table, usable_cores
 from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
 from service.serve import GracefulServer, raise_open_files_limit
 
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.settings_markdown:
         print(markdown_table())
         return 0
-    several = bool(args.listen_fds) or os.environ.get("SERVICE_PROCESSES", "1").strip() not in ("", "1")
+    processes = os.environ.get("SERVICE_PROCESSES", "").strip()
+    several = bool(args.listen_fds) or (processes != "1" if processes else usable_cores() > 1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s"
                         f"{'[%(process)d]' if several else ''}: %(message)s")
     if args.prepare:
@@ -129,7 +130,8 @@ def supervise(settings: Settings) -> int:
         how = "forked after loading the model"
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
-    logger.info("starting %d server processes (%s) on %s", settings.processes, how, " ".join(supervisor.urls()))
+    logger.info("starting %d server processes (%s) on %s: %s", settings.processes, how, " ".join(supervisor.urls()),
+                supervisor.layout())
     code = supervisor.run()
     if code == 0:
         logger.info("stopped")

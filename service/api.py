@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batching import Scheduler
-from service.config import Settings
+from service.config import Settings, available_cpus
 from service.inference import infer
 from service.openapi import openapi_document
 from service.schemas import ClassifyRequest, read_body
@@ -81,9 +81,11 @@ def info() -> Response:
                  "ort_intra_op": settings.ort_threads, "ort_inter_op": 1,
                  "ort_spinning": settings.ort_spinning, "ort_lone_threads": settings.ort_lone_threads,
                  "batch_workers": settings.batch_workers if batching else 0},
+        cpus=sorted(available_cpus()),  # this process' CPUs: its part of the mask when processes are pinned
         limits={"max_batch": settings.max_batch, "max_content_length": settings.max_content_length,
                 "max_queue": settings.max_queue, "connection_limit": settings.connection_limit},
-        batching={"enabled": batching, "max_texts": settings.batch_max_texts,
+        batching={"enabled": batching, "express": batching and settings.batch_express,
+                  "max_texts": settings.batch_max_texts,
                   "max_tokens": settings.batch_max_tokens, "wait_ms": settings.batch_wait_ms,
                   "gather_ms": settings.batch_gather_ms,
                   "queue_timeout_s": settings.queue_timeout},

@@ -8,6 +8,10 @@ batch's most urgent text; requests whose texts ran in someone else's batch are w
 last text is done. Under load, a slot that comes free beside a running one first waits briefly
 for the requests already on their way (see Scheduler._gather), so runs carry several texts.
 
+The express slot: while every slot runs a batch with a long text (over EXPRESS_TOKENS), one more
+run may start beside them, of short texts only. A short request then never waits for a long run to
+end, and it costs nothing when no long text is in progress (the slot stays unused).
+
 Urgency: a text's deadline is its arrival plus OVERTAKE times its expected run time, and the earliest
 deadline goes first. Among texts of one length that is first come, first served; a short text may
 overtake long ones that arrived shortly before it, so a flood of long texts cannot hold up short
@@ -43,6 +47,8 @@ RUN_COST_TOKENS = 20
 OVERTAKE = 8.0  # how many of its own run times a text may wait for more urgent texts that came later
 _SECONDS_PER_TOKEN = 0.0005  # first estimate of a run's time per padded token, refined by every run
 _POLL = 1.0  # seconds a waiting request sleeps at most before it looks at its job again
+# A text of more tokens makes its run long; the express slot runs only texts of at most as many.
+EXPRESS_TOKENS = 64
 
 
 class Unavailable(Exception):
@@ -70,7 +76,7 @@ class Job:
     error: BaseException | None = None
     cancelled: bool = False  # gave up or failed: its queued texts are skipped
     # batches this job's thread must run next: with several slots, more than one can be handed to it
-    lead: list[list[Item]] = field(default_factory=list)
+    lead: list[tuple[list[Item], bool]] = field(default_factory=list)  # (batch, in the express slot)
     wake: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -130,8 +136,8 @@ class Scheduler:
 
     def __init__(self, classifier: Classifier, *, max_texts: int, max_tokens: int, max_queue: int,
                  queue_timeout: float, wait: float = 0.0, gather: float = 0.0, workers: int = 1,
-                 metrics: Metrics | None = None) -> None:
-        """Configure the limits; start() opens the model slots."""
+                 express: bool = False, metrics: Metrics | None = None) -> None:
+        """Configure the limits; start() opens the model slots (and the express slot, with `express`)."""
         self.classifier = classifier
         self.max_texts, self.max_tokens, self.max_queue = max_texts, max_tokens, max_queue
         self.queue_timeout, self.wait, self.gather, self.workers = queue_timeout, wait, gather, workers
@@ -141,6 +147,9 @@ class Scheduler:
         self._pending = 0  # texts queued and not yet taken by a batch
         self._pending_tokens = 0
         self._free = 0  # model slots nobody holds; none until start()
+        self.express = express
+        self._express_free = False  # the express slot, once started, while nobody holds it
+        self._long_runs = 0  # runs in progress in the regular slots with a text over EXPRESS_TOKENS
         self._started = self._stopping = False
         self._seconds_per_token = _SECONDS_PER_TOKEN
         self._cond = threading.Condition()
@@ -169,9 +178,11 @@ class Scheduler:
         with self._cond:
             self._started = True
             self._free = self.workers
+            self._express_free = self.express
             while self._free and self._heap:
                 self._free -= 1
                 self._hand_over(self._take())
+            self._start_express()
 
     def warmup(self) -> None:
         """Classify the classifier's warm-up batches through the queue."""
@@ -183,7 +194,8 @@ class Scheduler:
         deadline = time.monotonic() + timeout
         with self._cond:
             self._stopping = True
-            while self._pending or (self._started and self._free < self.workers):
+            while self._pending or (self._started and (self._free < self.workers
+                                                        or self._express_free != self.express)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -232,13 +244,16 @@ class Scheduler:
             self._pending_tokens += job.queued_tokens
             self._queue_changed()
             self._cond.notify_all()  # a slot holder gathering a batch counts the texts
-            batch = None
+            batch, express = None, False
             if self._free:  # then nothing else is queued: run now, in this thread
                 self._free -= 1
                 self._gather()
                 batch = self._take()
+            elif self._express_open() and self._short(job):
+                self._express_free = False
+                batch, express = self._take(short=True), True
         if batch is not None:
-            self._lead(batch)
+            self._lead(batch, express)
         self._await(job)
         if job.error is not None:
             raise InferenceError(f"the batch of this request failed: {job.error}") from job.error
@@ -250,7 +265,7 @@ class Scheduler:
         while True:
             woken = job.wake.wait(max(0.0, min(deadline - time.monotonic(), _POLL)))
             with self._cond:
-                batch = job.lead.pop(0) if job.lead else None
+                batch, express = job.lead.pop(0) if job.lead else (None, False)
                 if batch is None:
                     if job.done:
                         return
@@ -267,7 +282,7 @@ class Scheduler:
                     continue
                 if not job.lead:
                     job.wake.clear()
-            self._lead(batch)
+            self._lead(batch, express)
 
     def _gather(self) -> None:
         """Wait for more texts before a run, holding the slot (called with the lock held).
@@ -287,19 +302,27 @@ class Scheduler:
                 return
             self._cond.wait(remaining)
 
-    def _take(self) -> list[Item]:
-        """Take the next run: the most urgent text and the queued texts it shares a run with best."""
+    def _take(self, short: bool = False) -> list[Item]:
+        """Take the next run: the most urgent text and the queued texts it shares a run with best.
+
+        With `short`, only texts of at most EXPRESS_TOKENS tokens are candidates (the express slot's run).
+        """
         live = [item for item in self._heap if not item.job.cancelled]
         if not live:
             self._heap.clear()
             return []
+        if short:
+            live, rest = [i for i in live if i.tokens <= EXPRESS_TOKENS], [i for i in live if i.tokens > EXPRESS_TOKENS]
+            if not live:
+                return []
+            self._heap = rest  # put back below, with the candidates not chosen
         # Among the most urgent texts, the length grouping decides which ones pad well together;
         # the group of the most urgent one runs now, the others stay queued.
         candidates = heapq.nsmallest(self.max_texts, live)
         groups = length_groups([item.tokens for item in candidates], self.max_tokens, self.max_texts)
         batch = [candidates[i] for i in sorted(next(group for group in groups if 0 in group))]
         chosen = {id(item) for item in batch}
-        self._heap = [item for item in live if id(item) not in chosen]
+        self._heap = [item for item in live if id(item) not in chosen] + (self._heap if short else [])
         heapq.heapify(self._heap)
         now = time.monotonic()
         for item in batch:
@@ -325,18 +348,47 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_changed(self._pending)
 
-    def _hand_over(self, batch: list[Item]) -> None:
+    def _hand_over(self, batch: list[Item], express: bool = False) -> None:
         """Give a held slot and its next batch to the thread of the batch's most urgent text."""
         if not batch:
-            self._free += 1
+            if express:
+                self._express_free = True
+            else:
+                self._free += 1
             self._cond.notify_all()
             return
         owner = batch[0].job
-        owner.lead.append(batch)
+        owner.lead.append((batch, express))
         owner.wake.set()
 
-    def _lead(self, batch: list[Item]) -> None:
+    def _express_open_after(self) -> bool:
+        """Return whether the express slot just used may run again (lock held, the slot still held)."""
+        return bool(self._heap) and not self._free and self._long_runs >= self.workers
+
+    def _express_open(self) -> bool:
+        """Return whether the express slot is free and every regular slot runs a long text (lock held)."""
+        return self._express_free and not self._free and self._long_runs >= self.workers
+
+    def _start_express(self) -> None:
+        """Start a run of queued short texts in the express slot, if it is open (lock held)."""
+        if self._express_open():
+            batch = self._take(short=True)
+            if batch:
+                self._express_free = False
+                self._hand_over(batch, express=True)
+
+    @staticmethod
+    def _short(job: Job) -> bool:
+        """Return whether every text of a job may run in the express slot."""
+        return all(len(encoding) <= EXPRESS_TOKENS for encoding in job.encodings)
+
+    def _lead(self, batch: list[Item], express: bool = False) -> None:
         """Run a batch in this thread, then pass the slot on (or free it)."""
+        long = not express and any(item.tokens > EXPRESS_TOKENS for item in batch)
+        if long:
+            with self._cond:
+                self._long_runs += 1
+                self._start_express()  # the short texts queued behind this run need not wait for it
         try:
             self._run(batch)
         except Exception as exc:  # a bug outside session.run: fail these requests, keep serving
@@ -346,7 +398,12 @@ class Scheduler:
                     self._fail(item.job, exc)
         finally:
             with self._cond:
-                self._hand_over(self._take() if self._heap else [])
+                if long:
+                    self._long_runs -= 1
+                if express:  # on while the regular slots still run long texts, else given back
+                    self._hand_over(self._take(short=True) if self._express_open_after() else [], express=True)
+                else:
+                    self._hand_over(self._take() if self._heap else [])
 
     def _run(self, batch: list[Item]) -> None:
         """Run one batch in one session.run and resolve each job whose last text it was."""
@@ -355,7 +412,8 @@ class Scheduler:
         encodings = [item.job.encodings[item.index] for item in batch]
         # Alone: no other run, nothing queued, no request on its way; under load a run that takes every
         # core would share them with the runs that start beside it. Read without the lock: a hint.
-        alone = self._free == self.workers - 1 and not self._pending and not self._arriving
+        alone = (self._free == self.workers - 1 and self._express_free == self.express and not self._pending
+                 and not self._arriving)
         started = time.monotonic()
         try:
             logits = self.classifier.run(self.classifier.collate(encodings), alone=alone)

@@ -168,7 +168,7 @@ def _ort_threads(config: Mapping[str, Any], key: str) -> int:
     """Return ORT_THREADS: by default the usable cores, split between the model slots when batching."""
     if not _unset(config, key):
         return _integer(config, key, 1, 1024)
-    cores = max(1, usable_cores() // _integer(config, "PROCESSES", 1, 64))  # this process' share
+    cores = max(1, usable_cores() // _processes(config, "PROCESSES"))  # this process' share
     if not _batches(config):
         return cores
     # Concurrent runs of one session share its intra-op pool: two runs on a pool of every core take
@@ -178,12 +178,24 @@ def _ort_threads(config: Mapping[str, Any], key: str) -> int:
 
 
 def _workers(config: Mapping[str, Any], key: str) -> int:
-    """Return BATCH_WORKERS, the model runs at once: by default 2, or 1 on a single core's share."""
+    """Return BATCH_WORKERS, the model runs at once per process: by default 2, or 1 on a single core's share."""
     # Two runs at once keep both cores busy while one batch is collated or answered; more runs on
     # few cores only split the same cores (the intra-op pool is shared by concurrent runs).
     if not _unset(config, key):
         return _integer(config, key, 1, 64)
-    return min(2, max(1, usable_cores() // _integer(config, "PROCESSES", 1, 64)))
+    return min(2, max(1, usable_cores() // _processes(config, "PROCESSES")))
+
+
+def _processes(config: Mapping[str, Any], key: str) -> int:
+    """Return PROCESSES: by default one server process per usable core, for the batching onnx backend."""
+    # One process runs every request's Python under one GIL: a second core then mostly idles
+    # (docs/performance.md). A process per core, each forked from the parent that loaded the model,
+    # shares the model's pages and serves on its own core.
+    if not _unset(config, key):
+        return _integer(config, key, 1, 64)
+    if not _batches(config):
+        return 1  # the reference backends stand for the original single-process service
+    return min(64, usable_cores())
 
 
 def _max_queue(config: Mapping[str, Any], key: str) -> int:
@@ -235,14 +247,20 @@ SETTINGS: tuple[Setting, ...] = (
             "onnx; pytorch (a transformers checkpoint through the original pipeline) or optimum "
             "(Optimum's ORTModelForSequenceClassification): the references of the tests and the "
             "benchmark, which need the dev dependencies and never batch"),
-    Setting("PROCESSES", 1, integer(1, 64),
-            "server processes sharing the port, each with its own slots, queue and threads (the "
-            "defaults below split the usable cores between them); forked from a parent that loaded "
-            "the model when each runs one intra-op thread, else each loads it; `python -m service` "
-            "only. More than 1 serves more requests at once on 2 or more cores, for more memory"),
+    Setting("PROCESSES", None, _processes,
+            "server processes sharing the port, each with its own model slots, queue, connection budget "
+            "and threads (the defaults below split the usable cores between them); forked from a parent "
+            "that loaded the model when each runs one intra-op thread, else each loads it; "
+            "`python -m service` only",
+            computed="usable cores when batching with the onnx backend (one per core, at most 64), else 1"),
+    Setting("PIN_PROCESSES", True, _boolean,
+            "give each server process its own part of the CPU affinity mask (with PROCESSES processes on "
+            "as many cores, one core each), so its request threads and model run share that core's caches "
+            "instead of following each other from core to core"),
     Setting("THREADS", None, _threads,
-            "Waitress request threads; with batching they mostly wait for a model slot, and fewer "
-            "than the queue holds would leave requests waiting unseen in Waitress' own queue. A "
+            "Waitress request threads of each server process; with batching they mostly wait for a "
+            "model slot, and fewer than the queue holds would leave requests waiting unseen in "
+            "Waitress' own queue. A "
             "request goes to the thread idle shortest, so threads beyond the concurrency stay unused",
             computed="batching: MAX_QUEUE + BATCH_MAX_TEXTS x BATCH_WORKERS + 32; else 4"),
     Setting("ORT_THREADS", None, _ort_threads, "onnxruntime intra-op threads of each model slot's session",
@@ -272,6 +290,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BATCH_WORKERS", None, _workers,
             "model runs at once (each run is one batch), each slot with an onnxruntime session of its own",
             computed="2, or 1 when usable cores / PROCESSES is 1"),
+    Setting("BATCH_EXPRESS", True, _boolean,
+            "one more model slot, for short texts only (64 tokens at most), which runs while every "
+            "other slot runs a longer text: a short request never waits for a long run to end"),
     Setting("BATCH_MAX_TEXTS", 32, integer(1, 100_000), "most texts in one model run"),
     # a longer run costs more per text once its activations outgrow the caches, and each model slot's
     # session keeps buffers for the longest run it has made
@@ -282,11 +303,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BATCH_GATHER_MS", 1, integer(0, 1000, "an integer 0-1000 (milliseconds)"),
             "while another run is in progress, a free model slot waits at most this long for requests "
             "already on their way to the queue (never when it runs alone); 0: never"),
-    Setting("MAX_QUEUE", 64, _max_queue, "texts that may wait for a model slot; a request that does not "
-            "fit gets 503 at once"),
+    Setting("MAX_QUEUE", 64, _max_queue, "texts that may wait for a model slot, in each server process; a "
+            "request that does not fit gets 503 at once"),
     Setting("QUEUE_TIMEOUT", 5.0, _seconds, "seconds a request may wait in the queue before a 503"),
     Setting("CONNECTION_LIMIT", None, _connection_limit,
-            "open client connections; at the limit the idlest ones are closed for new clients",
+            "open client connections of the whole service (each of PROCESSES processes takes an equal "
+            "share); at the limit the idlest ones are closed for new clients",
             computed="4000, or (open-files limit - 64) / 2 if lower"),
     # a request head in one write takes well under a second; nginx's CIS benchmark sets 10 s
     # (nginx 60 s, hyper 30 s by default)
@@ -314,6 +336,7 @@ class Settings:
     port: int
     backend: str
     processes: int
+    pin_processes: bool
     threads: int
     ort_threads: int
     ort_spinning: bool
@@ -325,6 +348,7 @@ class Settings:
     max_content_length: int
     batching: bool
     batch_workers: int
+    batch_express: bool
     batch_max_texts: int
     batch_max_tokens: int
     batch_wait_ms: int
@@ -375,6 +399,13 @@ def resolve_model_dir(value: Any) -> Path:
         raise ConfigError(f"SERVICE_MODEL_DIR {str(value)!r} is not a folder "
                           f"(looked in {Path.cwd()} and {REPO_ROOT})")
     return path.resolve()
+
+
+def available_cpus() -> set[int]:
+    """Return the CPUs this process may run on (every CPU where affinity is not supported)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
 
 
 def usable_cores() -> int:

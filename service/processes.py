@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 
 from waitress.adjustments import Adjustments
 
-from service.config import Settings
+from service.config import Settings, available_cpus
 from service.metrics import MULTIPROCESS_DIR, share_values
 
 logger = logging.getLogger("service")
@@ -54,6 +54,7 @@ BACKLOG = 2048
 RESTARTS = 5
 RESTART_WINDOW = 60.0
 _POLL = 0.1  # seconds between two looks at the children
+_STOPS = {signal.SIGTERM, signal.SIGINT}  # the signals that stop the service
 _STOP_MARGIN = 5.0  # seconds beyond SHUTDOWN_TIMEOUT a child may take to exit before it is killed
 
 
@@ -79,6 +80,10 @@ class Supervisor:
         self.shares = Shares(settings.processes)
         self._signals = 0
         self._restarts: deque[float] = deque()
+        self._affinity = available_cpus()
+        # Children must not work the core-dependent defaults out again: a pinned child sees only its
+        # own part of the mask. They get the values resolved here.
+        os.environ.update(resolved_environment(settings))
 
     def urls(self) -> list[str]:
         """Return the URLs the sockets are bound to (the bound port when SERVICE_PORT=0)."""
@@ -88,12 +93,22 @@ class Supervisor:
             urls.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
         return urls
 
+    def layout(self) -> str:
+        """Return how the processes split the cores, for the start-up line."""
+        settings = self.settings
+        each = (f"{settings.batch_workers} model slot(s) of {settings.ort_threads} intra-op thread(s) and "
+                f"{settings.threads} request threads each")
+        if settings.pin_processes and self._cpus(0) is not None:
+            shares = "; ".join(f"process {n} on CPU {_cpu_list(self._cpus(n) or set())}"
+                               for n in range(settings.processes))
+            return f"{len(self._affinity)} CPUs, {each}; {shares}"
+        return f"{len(self._affinity)} CPUs shared by every process, {each}"
+
     def request_stop(self, signum: int | None = None, frame: Any = None) -> None:
-        """Pass a stop on to every child (signal handler); run() notices and waits for them."""
+        """Count a stop (signal handler); the watch loop passes it on to every child and waits for them."""
+        # Passed on from the loop, not from here: a handler runs between any two lines, for example
+        # after a child is started and before it is recorded, which would then never be told.
         self._signals += 1
-        for process in self.children.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
         """Start the children and watch them until they have stopped; return the exit code."""
@@ -114,10 +129,14 @@ class Supervisor:
         """Start child `number` on the parent's sockets."""
         if self.serve is not None:
             self.shares.reset(number)
+            # A stop signal between the fork and the child's own handlers would run the parent's
+            # handler in the child, where nothing passes it on: held until the child has its own.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
             pid = os.fork()
             if pid == 0:
                 self.shares.index = number
-                self._forked_child()
+                self._forked_child(held)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             self.children[number] = Forked(pid)
             return
         env = {**os.environ, MULTIPROCESS_DIR: self.metrics_dir}
@@ -125,18 +144,38 @@ class Supervisor:
         argv = [sys.executable, "-m", "service", PARENT_FLAG, str(os.getpid())]
         for fd in fds:
             argv += [LISTEN_FD_FLAG, str(fd)]
-        # its own process group: a Ctrl-C in the terminal reaches the parent only, which passes it on once
-        self.children[number] = subprocess.Popen(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                                  process_group=0)
+        cpus, everything = self._cpus(number), self._affinity
+        if cpus:  # a started process inherits the mask of the thread that starts it
+            os.sched_setaffinity(0, cpus)
+        try:
+            # its own process group: a Ctrl-C in the terminal reaches the parent only, which passes it on once
+            self.children[number] = subprocess.Popen(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                                      process_group=0)
+        finally:
+            if cpus:
+                os.sched_setaffinity(0, everything)
 
-    def _forked_child(self) -> NoReturn:
-        """Serve as a forked child until stopped, then exit with its code (never return to the parent's code)."""
+    def _cpus(self, number: int) -> set[int] | None:
+        """Return the CPUs child `number` is pinned to, or None when children are not pinned."""
+        if not self.settings.pin_processes:
+            return None
+        return cpu_share(sorted(self._affinity), number, self.settings.processes)
+
+    def _forked_child(self, signals: set[signal.Signals]) -> NoReturn:
+        """Serve as a forked child until stopped, then exit with its code (never return to the parent's code).
+
+        `signals` is the signal mask to restore once the parent's handlers are replaced.
+        """
         code = 1
         try:
             # the parent's handlers would signal the other children; Waitress' runner sets its own
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, signals)  # a stop that came meanwhile ends it now
             os.setpgid(0, 0)  # as a started child: a Ctrl-C in the terminal reaches the parent only
+            cpus = self._cpus(self.shares.index)
+            if cpus:  # before any thread starts: the threads it makes inherit the mask
+                os.sched_setaffinity(0, cpus)
             share_values(self.metrics_dir)
             assert self.serve is not None
             code = self.serve(self.sockets, self.shares)
@@ -156,7 +195,11 @@ class Supervisor:
         """Wait for the children; replace one that dies while serving; return the exit code."""
         stopping_since: float | None = None
         killed = False
+        passed = 0  # stop signals passed on to the children
         while True:
+            if self._signals > passed:
+                passed = self._signals
+                self._stop_all()  # a second signal too: the children stop at once
             if self._signals and stopping_since is None:
                 stopping_since = time.monotonic()
             running = {n: p for n, p in self.children.items() if p.poll() is None}
@@ -315,6 +358,19 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
+def cpu_share(cpus: list[int], number: int, processes: int) -> set[int] | None:
+    """Return child `number`'s part of `cpus` (every processes-th CPU), or None if they are fewer than the children."""
+    if not hasattr(os, "sched_setaffinity") or len(cpus) < processes or processes < 2:
+        return None  # two children on one core would have to share it anyway: leave it to the kernel
+    return set(cpus[number::processes])
+
+
+def resolved_environment(settings: Settings) -> dict[str, str]:
+    """Return the SERVICE_* variables that fix the settings whose defaults depend on the usable cores."""
+    return {"SERVICE_PROCESSES": str(settings.processes), "SERVICE_THREADS": str(settings.threads),
+            "SERVICE_BATCH_WORKERS": str(settings.batch_workers), "SERVICE_ORT_THREADS": str(settings.ort_threads)}
+
+
 def bind(host: str, port: int) -> list[socket.socket]:
     """Return listening sockets for host:port, resolved as Waitress resolves them."""
     sockets: list[socket.socket] = []
@@ -350,6 +406,11 @@ def _forget_process(pid: int, metrics_dir: str) -> None:
         multiprocess.mark_process_dead(pid, metrics_dir)
     except OSError:
         pass
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """Return CPU numbers as a short list, e.g. 0,2,4."""
+    return ",".join(str(cpu) for cpu in sorted(cpus))
 
 
 def _describe(code: int | None) -> str:

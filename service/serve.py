@@ -33,14 +33,18 @@ answer instead of a reset.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import heapq
 import io
 import json
 import logging
+import math
 import resource
 import selectors
 import socket
+import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -66,6 +70,7 @@ logger = logging.getLogger(__name__)
 _TICK = 0.1  # seconds the socket loop may sleep before it looks at the stop flag
 _DRAIN_TICK = 0.02  # the same while draining, to exit soon after the last response
 _SWEEP = 0.5  # seconds between two looks at every connection's clock
+_HANDSHAKE_GRACE = 0.2  # seconds a stopping server still accepts the handshakes begun before it stopped
 _IDLE_GRACE = 0.5  # seconds a keep-alive connection must have been quiet before a stop closes it
 _BACKLOG = 2048  # connections the kernel holds for accept(): bursts land here first
 _LINGER = 2.0  # seconds to read and drop what a client still sends after an early error response
@@ -77,6 +82,10 @@ _REPORT_EVERY = 10.0  # seconds between two log lines about slow clients or a fu
 _DISCONNECTED = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED,
                            errno.EPIPE, errno.EBADF})
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_LINUX = sys.platform.startswith("linux")
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # Linux's value; Python names it on few builds
+_BPF_LDB_ABS, _BPF_JSET_K, _BPF_RET_K = 0x30, 0x45, 0x06  # BPF_LD|BPF_B|BPF_ABS, BPF_JMP|BPF_JSET|BPF_K, BPF_RET|BPF_K
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
 
 # What a connection waits for from its client (None: the server is working on it).
 FRESH, HEAD, BODY, IDLE, SEND = "fresh", "head", "body", "idle", "send"
@@ -156,6 +165,9 @@ class GracefulServer:
         """
         self.app = app
         self.settings = settings
+        # CONNECTION_LIMIT is the service's: each of several processes (given the parent's sockets) takes its share
+        self.connection_limit = (settings.connection_limit if sockets is None
+                                 else math.ceil(settings.connection_limit / settings.processes))
         self.draining: threading.Event = app.extensions["service.draining"]
         dispatcher = LastIdleFirst()
         where: dict[str, Any] = {"sockets": sockets} if sockets else {"host": settings.host, "port": settings.port}
@@ -163,7 +175,7 @@ class GracefulServer:
         # at a time lets them take turns instead of the quickest one taking a whole burst.
         self._accept_batch = 1 if sockets else _ACCEPT_BATCH
         self.server = create_server(_answer_refusals(app), _dispatcher=dispatcher, **where,
-                                    threads=settings.threads, connection_limit=settings.connection_limit,
+                                    threads=settings.threads, connection_limit=self.connection_limit,
                                     backlog=_BACKLOG, channel_timeout=settings.keepalive_timeout,
                                     max_request_header_size=settings.max_header_bytes,
                                     # refuse a declared body over the limit before reading it (Waitress'
@@ -308,7 +320,7 @@ class GracefulServer:
         """Accept up to `most` waiting connections; return how many were accepted."""
         accepted = 0
         while accepted < most:
-            if self._open() >= self.settings.connection_limit and not (make_room and self._make_room()):
+            if self._open() >= self.connection_limit and not (make_room and self._make_room()):
                 self._accept_paused_until = time.monotonic() + _TICK  # they wait in the backlog
                 self._count("accepting paused at the connection limit (every connection busy)")
                 break
@@ -451,11 +463,22 @@ class GracefulServer:
         """Stop accepting, serve what was accepted, close the connections and the request threads."""
         deadline = time.monotonic() + self.settings.shutdown_timeout
         self.draining.set()
-        accepted = self._stop_accepting()
-        logger.info("stopping: no longer accepting connections (%d more accepted from the backlog), "
-                    "finishing requests in flight (at most %g s)", accepted, self.settings.shutdown_timeout)
+        # Dropping new connections' SYNs lets the handshakes already under way finish: accepted
+        # while the rest drains, they are answered, with Connection: close, like the backlog.
+        refused = all([refuse_new_connections(listener.socket) for listener in self.listeners])
+        close_listeners_at = time.monotonic() + (_HANDSHAKE_GRACE if refused else 0)
+        listening = True
+        logger.info("stopping: no longer accepting connections, finishing requests in flight (at most %g s)",
+                    self.settings.shutdown_timeout)
         sweep = 0.0
-        while self._channels() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if listening and time.monotonic() >= close_listeners_at:
+                accepted = self._stop_accepting()
+                listening = False
+                if accepted:
+                    logger.info("stopping: %d more connection(s) accepted from the backlog", accepted)
+            if not listening and not self._channels():
+                break
             self._turn(_DRAIN_TICK)
             if time.monotonic() >= sweep:
                 sweep = time.monotonic() + (0 if self._sweep() else _SWEEP)
@@ -466,6 +489,8 @@ class GracefulServer:
             for channel in self._channels():
                 if not _busy(channel) and not channel.linger_until and channel.last_activity < quiet_since:
                     channel.handle_close()
+        if listening:
+            self._stop_accepting()
         unfinished = self._channels()
         if unfinished:
             logger.warning("stopping: %d connection(s) still busy after %g s are closed unanswered",
@@ -481,10 +506,10 @@ class GracefulServer:
         return not unfinished
 
     def _stop_accepting(self) -> int:
-        """Accept what already waits in the backlog (those clients connected in time), then close."""
+        """Accept what still waits in the backlog (those clients connected in time), then close."""
         accepted = 0
         for listener in self.listeners:
-            room = max(0, self.settings.connection_limit - self._open())
+            room = max(0, self.connection_limit - self._open())
             accepted += self._accept(listener, room, make_room=False)
             self.forget(listener._fileno)
             # the base close: BaseWSGIServer.close would also close the trigger that task threads
@@ -510,6 +535,34 @@ class GracefulServer:
             except Exception as exc:  # the app's own error handlers make it a JSON answer
                 answer = self.app.handle_user_exception(exc)
             return self.app.finalize_request(answer)
+
+
+def refuse_new_connections(sock: socket.socket) -> bool:
+    """Make a listening TCP socket drop every new connection's SYN; return whether it could (Linux).
+
+    The kernel completes a client's handshake before anyone calls accept(), so a connection that
+    arrives between a server's last accept() and its close() is reset with its request unanswered.
+    With this filter on, a new client's SYN goes unanswered (its connect is refused once the socket
+    is closed), while the last ACK of a handshake already under way still completes it, and
+    connections already queued are sockets of their own, which the filter does not reach. It covers
+    the socket, so every process sharing it is covered.
+    """
+    if not _LINUX:
+        return False
+    # A classic BPF program, attached with SO_ATTACH_FILTER; a TCP socket's filter sees the segment
+    # from its TCP header, whose byte 13 holds the flags.
+    program = [(_BPF_LDB_ABS, 0, 0, 13),  # A = flags
+               (_BPF_JSET_K, 2, 0, _TCP_ACK),  # any ACK (a handshake's last segment): keep
+               (_BPF_JSET_K, 0, 1, _TCP_SYN),  # a SYN without ACK (a new connection): drop
+               (_BPF_RET_K, 0, 0, 0),  # drop: keep no byte
+               (_BPF_RET_K, 0, 0, 0xFFFFFFFF)]  # keep the whole segment
+    instructions = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *step) for step in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(instructions))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True
 
 
 def _handle(dispatcher: Any, events: int, still_open: Callable[[], bool]) -> None:

@@ -103,11 +103,17 @@ def running_server(timeout: float = START_TIMEOUT, **overrides: str) -> Iterator
 
     def drain() -> None:
         # keep reading so a chatty server never blocks on a full pipe
+        processes, serving = 1, 0
         for line in process.stderr:
             log.append(line)
+            several = re.search(r"starting (\d+) server processes", line)
+            if several:
+                processes = int(several.group(1))
             found = re.search(r"serving model .* on (http://\S+)", line)
             if found:
-                urls.put(found.group(1))
+                serving += 1
+                if serving == processes:  # every process serves: their threads and sockets are all there
+                    urls.put(found.group(1))
         process.stderr.close()  # at end of file: the process has exited
         urls.put(None)
 

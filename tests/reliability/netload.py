@@ -186,13 +186,23 @@ def timed_requests(port: int, count: int, path: str = "/health") -> tuple[list[f
 
 
 def process_stats(pid: int) -> dict[str, float]:
-    """Return a process's resident memory (MiB), CPU time (s), threads and open descriptors (Linux /proc)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return {"rss_mib": int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024,
-            "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
-            "threads": int(re.search(r"Threads:\s+(\d+)", status).group(1)),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    """Return a server's RSS (MiB), CPU time (s), threads and open descriptors, summed over its processes."""
+    totals = {"rss_mib": 0.0, "cpu_s": 0.0, "threads": 0, "fds": 0}
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            totals["fds"] += len(os.listdir(f"/proc/{current}/fd"))
+            for listing in Path(f"/proc/{current}/task").glob("*/children"):
+                todo += [int(child) for child in listing.read_text().split()]
+        except OSError:  # the process ended meanwhile
+            continue
+        totals["rss_mib"] += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+        totals["cpu_s"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        totals["threads"] += int(re.search(r"Threads:\s+(\d+)", status).group(1))
+    return totals
 
 
 def seconds_until_answer(port: int, first: bytes, timeout: float) -> tuple[float, Answer | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -145,17 +146,19 @@ def test_health_ready_info(client: FlaskClient) -> None:
     assert info["model"]["max_length"] == 256
     assert info["backend"] == "onnx"
     assert info["versions"]["onnxruntime"] and info["versions"]["waitress"]
-    workers = min(2, usable_cores())
-    assert info["threads"] == {"processes": 1, "waitress": 64 + 32 * workers + 32,
-                               "ort_intra_op": max(1, usable_cores() // workers),
+    processes = usable_cores()  # one per core
+    workers = min(2, usable_cores() // processes)
+    assert info["threads"] == {"processes": processes, "waitress": 64 + 32 * workers + 32,
+                               "ort_intra_op": max(1, usable_cores() // processes // workers),
                                "ort_inter_op": 1, "ort_spinning": True, "ort_lone_threads": 0,
                                "batch_workers": workers}
-    assert info["batching"] == {"enabled": True, "max_texts": 32, "max_tokens": 384, "wait_ms": 0,
+    assert info["batching"] == {"enabled": True, "express": True, "max_texts": 32, "max_tokens": 384, "wait_ms": 0,
                                 "gather_ms": 1, "queue_timeout_s": 5.0}
     settings = client.application.extensions["service.settings"]
     assert info["limits"] == {"max_batch": 32, "max_content_length": 2097152, "max_queue": 64,
                               "connection_limit": settings.connection_limit}
     assert info["auth"] == {"api_key_required": False}
+    assert info["cpus"] == sorted(os.sched_getaffinity(0))  # this process' CPUs: not pinned in-process
     manifest = json.loads((Path(client.application.extensions["service.classifier"].model_dir)
                            / "manifest.json").read_text())
     for key in ("quantization", "validation", "created_at"):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import RUN_COST_TOKENS, Scheduler, Unavailable, length_groups
+from service.batching import EXPRESS_TOKENS, RUN_COST_TOKENS, Scheduler, Unavailable, length_groups
 from service.classifier import Classifier, InferenceError
 from service.metrics import Metrics
 from tests.testkit import NEGATIVE, POSITIVE
@@ -356,3 +356,38 @@ def test_stop_finishes_queued_work_then_refuses(make_scheduler: Any) -> None:
     with pytest.raises(Unavailable) as refused:
         scheduler.classify([POSITIVE])
     assert refused.value.reason == "shutting_down"
+
+
+@pytest.mark.parametrize("express", [True, False], ids=["express", "no-express"])
+def test_a_short_request_runs_beside_a_long_run_only_in_the_express_slot(
+        model_dir: Path, make_scheduler: Any, monkeypatch: pytest.MonkeyPatch, express: bool) -> None:
+    model = Classifier(model_dir, intra_op_threads=1)  # its own copy: the hold stays in this test
+    long_text = NEGATIVE + " It drags on and on." * 60  # 256 tokens
+    release, held = threading.Event(), threading.Event()
+    run = model.run
+
+    def hold_long_runs(feeds: dict[str, np.ndarray], alone: bool = True) -> np.ndarray:
+        if feeds["input_ids"].shape[1] > EXPRESS_TOKENS:
+            held.set()
+            release.wait(timeout=30)
+        return run(feeds, alone)
+
+    monkeypatch.setattr(model, "run", hold_long_runs)
+    scheduler = make_scheduler(model=model, workers=1, express=express)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        long = pool.submit(scheduler.classify, [long_text])
+        assert held.wait(timeout=30)
+        another_long = pool.submit(scheduler.classify, [long_text])
+        short = pool.submit(scheduler.classify, [POSITIVE])
+        try:
+            if express:  # answered while the long run still holds the only regular slot
+                assert short.result(timeout=30)[0][0]["label"] == "POSITIVE"
+                assert not long.done() and not another_long.done()  # a long text never takes the express slot
+            else:
+                with pytest.raises(TimeoutError):
+                    short.result(timeout=0.5)
+        finally:
+            release.set()
+        assert [future.result(timeout=30)[0][0]["label"] for future in (long, another_long, short)] == [
+            "NEGATIVE", "NEGATIVE", "POSITIVE"]
+    assert scheduler.stop(timeout=5)  # every slot, the express one included, came back

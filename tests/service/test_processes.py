@@ -25,7 +25,7 @@ import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.config import Settings
-from service.processes import can_fork
+from service.processes import bind, can_fork, cpu_share
 from tests.testkit import NEGATIVE, POSITIVE, REPO, post_in_flight, running_server, service_env
 
 LONG = NEGATIVE + " It drags on and on." * 60  # 256 tokens: a batch of these takes a while
@@ -274,3 +274,61 @@ def test_a_port_in_use_is_one_line_and_exit_2(model_dir: Path) -> None:
                                                             SERVICE_PORT=str(port)))
     assert result.returncode == 2 and result.stderr.startswith("error: cannot listen on 127.0.0.1:")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("cpus", "processes", "shares"), [
+    ([0, 1], 2, [{0}, {1}]),
+    ([0, 1, 2, 3, 4, 5, 6, 7], 2, [{0, 2, 4, 6}, {1, 3, 5, 7}]),  # a quota of 2 cores on an 8-core mask
+    ([3, 5, 9], 3, [{3}, {5}, {9}]),
+    ([0, 1], 4, [None] * 4),  # more processes than CPUs: the kernel shares the cores between them
+    ([0, 1, 2, 3], 1, [None]),
+])
+def test_each_process_gets_an_equal_part_of_the_cpu_mask(cpus: list[int], processes: int, shares: list) -> None:
+    assert [cpu_share(cpus, number, processes) for number in range(processes)] == shares
+
+
+def allowed_cpus(pid: int) -> str:
+    """Return a process' Cpus_allowed_list, e.g. 0-1."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning two processes needs two usable CPUs")
+@pytest.mark.parametrize("mode", [FORKED, STARTED], ids=["forked", "started"])
+def test_each_process_is_pinned_to_its_own_cpus_unless_told_not_to(model_dir: Path, mode: dict) -> None:
+    mask = sorted(os.sched_getaffinity(0))[:2]
+    pinned: dict[str, list[str]] = {}
+    reported: dict[str, set[str]] = {}
+    for pin in ("true", "false"):
+        with running_server(SERVICE_MODEL_DIR=str(model_dir), SERVICE_PIN_PROCESSES=pin, **mode) as server:
+            pids = wait_for(lambda: len(found := children(server.process.pid)) == 2 and found, 30, "two children")
+            pinned[pin] = sorted(allowed_cpus(pid) for pid in pids)
+            reported[pin] = {",".join(str(cpu) for cpu in requests.get(
+                f"{server.url}/info", timeout=10, headers={"Connection": "close"}).json()["cpus"]) for _ in range(40)}
+            assert allowed_cpus(server.process.pid) == allowed_cpus(os.getpid())  # the parent keeps its mask
+    everything = allowed_cpus(os.getpid())
+    assert len(set(pinned["true"])) == 2 and everything not in pinned["true"]
+    if len(os.sched_getaffinity(0)) == 2:
+        assert pinned["true"] == [str(cpu) for cpu in mask]
+        assert reported["true"] <= {str(cpu) for cpu in mask}  # /info says which CPUs a process has
+    assert pinned["false"] == [everything, everything]
+    assert reported["false"] == {",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))}
+
+
+def test_the_connection_limit_is_the_services_split_between_the_processes(model_dir: Path) -> None:
+    from service import create_app
+    from service.serve import GracefulServer
+
+    app = create_app({"MODEL_DIR": str(model_dir), "PROCESSES": "2", "CONNECTION_LIMIT": "301",
+                      "PORT": "0", "WARMUP": "false"})
+    settings = app.extensions["service.settings"]
+    alone = GracefulServer(app, settings)  # the one process: the whole limit
+    sockets = bind("127.0.0.1", 0)
+    child = GracefulServer(app, settings, sockets)  # one of two children on the parent's sockets: half
+    try:
+        assert (alone.connection_limit, child.connection_limit) == (301, 151)
+    finally:
+        for server in (alone, child):
+            server.server.close()
+        for sock in sockets:
+            sock.close()

@@ -27,13 +27,14 @@ from tests.testkit import REPO
 
 def test_defaults(tmp_path: Path) -> None:
     settings = Settings.from_mapping({"MODEL_DIR": str(tmp_path)})
-    workers = min(2, usable_cores())  # two model runs at once, one on a single core
+    assert settings.processes == usable_cores() and settings.pin_processes is True  # a process per core
+    workers = 1  # each process has one core: one model run at a time, and the express slot
     assert (settings.host, settings.port, settings.threads, settings.max_batch) == \
         ("127.0.0.1", 8000, 64 + 32 * workers + 32, 32)
     assert settings.max_content_length == 2 * 1024 * 1024
     assert settings.backend == "onnx" and settings.warmup is True
-    # each model slot gets its share of the cores
-    assert settings.ort_threads == max(1, usable_cores() // workers) and settings.ort_spinning is True
+    assert settings.ort_threads == 1 and settings.ort_spinning is True
+    assert settings.batch_express is True
     assert settings.ort_lone_threads == 0  # no lone-run session unless asked: it costs a session's memory
     assert settings.batching is True
     assert (settings.batch_max_texts, settings.batch_max_tokens, settings.batch_wait_ms, settings.batch_gather_ms,
@@ -149,8 +150,9 @@ def test_the_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path: Path, files: dict[
 
 
 @pytest.mark.parametrize(("config", "threads"), [
-    ({}, lambda cores: max(1, cores // min(2, cores))),  # one share per model slot
-    ({"BATCH_WORKERS": "1"}, lambda cores: cores),  # one slot: every core
+    ({}, lambda cores: 1),  # a process per core, each with one slot
+    ({"PROCESSES": "1"}, lambda cores: max(1, cores // min(2, cores))),  # one process: a share per model slot
+    ({"BATCH_WORKERS": "1", "PROCESSES": "1"}, lambda cores: cores),  # one process, one slot: every core
     ({"BATCH_WORKERS": "64"}, lambda cores: 1),  # more slots than cores: one thread each
     ({"BATCHING": "false"}, lambda cores: cores),  # unbatched: the session's calls are the request threads'
     ({"BACKEND": "pytorch"}, lambda cores: cores),  # the reference backends stand for the original service
@@ -173,6 +175,17 @@ def test_several_processes_split_the_cores_between_them(
     for wrong in ("0", "65", "two"):
         with pytest.raises(ConfigError, match="SERVICE_PROCESSES"):
             Settings.from_mapping({"MODEL_DIR": str(tmp_path), "PROCESSES": wrong})
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4, 8, 16, 96])
+def test_the_defaults_give_each_core_a_process_of_one_slot_and_one_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int) -> None:
+    monkeypatch.setattr("service.config.usable_cores", lambda: cores)  # machines of other sizes than this one
+    settings = Settings.from_mapping({"MODEL_DIR": str(tmp_path)})
+    assert (settings.processes, settings.batch_workers, settings.ort_threads) == (min(cores, 64), 1, 1)
+    assert settings.threads == 64 + 32 + 32  # per process: its queue and its run, plus a margin
+    for reference in ({"BACKEND": "pytorch"}, {"BATCHING": "false"}):  # the original service: one process
+        assert Settings.from_mapping({"MODEL_DIR": str(tmp_path), **reference}).processes == 1
 
 
 def test_the_docs_table_is_generated_from_the_declaration() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -118,6 +119,68 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0_within_10_s(model_dir: 
     # the keep-alive client got only complete 200s, the last one announcing the close
     assert all(isinstance(answer, tuple) and answer[0] == 200 for answer in keep_alive), keep_alive[-3:]
     assert keep_alive[-1][1] == "close"
-    assert "stopping: no longer accepting connections" in log and "INFO service: stopped" in log
+    assert "stopping: no longer accepting connections" in log
+    assert re.search(r"INFO service(\[\d+\])?: stopped$", log, re.MULTILINE)  # the last process to stop
     with socket.socket() as probe:  # and nothing listens any more
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+CHURN_CLIENTS = 12  # each opens a new connection for every request, as a client without a pool does
+
+
+def _one_request_on_a_new_connection(port: int) -> str:
+    """Send one request on a new connection; return "answered", "never accepted" or what went wrong."""
+    body = json.dumps({"text": POSITIVE}).encode()
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=3)
+    except OSError:  # refused, or the SYN went unanswered: the service never took this connection
+        return "never accepted"
+    with raw:
+        raw.settimeout(20)
+        try:
+            raw.sendall(b"POST /sentiment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            response = http.client.HTTPResponse(raw)
+            response.begin()
+            answer = json.loads(response.read())
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return f"accepted, then {type(exc).__name__}: {exc}"
+    if response.status == 200 and answer.get("label") == "POSITIVE":
+        return "answered"
+    if response.status == 503 and "error" in answer:
+        return "answered"  # shutting down, said in JSON
+    return f"accepted, then {response.status} {answer}"
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_stop_under_connection_churn_answers_every_connection_it_accepted(model_dir: Path,
+                                                                            processes: str) -> None:
+    with running_server(SERVICE_MODEL_DIR=str(model_dir), SERVICE_PROCESSES=processes) as server:
+        port = urlsplit(server.url).port
+        outcomes: list[str] = []
+        stop = threading.Event()
+
+        def churn() -> None:
+            # until the service is gone: a refused connect after the stop, or a bound in time
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                outcome = _one_request_on_a_new_connection(port)
+                outcomes.append(outcome)
+                if stop.is_set() and outcome == "never accepted":
+                    return
+
+        clients = [threading.Thread(target=churn) for _ in range(CHURN_CLIENTS)]
+        for client in clients:
+            client.start()
+        time.sleep(1.5)  # connections opening and closing all the time
+        stop.set()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(timeout=20)
+        for client in clients:
+            client.join(timeout=40)
+
+    log = "".join(server.log)
+    assert code == 0, log[-2000:]
+    lost = [outcome for outcome in outcomes if outcome not in ("answered", "never accepted")]
+    assert not lost, f"{len(lost)} of {len(outcomes)} connections lost: {lost[:3]}\n{log[-1500:]}"
+    assert outcomes.count("answered") > 100, outcomes.count("answered")  # the churn was real
