@@ -24,9 +24,24 @@ from service.config import usable_cores
 DEFAULT_MODEL = "onnx_models/minilm-l6-sentiment"
 CONNECTIONS = (1, 8, 32)  # short text
 LONG_CONNECTIONS = (8,)  # long and mixed text: one concurrency each keeps `make bench` under 10 min
-ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
-                "onnx-w1", "onnx-nospin", "onnx-o1", "onnx-o1-nospin", "onnx-t2o1", "onnx-nogather",  # opt-in levers
-                "onnx-shared", "onnx-lone", "onnx-t256", "onnx-t512", "onnx-p2", "onnx-p2w2",
+# This service with settings on top of its defaults: name -> (label, SERVICE_* settings); "{cores}" is
+# replaced by the usable cores. The opt-in ones are the levers the defaults were chosen against.
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "onnx": ("this service (onnx)", {}),
+    "onnx-p1": ("onnx, one server process", {"SERVICE_PROCESSES": "1"}),
+    "onnx-nopin": ("onnx, processes not pinned", {"SERVICE_PIN_PROCESSES": "false"}),
+    "onnx-noexpress": ("onnx, no express slot", {"SERVICE_BATCH_EXPRESS": "false"}),
+    "onnx-w2": ("onnx, 2 model slots per process", {"SERVICE_BATCH_WORKERS": "2", "SERVICE_ORT_THREADS": "1"}),
+    "onnx-nogather": ("onnx, no gathering", {"SERVICE_BATCH_GATHER_MS": "0"}),
+    "onnx-lone": ("onnx, a session of every core for a run alone", {"SERVICE_ORT_LONE_THREADS": "{cores}"}),
+    "onnx-p1-shared": ("onnx, one process, intra-op threads = every core for each slot",
+                       {"SERVICE_PROCESSES": "1", "SERVICE_ORT_THREADS": "{cores}"}),
+    "onnx-t256": ("onnx, at most 256 tokens a run", {"SERVICE_BATCH_MAX_TOKENS": "256"}),
+    "onnx-t512": ("onnx, at most 512 tokens a run", {"SERVICE_BATCH_MAX_TOKENS": "512"}),
+    "onnx-t2o1": ("onnx unbatched, THREADS=2 ORT_THREADS=1",
+                  {"SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1", "SERVICE_BATCHING": "false"}),
+}
+ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", *VARIANTS,
                 "onnx-baseline")  # opt-in: the service of another checkout (--baseline), for before/after
 DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
@@ -63,65 +78,16 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path,
             server = ServerSpec(name, {}, (sys.executable, "-m", "bench.floor"))
             specs[name] = {"label": "HTTP floor (Flask + Waitress, constant answer)", "server": server,
                            "size_key": None, "workloads": FLOOR_WORKLOADS}
-        elif name == "onnx":
-            specs[name] = {"label": "this service (onnx)", "size_key": "onnx",
-                           "server": ServerSpec(name, {"SERVICE_MODEL_DIR": model_dir})}
-        elif name == "onnx-w1":
-            # the lever: one model run at a time (the default allows two on two cores or more)
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_WORKERS": "1"}
-            specs[name] = {"label": "onnx, 1 run at a time", "size_key": "onnx", "server": ServerSpec(name, env)}
-        elif name == "onnx-nospin":
-            # the lever: onnxruntime's intra-op threads sleep between runs instead of spinning briefly
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_SPINNING": "false"}
-            specs[name] = {"label": "onnx, spinning off", "size_key": "onnx", "server": ServerSpec(name, env)}
-        elif name in ("onnx-o1", "onnx-o1-nospin"):
-            # the lever: one intra-op thread per run, so two concurrent runs share two cores without oversubscribing
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": "1"}
-            label = "onnx, 1 intra-op thread"
-            if name.endswith("nospin"):
-                env["SERVICE_ORT_SPINNING"], label = "false", label + ", spinning off"
+        elif name in VARIANTS:
+            label, settings = VARIANTS[name]
+            env = {"SERVICE_MODEL_DIR": model_dir,
+                   **{key: value.replace("{cores}", str(usable_cores())) for key, value in settings.items()}}
             specs[name] = {"label": label, "size_key": "onnx", "server": ServerSpec(name, env)}
-        elif name == "onnx-nogather":
-            # the lever: a free slot beside a running one never waits for requests on their way
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_GATHER_MS": "0"}
-            specs[name] = {"label": "onnx, no gathering", "size_key": "onnx", "server": ServerSpec(name, env)}
-        elif name == "onnx-shared":
-            # the lever: every run on an intra-op pool of every core (the default splits the cores per slot)
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_THREADS": str(usable_cores())}
-            specs[name] = {"label": "onnx, intra-op threads = every core, for each slot", "size_key": "onnx",
-                           "server": ServerSpec(name, env)}
-        elif name == "onnx-lone":
-            # the lever: one more session, of every core, for each run that starts while no other is in progress
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_ORT_LONE_THREADS": str(usable_cores())}
-            specs[name] = {"label": "onnx, a session of every core for a lone run", "size_key": "onnx",
-                           "server": ServerSpec(name, env)}
-        elif name == "onnx-p2":
-            # the lever: two server processes sharing the port, each with one core's share
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_PROCESSES": "2"}
-            specs[name] = {"label": "onnx, 2 server processes", "size_key": "onnx", "server": ServerSpec(name, env)}
-        elif name == "onnx-p2w2":
-            # the lever: and two model slots in each, so a long text's run leaves a slot to the short ones
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_PROCESSES": "2", "SERVICE_BATCH_WORKERS": "2",
-                   "SERVICE_ORT_THREADS": "1"}
-            specs[name] = {"label": "onnx, 2 server processes of 2 slots", "size_key": "onnx",
-                           "server": ServerSpec(name, env)}
-        elif name in ("onnx-t256", "onnx-t512"):
-            # the lever: fewer or more padded tokens a run (the default 384 keeps two 256-token texts apart)
-            tokens = name.removeprefix("onnx-t")
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_BATCH_MAX_TOKENS": tokens}
-            specs[name] = {"label": f"onnx, at most {tokens} tokens a run", "size_key": "onnx",
-                           "server": ServerSpec(name, env)}
         elif name == "onnx-baseline" and baseline is not None:
             # another checkout's service at its defaults, on this checkout's model files
             env = {"SERVICE_MODEL_DIR": str(REPO / model_dir)}
             specs[name] = {"label": f"this service at {git_commit(baseline)[:7]} (baseline)", "size_key": "onnx",
                            "server": ServerSpec(name, env, cwd=baseline)}
-        elif name == "onnx-t2o1":
-            # the lever: 2 Waitress threads x 1 ORT thread, unbatched
-            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1",
-                   "SERVICE_BATCHING": "false"}
-            specs[name] = {"label": "onnx unbatched, THREADS=2 ORT_THREADS=1", "size_key": "onnx",
-                           "server": ServerSpec(name, env)}
     return specs, skipped
 
 
@@ -266,14 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 1 s cells, 1 repetition, short text at c=1 and 8")
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=ALL_BACKENDS,
-                        help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: onnx-w1: 1 run at a time, "
-                             "onnx-nospin: spinning off, onnx-o1: 1 intra-op thread, onnx-o1-nospin: both, "
-                             "onnx-nogather: no gathering beside a running slot, onnx-shared: intra-op "
-                             "threads = every core, for each slot, onnx-lone: one more session, of every "
-                             "core, for a run alone, onnx-t2o1: unbatched, "
-                             "2 Waitress x 1 ORT thread, onnx-t256 and onnx-t512: at most 256 or 512 "
-                             "padded tokens a run, onnx-p2: 2 server processes, onnx-p2w2: "
-                             "and 2 model slots in each)")
+                        help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: "
+                             + ", ".join(f"{name}: {label}" for name, (label, _) in VARIANTS.items()
+                                         if name not in DEFAULT_BACKENDS) + ")")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="another checkout of this project (a git worktree of an older commit): its service "
                              "joins the run as the backend onnx-baseline, for a before/after in one run")
