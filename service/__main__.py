@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from service import _stopped_while_importing, configure, create_app
+from service import _stopped_while_importing, configure, create_app, logs
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table
 from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table())
         return 0
     several = bool(args.listen_fds) or os.environ.get("SERVICE_PROCESSES", "1").strip() not in ("", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s"
-                        f"{'[%(process)d]' if several else ''}: %(message)s")
+    logs.setup(os.environ, several)
     if args.prepare:
         return prepare()
     watcher = _ParentWatch(args.parent) if args.listen_fds else None

@@ -105,7 +105,7 @@ def running_server(timeout: float = START_TIMEOUT, **overrides: str) -> Iterator
         # keep reading so a chatty server never blocks on a full pipe
         for line in process.stderr:
             log.append(line)
-            found = re.search(r"serving model .* on (http://\S+)", line)
+            found = re.search(r"serving model .* on (http://[^\s\"]+)", line)  # text or JSON lines
             if found:
                 urls.put(found.group(1))
         process.stderr.close()  # at end of file: the process has exited
