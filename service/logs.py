@@ -80,7 +80,8 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if not fields:
             return line
-        return line + "".join(f" {key}={value}" for key, value in fields.items() if key not in _IN_MESSAGE)
+        return line + "".join(f" {key}={'-' if value is None else value}" for key, value in fields.items()
+                              if key not in _IN_MESSAGE)
 
 
 class JsonLines:
