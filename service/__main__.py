@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from service import _stopped_while_importing, configure, create_app, logs
+from service import _stopped_while_importing, configure, create_app, logs, observe
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table
 from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
@@ -102,6 +102,7 @@ def serve(app: Flask, sockets: list[socket.socket] | None = None, watcher: _Pare
     except KeyboardInterrupt:
         logger.warning("stopped at once by a second signal: requests in flight were dropped")
         _exit_now(1)
+    observe.finish(app)  # the spans still queued: a forked child exits without the interpreter's exit hooks
     if not drained:
         logger.info("stopped; some requests in flight were dropped")
         _exit_now(0)

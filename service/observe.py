@@ -19,6 +19,7 @@ from service.logs import ACCESS
 from service.timing import Timing
 
 access_logger = logging.getLogger(ACCESS)
+logger = logging.getLogger(__name__)
 
 
 def init_app(app: Flask, settings: Settings, model: str) -> None:
@@ -51,9 +52,20 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
             if access:
                 log_access(timing, ended, route, model, response.status_code, identifier)
             if tracing is not None:
-                tracing.record(timing, ended, request.method, route, response.status_code, identifier,
-                               request.headers)
+                try:
+                    tracing.record(timing, ended, request.method, route, response.status_code, identifier,
+                                   request.headers)
+                except Exception as exc:  # tracing never fails a request: the answer is ready
+                    logger.warning("request %s: no spans: %s: %s", identifier, type(exc).__name__, exc)
         return response
+
+
+def finish(app: Flask) -> None:
+    """Export the spans still queued, if tracing is on: before a forked server process exits without
+    the interpreter's teardown, which would run the exit hook."""
+    tracing = app.extensions.get("service.tracing")
+    if tracing is not None:
+        tracing.shutdown()
 
 
 def add_timing_headers(response: Response, timing: Timing, ended: float) -> None:

@@ -39,7 +39,7 @@ class Tracing:
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         self.tracer = self.provider.get_tracer("service")
         self.model = model
-        self.endpoint = endpoint
+        self.closed = False
 
     def record(self, timing: Timing, ended: float, method: str, route: str, status: int, request_id: str,
                headers: Mapping[str, str]) -> None:
@@ -76,7 +76,10 @@ class Tracing:
         span.end(end_time=timing.epoch_ns(ended))
 
     def shutdown(self) -> None:
-        """Export what is queued, waiting at most EXIT_FLUSH_SECONDS for a slow collector."""
+        """Export what is queued, waiting at most EXIT_FLUSH_SECONDS for a slow collector; once."""
+        if self.closed:
+            return
+        self.closed = True
         # The SDK's own shutdown waits for an export in progress, as long as its timeout (10 s by default).
         closing = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
         closing.start()

@@ -288,13 +288,18 @@ def test_a_bad_setting_is_one_json_line() -> None:
     assert entry["message"] == "error: SERVICE_PORT must be an integer 0-65535 (0: any free port), got 'abc'"
 
 
-def test_several_processes_and_their_parent_log_json(model_dir: Path) -> None:
+def test_several_processes_and_their_parent_log_json_and_export_their_spans_at_exit(
+        model_dir: Path, collector: Collector) -> None:
+    # spans wait for a batch of 512 or a minute: what arrives was exported when the server process stopped
     with started_service(SERVICE_MODEL_DIR=str(model_dir), SERVICE_LOG_FORMAT="json", SERVICE_PROCESSES="2",
-                         SERVICE_THREADS="4") as service:
+                         SERVICE_THREADS="4", SERVICE_OTLP_ENDPOINT=collector.url,
+                         OTEL_BSP_SCHEDULE_DELAY="60000") as service:
         deadline = time.monotonic() + 60
         while sum("serving model" in line for line in service.lines) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert status_of(f"{service.url}/sentiment", b'{"text": "Loved it."}') == 200
+        status, _ = post(f"{service.url}/sentiment", {"text": "Loved it."},
+                         {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+        assert status == 200 and collector.spans() == []
         service.process.send_signal(signal.SIGTERM)
         assert service.process.wait(timeout=30) == 0
     entries = assert_json_lines(service.lines)
@@ -302,6 +307,8 @@ def test_several_processes_and_their_parent_log_json(model_dir: Path) -> None:
     assert len(serving) == 2 and service.process.pid not in serving
     assert any(entry["process"] == service.process.pid and entry["message"].startswith("starting 2 server")
                for entry in entries)
+    names = {span.name for _, span in collector.spans() if span.trace_id.hex() == TRACE_ID}
+    assert names == {"POST /sentiment"} | STAGES
 
 
 # --- OpenTelemetry traces, to a real OTLP/HTTP receiver --------------------------------------------
