@@ -61,8 +61,8 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
 
 
 def finish(app: Flask) -> None:
-    """Export the spans still queued, if tracing is on: before a forked server process exits without
-    the interpreter's teardown, which would run the exit hook."""
+    """Export the spans still queued, if tracing is on, as the server stops."""
+    # a forked server process exits without the interpreter's teardown, which runs the exit hook
     tracing = app.extensions.get("service.tracing")
     if tracing is not None:
         tracing.shutdown()

@@ -8,7 +8,6 @@ A background thread exports them in batches; a slow or absent collector only dro
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ from service.timing import Timing
 
 SERVICE_NAME = "onnx-text-classify"  # unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name it
 EXIT_FLUSH_SECONDS = 2.0  # at exit, spans the collector has not taken by then are dropped
-logger = logging.getLogger(__name__)
 
 
 class Tracing:
