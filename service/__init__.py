@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -15,8 +14,10 @@ def _stopped_while_importing(signum: int, frame: Any) -> None:
     """Exit on Ctrl-C during the imports of `python -m service`, without Python's traceback."""
     message = "stopped before serving"
     if os.environ.get("SERVICE_LOG_FORMAT", "").strip().lower() == "json":  # logging is not set up yet
-        message = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "WARNING",
-                              "logger": "service", "message": message})
+        # written by hand: importing json before the handler is set would widen the window it closes
+        now = time.time()
+        stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z"
+        message = f'{{"time": "{stamp}", "level": "WARNING", "logger": "service", "message": "{message}"}}'
     print(message, file=sys.stderr, flush=True)
     os._exit(128 + signum)  # nothing runs yet: no thread to stop, no file to flush
 

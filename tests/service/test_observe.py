@@ -279,6 +279,21 @@ def test_every_line_is_json_from_start_to_sigterm(model_dir: Path) -> None:
     assert not any("Traceback" in line for line in service.lines)
 
 
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.5])
+def test_ctrl_c_while_starting_is_json_too(model_dir: Path, delay: float) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, stdin=subprocess.DEVNULL,
+                               env=service_env(SERVICE_MODEL_DIR=str(model_dir), SERVICE_LOG_FORMAT="json"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)  # in the imports, the model load or, on a fast machine, serving
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    if process.returncode == -signal.SIGINT:  # before Python had a handler: killed by the signal itself
+        assert err == ""
+        return
+    entries = assert_json_lines(err.splitlines())
+    assert entries[-1]["message"] == ("stopped" if process.returncode == 0 else "stopped before serving")
+
+
 def test_a_bad_setting_is_one_json_line() -> None:
     result = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env=service_env(SERVICE_LOG_FORMAT="json", SERVICE_PORT="abc"))
