@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import infinity, inprocess, report
+from bench import collector, infinity, inprocess, report
 from bench.load import LoadError, Protocol, run_wrk, wrk_path
 from bench.servers import REPO, Server, ServerError, ServerSpec, machine_busy_seconds, serving_libraries, start, stop
 from bench.sizes import footprint, venv_footprint
@@ -41,10 +41,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "onnx-t2o1": ("onnx unbatched, THREADS=2 ORT_THREADS=1",
                   {"SERVICE_THREADS": "2", "SERVICE_ORT_THREADS": "1", "SERVICE_BATCHING": "false"}),
 }
-ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", *VARIANTS,
+ALL_BACKENDS = ("pytorch", "optimum", "infinity", "floor", *VARIANTS, "onnx-json", "onnx-traced",
                 "onnx-baseline")  # opt-in: the service of another checkout (--baseline), for before/after
-DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx")  # a sixth would pass 10 min
+DEFAULT_BACKENDS = ("pytorch", "optimum", "infinity", "floor", "onnx",
+                    "onnx-json", "onnx-traced")  # the cost of observing: one cell each
 FLOOR_WORKLOADS = ("short",)  # the floor answers a constant: longer bodies add little but time
+OBSERVED_CELL = {"workloads": ("short",), "connections": (8,)}  # where the observability targets are set
 
 
 def backend_specs(names: list[str], model_dir: str, work_dir: Path,
@@ -78,6 +80,18 @@ def backend_specs(names: list[str], model_dir: str, work_dir: Path,
             server = ServerSpec(name, {}, (sys.executable, "-m", "bench.floor"))
             specs[name] = {"label": "HTTP floor (Flask + Waitress, constant answer)", "server": server,
                            "size_key": None, "workloads": FLOOR_WORKLOADS}
+        elif name == "onnx-json":
+            # the cost of JSON logs: an access record per request, as JSON (the defaults write it as text)
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_LOG_FORMAT": "json"}
+            specs[name] = {"label": "onnx, JSON logs", "size_key": "onnx", "server": ServerSpec(name, env),
+                           **OBSERVED_CELL}
+        elif name == "onnx-traced":
+            # the cost of tracing every request, exported to a collector on loopback that takes it at once
+            sink = collector.Sink()
+            env = {"SERVICE_MODEL_DIR": model_dir, "SERVICE_OTLP_ENDPOINT": sink.url,
+                   "OTEL_TRACES_SAMPLER": "always_on"}
+            specs[name] = {"label": "onnx, traced (every request)", "size_key": "onnx",
+                           "server": ServerSpec(name, env), "sink": sink, **OBSERVED_CELL}
         elif name in VARIANTS:
             label, settings = VARIANTS[name]
             env = {"SERVICE_MODEL_DIR": model_dir,
@@ -198,7 +212,8 @@ def repetition(rep: int, specs: dict[str, dict[str, Any]], args: argparse.Namesp
             run_wrk(servers[name].port, WORKLOADS[warmup], 8, args.warmup, servers[name].spec.protocol)
         for workload, connections in cells(args.workloads, args.connections, args.long_connections):
             for name in order:
-                if workload not in specs[name].get("workloads", WORKLOADS):
+                if workload not in specs[name].get("workloads", WORKLOADS) or \
+                        connections not in specs[name].get("connections", (connections,)):
                     continue
                 server = servers[name]
                 cpu_before, busy_before = server.cpu_seconds(), machine_busy_seconds()
@@ -232,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 1 s cells, 1 repetition, short text at c=1 and 8")
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=ALL_BACKENDS,
-                        help=f"default: {' '.join(DEFAULT_BACKENDS)} (opt-in: "
+                        help=f"default: {' '.join(DEFAULT_BACKENDS)} (onnx-json: JSON logs, onnx-traced: "
+                             "every request traced to a local OTLP sink, both on short text at 8 clients; "
+                             "opt-in: "
                              + ", ".join(f"{name}: {label}" for name, (label, _) in VARIANTS.items()
                                          if name not in DEFAULT_BACKENDS) + ")")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
@@ -327,6 +344,10 @@ def measure(args: argparse.Namespace, began: float, today: dt.datetime, wrk_vers
         for server in kept.values():
             stop(server)
     shutil.rmtree(work_dir, ignore_errors=True)
+    if "onnx-traced" in specs:  # the spans arrived: the traced variant measured tracing, not its absence
+        sink = specs["onnx-traced"]["sink"]
+        result["meta"]["otlp_sink"] = {"exports": sink.exports, "bytes": sink.bytes}
+        progress(f"the OTLP sink took {sink.exports} exports ({sink.bytes / 1e6:.1f} MB) from onnx-traced")
     result["meta"]["load"]["after"] = load_average()
     if model_identity(args.model_dir) != result["meta"]["model"]:  # an export replaced the model folder mid-run
         print("error: the model folder changed during the run; results discarded", file=sys.stderr)

@@ -14,6 +14,8 @@ OURS = "onnx"
 OPTIMUM = "optimum"
 INFINITY = "infinity"
 FLOOR = "floor"  # Flask + Waitress answering a constant: what the HTTP stack alone costs
+JSON_LOGS = "onnx-json"  # this service with SERVICE_LOG_FORMAT=json
+TRACED = "onnx-traced"  # this service tracing every request to a local OTLP/HTTP sink
 PEERS = {REFERENCE: "PyTorch service", OPTIMUM: "Optimum pipeline", INFINITY: "Infinity"}
 RSS_BOUND_MB = 185.0
 COLD_START_BOUND_S = 1.0
@@ -339,6 +341,23 @@ def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
               f"limit {_fmt(workload_rps)} texts/s: {setting}",
               [ceiling(workload, 8, workload_rps, 0.9), cpu_why(workload, 8, bound, "0.9 x the limit"),
                model_at_service(workload, "throughput"), busy(workload, 8)], (workload, 8, "throughput_rps"))
+
+    def extra_cpu(backend: str) -> str:
+        """Say what a variant costs in server CPU per request over the defaults, short text at 8 clients."""
+        theirs = median(cell(backend, "short", 8), "server_cpu_ms_per_request")
+        ours = median(cell(OURS, "short", 8), "server_cpu_ms_per_request")
+        return "" if None in (theirs, ours) else \
+            f"{theirs:.2f} ms of server CPU per request against {ours:.2f} ms at the defaults"
+
+    # the cost of observing, against the defaults in the same repetitions, short text at 8 clients
+    for backend, factor, what in ((JSON_LOGS, 0.97, "JSON logs"), (TRACED, 0.85, "every request traced")):
+        variant = cell(backend, "short", 8)
+        check(f"short c=8 with {what}: req/s >= {factor:g} x the defaults", median(variant, "throughput_vs_onnx"),
+              factor, ">=", "x", f"{_fmt(median(variant, 'throughput_rps'))} against "
+              f"{_fmt(median(cell(OURS, 'short', 8), 'throughput_rps'))} req/s",
+              [extra_cpu(backend), busy("short", 8)],
+              missing=absent(backend) or f"{backend} not among the backends")
+
 
     # the process(es): PSS counts the pages that forked processes share once, where a sum of RSS would not
     ours_pss = (servers.get(OURS, {}).get("pss_mb") or {}).get("median")

@@ -6,12 +6,19 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 
 def _stopped_while_importing(signum: int, frame: Any) -> None:
     """Exit on Ctrl-C during the imports of `python -m service`, without Python's traceback."""
-    print("stopped before serving", file=sys.stderr, flush=True)
+    message = "stopped before serving"
+    if os.environ.get("SERVICE_LOG_FORMAT", "").strip().lower() == "json":  # logging is not set up yet
+        # written by hand: importing json before the handler is set would widen the window it closes
+        now = time.time()
+        stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z"
+        message = f'{{"time": "{stamp}", "level": "WARNING", "logger": "service", "message": "{message}"}}'
+    print(message, file=sys.stderr, flush=True)
     os._exit(128 + signum)  # nothing runs yet: no thread to stop, no file to flush
 
 
@@ -30,7 +37,7 @@ if _launched_as_main() and signal.getsignal(signal.SIGINT) is signal.default_int
 
 from flask import Flask  # noqa: E402
 
-from service import auth, batching, errors  # noqa: E402
+from service import auth, batching, errors, observe  # noqa: E402
 from service.batching import Scheduler  # noqa: E402
 from service.config import DEFAULTS, Settings  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
@@ -60,6 +67,7 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
                            # set by the Waitress runner on SIGTERM: /ready answers 503 from then on
                            "service.draining": threading.Event()})
     metrics.init_app(app)
+    observe.init_app(app, settings, classifier.name)  # before auth's hook, which may refuse
     errors.init_app(app)
     batching.init_app(app, scheduler)
     auth.init_app(app, settings.api_key)

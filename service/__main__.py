@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from service import _stopped_while_importing, configure, create_app
+from service import _stopped_while_importing, configure, create_app, logs, observe
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table, usable_cores
 from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     processes = os.environ.get("SERVICE_PROCESSES", "").strip()
     several = bool(args.listen_fds) or (processes != "1" if processes else usable_cores() > 1)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s"
-                        f"{'[%(process)d]' if several else ''}: %(message)s")
+    logs.setup(os.environ, several)
     if args.prepare:
         return prepare()
     watcher = _ParentWatch(args.parent) if args.listen_fds else None
@@ -104,6 +103,7 @@ def serve(app: Flask, sockets: list[socket.socket] | None = None, watcher: _Pare
     except KeyboardInterrupt:
         logger.warning("stopped at once by a second signal: requests in flight were dropped")
         _exit_now(1)
+    observe.finish(app)  # the spans still queued: a forked child exits without the interpreter's exit hooks
     if not drained:
         logger.info("stopped; some requests in flight were dropped")
         _exit_now(0)

@@ -37,6 +37,7 @@ from tokenizers import Encoding
 
 from service.classifier import Classifier, InferenceError, Input, Prediction
 from service.metrics import Metrics
+from service.timing import Timing
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Job:
     # batches this job's thread must run next: with several slots, more than one can be handed to it
     lead: list[tuple[list[Item], bool]] = field(default_factory=list)  # (batch, in the express slot)
     wake: threading.Event = field(default_factory=threading.Event)
+    timing: Timing | None = None  # the request's stages: queue wait and model runs are recorded here
 
     def __post_init__(self) -> None:
         """Make room for the logits."""
@@ -227,9 +229,11 @@ class Scheduler:
             self._local.arriving = False
             self._arriving -= 1
 
-    def logits(self, encodings: Sequence[Encoding]) -> np.ndarray:
+    def logits(self, encodings: Sequence[Encoding], timing: Timing | None = None) -> np.ndarray:
         """Return the logits [texts, labels] of encoded inputs, batched with concurrent requests."""
-        job = Job(encodings, len(self.classifier.labels))
+        job = Job(encodings, len(self.classifier.labels), timing=timing)
+        if timing is not None:
+            timing.enqueued = time.perf_counter()
         with self._cond:
             self._arrived()
             if self._stopping:
@@ -329,8 +333,11 @@ class Scheduler:
             self._pending -= 1
             self._pending_tokens -= item.tokens
             item.job.queued_tokens -= item.tokens
-            if item.job.taken == 0 and self.metrics is not None:
-                self.metrics.queue_wait.observe(now - item.job.enqueued)
+            if item.job.taken == 0:
+                if self.metrics is not None:
+                    self.metrics.queue_wait.observe(now - item.job.enqueued)
+                if item.job.timing is not None:
+                    item.job.timing.taken = time.perf_counter()
             item.job.taken += 1
         self._queue_changed()
         return batch
@@ -414,7 +421,7 @@ class Scheduler:
         # core would share them with the runs that start beside it. Read without the lock: a hint.
         alone = (self._free == self.workers - 1 and self._express_free == self.express and not self._pending
                  and not self._arriving)
-        started = time.monotonic()
+        started, began = time.monotonic(), time.perf_counter()
         try:
             logits = self.classifier.run(self.classifier.collate(encodings), alone=alone)
         except Exception as exc:  # InferenceError from session.run, or anything in collate
@@ -422,14 +429,18 @@ class Scheduler:
                 for item in batch:
                     self._fail(item.job, exc)
             return
-        padded = len(batch) * max(len(encoding) for encoding in encodings) + RUN_COST_TOKENS
+        ended = time.perf_counter()
+        padded = len(batch) * max(len(encoding) for encoding in encodings)
         self.classifier.ready = True  # the model has answered: what /ready waits for
         with self._cond:
             # an exponential average follows load changes within a few runs
-            self._seconds_per_token += 0.2 * ((time.monotonic() - started) / padded - self._seconds_per_token)
+            self._seconds_per_token += 0.2 * ((time.monotonic() - started) / (padded + RUN_COST_TOKENS)
+                                              - self._seconds_per_token)
             for item, row in zip(batch, logits, strict=True):
                 job = item.job
                 job.logits[item.index] = row
+                if job.timing is not None:
+                    job.timing.add_run(began, ended, len(batch), padded)
                 job.left -= 1
                 if job.left == 0:
                     job.wake.set()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("onnx", "pytorch", "optimum")
@@ -236,6 +237,44 @@ def _api_key(config: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(config: Mapping[str, Any], key: str) -> str:
+    """Return one of LOG_FORMATS."""
+    value = str(_value(config, key)).strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"SERVICE_LOG_FORMAT must be text or json, got {_value(config, key)!r}")
+    return value
+
+
+def _otlp_endpoint(config: Mapping[str, Any], key: str) -> str | None:
+    """Return the OTLP/HTTP URL spans go to, or None: tracing off.
+
+    SERVICE_OTLP_ENDPOINT is a collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is; unset, the
+    standard variables apply (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is the full URL). OTEL_SDK_DISABLED=true
+    and OTEL_TRACES_EXPORTER=none turn tracing off, as they do in OpenTelemetry's SDK.
+    """
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or \
+            os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return None
+    if not _unset(config, key):
+        return _url(config.get(key), f"SERVICE_{key}").rstrip("/") + "/v1/traces"
+    traces = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return _url(traces, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    return _url(base, "OTEL_EXPORTER_OTLP_ENDPOINT").rstrip("/") + "/v1/traces" if base else None
+
+
+def _url(value: Any, variable: str) -> str:
+    """Return an http(s) URL with a host, or raise ConfigError naming the variable."""
+    parts = urlsplit(value.strip()) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{variable} must be an http or https URL such as http://collector:4318, got {value!r}")
+    return value.strip()
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_DIR", "onnx_models/minilm-l6-sentiment", _model_dir,
             "exported model folder; a relative path not found from the working directory is looked up "
@@ -323,6 +362,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SHUTDOWN_TIMEOUT", 8.0, _seconds, "seconds SIGTERM waits for requests in flight"),
     Setting("API_KEY", None, _api_key, 'require "Authorization: Bearer <key>" on every route but /health, '
             "/ready, /openapi.json and the v2 health probes", computed="unset: no key"),
+    Setting("LOG_FORMAT", "text", log_format, "text, or json: every line on stderr is one JSON object "
+            "(time, level, logger, message, request_id), every server process' and the parent's"),
+    Setting("ACCESS_LOG", True, _boolean, "log one access record per request (request id, method, route "
+            "template, model, status, duration, texts, tokens) in LOG_FORMAT"),
+    Setting("OTLP_ENDPOINT", None, _otlp_endpoint, "OpenTelemetry collector's OTLP/HTTP base URL (such "
+            "as http://collector:4318): trace every request to its /v1/traces; OpenTelemetry's OTEL_* "
+            "variables (sampler, headers, timeout, service name) apply",
+            computed="unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT; "
+                     "neither: tracing off"),
 )
 DEFAULTS: dict[str, Any] = {setting.key: setting.default for setting in SETTINGS}
 
@@ -362,6 +410,9 @@ class Settings:
     max_header_bytes: int
     shutdown_timeout: float
     api_key: str | None = field(repr=False)  # never in a log line or a traceback
+    log_format: str
+    access_log: bool
+    otlp_endpoint: str | None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:

@@ -5,26 +5,42 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flask import current_app
+from flask import current_app, g
 
 from service.batching import Scheduler
 from service.classifier import Direction, Input
 from service.metrics import Metrics
+from service.timing import Timing
 
 
 def infer(inputs: list[Input], truncate: bool = True, direction: Direction | None = None) -> np.ndarray:
     """Return the logits [inputs, labels] of texts or (text, text_pair) pairs.
 
     With batching, inputs are tokenized in the calling request thread and run in a batch shared with
-    concurrent requests; raises InputTooLong (truncate=False), Unavailable or InferenceError.
+    concurrent requests; raises InputTooLong (truncate=False), Unavailable or InferenceError. The
+    request's Timing (service.observe) gets each stage.
     """
     classifier = current_app.extensions["service.classifier"]
     scheduler: Scheduler | None = current_app.extensions["service.scheduler"]
-    started = time.perf_counter()
-    if scheduler is None:
+    timing: Timing = g.timing
+    timing.texts = len(inputs)
+    timing.characters = sum(len(item) if isinstance(item, str) else len(item[0]) + len(item[1]) for item in inputs)
+    started = timing.tokenizing = time.perf_counter()
+    if classifier.backend != "onnx":  # the reference pipelines tokenize inside their run
         logits = classifier.logits(inputs, truncate=truncate, direction=direction)
+        timing.add_run(started, time.perf_counter(), len(inputs), None)
     else:
-        logits = scheduler.logits(classifier.encode(inputs, truncate=truncate, direction=direction))
+        encodings = classifier.encode(inputs, truncate=truncate, direction=direction)
+        timing.tokenized = time.perf_counter()
+        timing.tokens = sum(len(encoding) for encoding in encodings)
+        if scheduler is not None:
+            logits = scheduler.logits(encodings, timing)
+        else:
+            logits = classifier.run(classifier.collate(encodings))
+            timing.add_run(timing.tokenized, time.perf_counter(), len(encodings),
+                           len(encodings) * max(len(encoding) for encoding in encodings))
+            classifier.ready = True
+    timing.inferred = time.perf_counter()
     metrics: Metrics = current_app.extensions["service.metrics"]
-    metrics.observe_inference(len(inputs), time.perf_counter() - started)
+    metrics.observe_inference(len(inputs), timing.inferred - started)
     return logits

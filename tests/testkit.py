@@ -109,7 +109,7 @@ def running_server(timeout: float = START_TIMEOUT, **overrides: str) -> Iterator
             several = re.search(r"starting (\d+) server processes", line)
             if several:
                 processes = int(several.group(1))
-            found = re.search(r"serving model .* on (http://\S+)", line)
+            found = re.search(r"serving model .* on (http://[^\s\"]+)", line)  # text or JSON lines
             if found:
                 serving += 1
                 if serving == processes:  # every process serves: their threads and sockets are all there

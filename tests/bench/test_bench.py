@@ -98,6 +98,30 @@ def test_a_baseline_checkout_serves_this_checkouts_model_with_its_own_code(tmp_p
         stop(started)
 
 
+def test_the_observed_variants_log_json_and_export_every_request_to_the_sink(tmp_path: Path) -> None:
+    _need_wrk()
+    specs, skipped = backend_specs(["onnx-json", "onnx-traced"], DEFAULT_MODEL_DIR, tmp_path)
+    assert not skipped
+    for name in specs:  # one cell each: where their targets are set
+        assert (specs[name]["workloads"], specs[name]["connections"]) == (("short",), (8,))
+    json_logs = start(specs["onnx-json"]["server"], tmp_path, timeout=60)
+    try:
+        assert run_wrk(json_logs.port, WORKLOADS["short"], connections=8, duration_s=1)["errors"] == 0
+    finally:
+        stop(json_logs)
+    lines = [json.loads(line) for line in json_logs.log_path.read_text().splitlines()]
+    assert sum(line["logger"] == "service.access" for line in lines) > 10
+    sink = specs["onnx-traced"]["sink"]
+    traced = start(specs["onnx-traced"]["server"], tmp_path, timeout=60)
+    try:
+        run = run_wrk(traced.port, WORKLOADS["short"], connections=8, duration_s=1)
+        assert run["errors"] == 0
+    finally:
+        stop(traced)  # the spans still queued are exported on the way out
+    assert traced.process.returncode == 0, traced.log_tail()
+    assert sink.exports > 0 and sink.bytes > 100 * run["requests"]  # every request's spans, sampled always
+
+
 def test_a_baseline_must_be_a_checkout_of_this_project(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--baseline", str(tmp_path)], ["--backends", "onnx", "onnx-baseline"]):
         with pytest.raises(SystemExit) as exited:
@@ -305,6 +329,8 @@ def test_the_targets_are_the_issues_list() -> None:
         "short c=32: req/s >= 0.85 x in-process limit", "short c=32: req/s >= 2 x Infinity",
         "short c=32: req/s >= 2 x Optimum pipeline", "short c=32: req/s >= 6 x PyTorch service",
         "long c=8: req/s >= 0.9 x in-process limit", "mixed c=8: req/s >= 0.9 x in-process limit",
+        "short c=8 with JSON logs: req/s >= 0.97 x the defaults",
+        "short c=8 with every request traced: req/s >= 0.85 x the defaults",
         "server PSS <= 185 MiB", "cold start <= 1 s"]
 
 
@@ -361,6 +387,26 @@ def test_a_skipped_peer_is_not_measured_and_says_why() -> None:
     assert check["met"] is None and check["detail"].startswith("not measured: cannot install Infinity")
     assert checks["short c=1: p50 < Infinity's"]["met"] is None
     assert checks["short c=8: req/s >= 2 x Optimum pipeline"]["met"] is True
+
+
+def test_the_cost_of_observing_is_a_ratio_to_the_defaults_of_the_same_repetitions() -> None:
+    def run(backend: str, rep: int, rps: float, cpu_s: float) -> dict[str, Any]:
+        return {"rep": rep, "backend": backend, "workload": "short", "connections": 8, "p50_us": 10_000,
+                "p90_us": 20_000, "p99_us": 30_000, "throughput_rps": rps, "requests": 1000, "errors": 0,
+                "client_cpu_share": 0.05, "server_cpu_s": cpu_s, "foreign_cpu_share": 0.0}
+
+    # the defaults' throughput moves between repetitions; each variant is compared within its own
+    runs = [run("onnx", 0, 600.0, 1.0), run("onnx", 1, 400.0, 1.0),
+            run("onnx-json", 0, 588.0, 1.02), run("onnx-json", 1, 392.0, 1.02),  # 0.98 x in both
+            run("onnx-traced", 0, 480.0, 1.3), run("onnx-traced", 1, 320.0, 1.3)]  # 0.80 x in both
+    checks = by_name(report.targets(report.summarise(runs, [], [])))
+    logs = checks["short c=8 with JSON logs: req/s >= 0.97 x the defaults"]
+    traced = checks["short c=8 with every request traced: req/s >= 0.85 x the defaults"]
+    assert (logs["met"], logs["measured"], logs["bound"]) == (True, 0.98, 0.97)
+    assert (traced["met"], traced["measured"]) == (False, 0.8)
+    assert "1.30 ms of server CPU per request against 1.00 ms at the defaults" in traced["why"]
+    unmeasured = by_name(report.targets(report.summarise(runs[:2], [], [])))
+    assert unmeasured["short c=8 with JSON logs: req/s >= 0.97 x the defaults"]["met"] is None
 
 
 def test_a_missed_throughput_or_memory_target_names_its_cause() -> None:

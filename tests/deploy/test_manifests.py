@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from service.config import DEFAULTS
+from service.config import DEFAULTS, Settings
+from service.tracing import EXIT_FLUSH_SECONDS
 from tests.deploy.manifests import (
     DEPLOY,
     KUBERNETES_VERSIONS,
@@ -158,12 +159,21 @@ def test_deployment_probes_the_service_health_routes_on_its_port() -> None:
 def test_deployment_grace_period_covers_the_prestop_sleep_and_the_drain() -> None:
     prestop, drain = _prestop_seconds(CLASSIFIER), _shutdown_timeout(CLASSIFIER)
     assert prestop >= 3, "endpoints and proxies need a few seconds to drop a terminating pod"
-    assert POD["terminationGracePeriodSeconds"] > prestop + drain
+    # with tracing on, the spans still queued get a bounded time at exit, after the drain
+    assert POD["terminationGracePeriodSeconds"] > prestop + drain + EXIT_FLUSH_SECONDS
 
 
 def test_kserve_grace_period_covers_the_drain() -> None:
     predictor = KSERVE["InferenceService"]["spec"]["predictor"]
-    assert predictor["terminationGracePeriodSeconds"] > _shutdown_timeout(RUNTIME) + 5
+    assert predictor["terminationGracePeriodSeconds"] > _shutdown_timeout(RUNTIME) + EXIT_FLUSH_SECONDS + 5
+
+
+@pytest.mark.parametrize("spec", [CLASSIFIER, RUNTIME], ids=["deployment", "servingruntime"])
+def test_the_settings_are_valid_and_the_logs_json(spec: dict[str, Any]) -> None:
+    settings = {name.removeprefix("SERVICE_"): value for name, value in env(spec).items()
+                if name.startswith("SERVICE_")}
+    parsed = Settings.from_mapping({**settings, "MODEL_DIR": str(REPO / DEFAULTS["MODEL_DIR"])})
+    assert parsed.log_format == "json" and parsed.access_log is True  # what a log collector parses
 
 
 @pytest.mark.parametrize("spec", [CLASSIFIER, RUNTIME], ids=["deployment", "servingruntime"])
