@@ -28,12 +28,14 @@ from service.classifier import (
     rank,
     read_json,
 )
+from service.tasks import TextClassification
 
 
 class _PipelineClassifier:
     """Classify texts with a transformers text-classification pipeline that a subclass builds."""
 
     backend = ""
+    task = TextClassification()  # the text-classification pipeline only
 
     def __init__(self, model_dir: Path, intra_op_threads: int = 1) -> None:
         """Read the labels of a model folder, then build the pipeline."""

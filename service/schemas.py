@@ -9,6 +9,7 @@ from flask import current_app, request
 
 from service.classifier import FUNCTIONS, Input
 from service.errors import ApiError
+from service.tasks import STRATEGIES, Candidates, Strategy, TaskError, parse_labels, parse_template
 
 # The body is parsed as JSON whatever its Content-Type, because `curl -d` sends
 # application/x-www-form-urlencoded; only multipart bodies, which can never be JSON, are refused.
@@ -44,12 +45,116 @@ def json_object(error_type: str | None = None) -> dict[str, Any]:
     return body
 
 
-def read_body(max_batch: int, form: Literal["sentiment", "inference_api"]) -> ClassifyRequest:
-    """Parse and validate the current request's JSON body for /sentiment or the Inference API route."""
-    body = json_object()
+def read_body(max_batch: int, form: Literal["sentiment", "inference_api"],
+              body: dict[str, Any] | None = None) -> ClassifyRequest:
+    """Parse and validate the current request's JSON body (or the body already read) for /sentiment or the
+    Inference API route."""
+    body = json_object() if body is None else body
     if form == "sentiment":
         return _sentiment(body, max_batch)
     return _inference_api(body, max_batch)
+
+
+@dataclass(frozen=True)
+class TagRequest:
+    """Typed inputs of one token-classification request on the Inference API route."""
+
+    texts: list[str]
+    batch: bool  # False: one text was sent alone, answer with its entities
+    strategy: Strategy
+    ignore_labels: list[str]
+    stride: int | None  # None: windows that do not overlap, for texts longer than max_length
+
+
+@dataclass(frozen=True)
+class ZeroShotRequest:
+    """Typed inputs of one zero-shot request on the Inference API route."""
+
+    texts: list[str]
+    batch: bool
+    candidates: Candidates
+    pipeline_shape: bool  # answer transformers' {"sequence", "labels", "scores"} rather than [{"label", "score"}]
+
+
+# Clients that read the zero-shot pipeline's dict: huggingface_hub before 1.2 (its User-Agent says hf_hub/0.x).
+_PIPELINE_SHAPE_AGENTS = ("hf_hub/0.",)
+RESPONSE_FORMATS = ("list", "pipeline")
+
+
+def parameters_of(body: dict[str, Any]) -> dict[str, Any]:
+    """Return the Inference API body's "parameters" object ({} when absent or null)."""
+    parameters = body.get("parameters")
+    if parameters is None:  # the client sends {} without options; null means the same
+        return {}
+    if not isinstance(parameters, dict):
+        raise ApiError(400, "field 'parameters' must be an object")
+    return parameters
+
+
+def _texts_of_inputs(body: dict[str, Any], max_batch: int) -> tuple[list[str], bool]:
+    """Return the texts of "inputs" (a string or a list of strings) and whether it was a list."""
+    if "inputs" not in body:
+        raise ApiError(400, "missing field 'inputs'")
+    inputs = body["inputs"]
+    if isinstance(inputs, str):
+        return [_text(inputs, "inputs")], False
+    if not isinstance(inputs, list):
+        raise ApiError(400, "field 'inputs' must be a string or a list of strings")
+    return _texts(inputs, "inputs", max_batch), True
+
+
+def read_tag_request(body: dict[str, Any], max_batch: int, max_stride: int) -> TagRequest:
+    """Validate a token-classification body: inputs, aggregation_strategy, ignore_labels, stride."""
+    texts, batch = _texts_of_inputs(body, max_batch)
+    parameters = parameters_of(body)
+    strategy = parameters.get("aggregation_strategy")
+    strategy = "none" if strategy is None else strategy
+    if not isinstance(strategy, str) or strategy.lower() not in STRATEGIES:
+        raise ApiError(400, f"parameter 'aggregation_strategy' must be one of {', '.join(STRATEGIES)}")
+    ignore = parameters.get("ignore_labels")
+    if ignore is None:
+        ignore = ["O"]
+    if not isinstance(ignore, list) or not all(isinstance(label, str) for label in ignore):
+        raise ApiError(400, "parameter 'ignore_labels' must be a list of strings")
+    stride = parameters.get("stride")
+    if stride is not None:
+        if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride <= max_stride:
+            raise ApiError(400, f"parameter 'stride' must be an integer from 0 to {max_stride} (the tokens a window "
+                                "holds less one) or null")
+        if strategy.lower() == "none":
+            raise ApiError(400, "parameter 'stride' needs an aggregation_strategy other than none: overlapping "
+                                "windows are merged by entity")
+    return TagRequest(texts, batch, strategy.lower(), ignore, stride)  # type: ignore[arg-type]
+
+
+def read_zero_shot_request(body: dict[str, Any], max_batch: int, user_agent: str) -> ZeroShotRequest:
+    """Validate a zero-shot body: inputs, candidate_labels, hypothesis_template, multi_label, response_format.
+
+    Each text is paired with each label, and every pair counts as one text against max_batch.
+    """
+    texts, batch = _texts_of_inputs(body, max_batch)
+    parameters = parameters_of(body)
+    try:
+        labels = parse_labels(parameters.get("candidate_labels"))
+        template = parameters.get("hypothesis_template")
+        template = parse_template(template) if template is not None else Candidates(labels).template
+    except TaskError as exc:
+        raise ApiError(400, str(exc)) from None
+    for index, label in enumerate(labels):
+        check_unicode(label, f"candidate label at index {index}")
+    check_unicode(template, "hypothesis_template")
+    multi_label = parameters.get("multi_label")
+    if multi_label is not None and not isinstance(multi_label, bool):
+        raise ApiError(400, "parameter 'multi_label' must be true or false")
+    response_format = parameters.get("response_format")
+    if response_format is not None and response_format not in RESPONSE_FORMATS:
+        raise ApiError(400, f"parameter 'response_format' must be one of {', '.join(RESPONSE_FORMATS)}")
+    if len(texts) * len(labels) > max_batch:
+        raise ApiError(413, f"batch too large: {len(texts)} texts x {len(labels)} candidate labels are "
+                            f"{len(texts) * len(labels)} text pairs, the limit is {max_batch} per request")
+    pipeline_shape = (response_format == "pipeline" if response_format is not None
+                      else any(agent in user_agent for agent in _PIPELINE_SHAPE_AGENTS))
+    return ZeroShotRequest(texts, batch, Candidates(labels, template, bool(multi_label)), pipeline_shape)
 
 
 def _sentiment(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
@@ -72,11 +177,7 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     """
     if "inputs" not in body:
         raise ApiError(400, "missing field 'inputs'")
-    parameters = body.get("parameters")
-    if parameters is None:  # the client sends {} without options; null means the same
-        parameters = {}
-    if not isinstance(parameters, dict):
-        raise ApiError(400, "field 'parameters' must be an object")
+    parameters = parameters_of(body)
     function = parameters.get("function_to_apply")
     if function is not None and function not in FUNCTIONS:
         raise ApiError(400, f"parameter 'function_to_apply' must be one of {', '.join(FUNCTIONS)}")

@@ -78,3 +78,77 @@ def _roberta(folder: Path, id2label: dict[int, str], seed: int) -> Path:
     RobertaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC", 5: "MISC"}
+NLI_LABELS = {0: "contradiction", 1: "neutral", 2: "entailment"}
+# Sentences for the subword tokenizers to learn from: words, accents, CJK and emoji among them.
+SENTENCES = [" ".join(WORDS), "Zoë visited Zürich and Köln with Marie-Hélène", "東京 と 大阪 に 行った",
+             "the actor 😀 loved the film 🎬 in Paris", "John Smith was not very good in Berlin"] * 4
+
+
+def build_token_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str] | None = None,
+                           seed: int = 0, model_max_length: int = 24) -> Path:
+    """Save a tiny random token classifier: BERT with WordPiece, RoBERTa with byte-level BPE, XLM-R with unigram.
+
+    A short model_max_length makes a sentence span several windows. Weights are drawn wide, so the tags
+    differ from token to token and no two labels tie.
+    """
+    import torch
+    from tokenizers import Tokenizer, processors
+    from transformers import (
+        BertConfig,
+        BertForTokenClassification,
+        BertTokenizerFast,
+        RobertaConfig,
+        RobertaForTokenClassification,
+        RobertaTokenizerFast,
+        XLMRobertaConfig,
+        XLMRobertaForTokenClassification,
+        XLMRobertaTokenizerFast,
+    )
+
+    id2label = id2label or NER_LABELS
+    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
+             "initializer_range": 0.3}
+    folder.mkdir(parents=True, exist_ok=True)
+    if family == "bert":
+        (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=model_max_length)
+        config = BertConfig(vocab_size=len(_vocab()), max_position_embeddings=64, **shape, **labels)
+        model_class = BertForTokenClassification
+    elif family == "roberta":
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(SENTENCES, vocab_size=400, min_frequency=1,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        bpe.save_model(str(folder))
+        tokenizer = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"),
+                                         merges_file=str(folder / "merges.txt"), model_max_length=model_max_length)
+        config = RobertaConfig(vocab_size=bpe.get_vocab_size(), max_position_embeddings=66, type_vocab_size=1,
+                               pad_token_id=1, bos_token_id=0, eos_token_id=2, **shape, **labels)
+        model_class = RobertaForTokenClassification
+    elif family == "xlm-roberta":
+        from tokenizers import SentencePieceUnigramTokenizer
+
+        unigram = SentencePieceUnigramTokenizer()
+        unigram.train_from_iterator(SENTENCES, vocab_size=200, unk_token="<unk>",
+                                    special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        backend: Tokenizer = unigram._tokenizer
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", backend.token_to_id("<s>")), ("</s>", backend.token_to_id("</s>"))])
+        tokenizer = XLMRobertaTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+                                            bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+                                            unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+        config = XLMRobertaConfig(vocab_size=backend.get_vocab_size(), max_position_embeddings=66, type_vocab_size=1,
+                                  pad_token_id=1, bos_token_id=0, eos_token_id=2, **shape, **labels)
+        model_class = XLMRobertaForTokenClassification
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
