@@ -136,6 +136,18 @@ def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
     return sets
 
 
+# Labels a zero-shot model is asked about when the validation inputs are single texts: what it reads in
+# service is (text, hypothesis) pairs, and these cover topics and sentiment.
+PROBE_LABELS = ("positive", "negative", "sports", "politics", "technology")
+
+
+def hypotheses(examples: list[Example]) -> list[Example]:
+    """Return each single text paired with the default hypothesis of every probe label, as zero-shot reads it."""
+    template = tasks.DEFAULT_TEMPLATE
+    return [Example(text=e.text, label=None, domain=e.domain, text_pair=template.format(label))
+            for e in examples for label in PROBE_LABELS]
+
+
 def _pool(fp32: Path, sets: dict[str, list[Example]]):
     """Encode every input of the export once, with the service's own code for the exported folder."""
     from export.validate import Pool
@@ -219,7 +231,7 @@ def run(options: ExportOptions) -> Path:
             budget_record = None
         else:
             models, quant_record, report, max_length, budget_record = _classify_stages(
-                options, stages, source, fp32, work, budget_started)
+                options, stages, source, fp32, work, budget_started, zero_shot=task == tasks.ZERO_SHOT_CLASSIFICATION)
         served = report["served_model"]
 
         stages.next("writing the model folder")
@@ -340,11 +352,13 @@ def _tag_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Pa
 
 
 def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Path, work: Path,
-                     budget_started: float):
+                     budget_started: float, zero_shot: bool = False):
     """Quantize and validate a sequence classifier: the int8 search and its gate, then PyTorch's scores."""
     quantize = options.quantization.mode != "none"
     stages.next(f"quantizing to int8 ({options.quantization.mode})" if quantize else "skipping quantization")
     sets = validation_sets(options)
+    if zero_shot and not options.pairs:
+        sets = {name: hypotheses(examples) for name, examples in sets.items()}
     if not quantize:  # only the gate and the quantizer read these
         sets.pop("calibration")
         sets.pop("selection_extra", None)

@@ -128,7 +128,12 @@ def parse_template(value: Any) -> str:
     except ValueError:
         fields = [("?", "", None)]
     # str.format would also reach attributes and items ({0.x}, {0[1]}): only the label itself is allowed
-    if not fields or any(name not in ("", "0") or spec or conversion for name, spec, conversion in fields):
+    only_label = all(name in ("", "0") and not spec and not conversion for name, spec, conversion in fields)
+    try:
+        usable = bool(fields) and only_label and value.format("label") != value
+    except (IndexError, ValueError):  # "{}{}" wants a second label; "{}{0}" mixes numbering
+        usable = False
+    if not usable:
         raise TaskError(f"parameter 'hypothesis_template' {value!r} must hold the label's place as {{}}, "
                         f"for example {DEFAULT_TEMPLATE!r}")
     return value
@@ -194,7 +199,9 @@ class TokenClassification(Task):
             grouped = self._aggregate(self._tokens(text, window, scores, strategy), strategy)
             found += [entity for entity in grouped
                       if entity.get("entity") not in ignore_labels and entity.get("entity_group") not in ignore_labels]
-        return _merge_overlapping(found) if len(windows) > 1 else found
+        # Windows without aggregation never overlap (stride needs one): each token is kept once, in order,
+        # even where byte-level pieces of one character share offsets.
+        return _merge_overlapping(found) if len(windows) > 1 and strategy != "none" else found
 
     def _tokens(self, text: str, window: Encoding, scores: np.ndarray, strategy: Strategy) -> list[dict[str, Any]]:
         """Return the window's non-special tokens with their scores, offsets and whether each continues a word."""
