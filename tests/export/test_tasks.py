@@ -329,3 +329,106 @@ def _quiet_pipelines():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
+
+
+# the real huggingface_hub clients against a real server
+
+@pytest.fixture
+def offline_hub_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the client post to a local base_url whatever HF_HUB_OFFLINE says, without a token."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    reset_sessions()
+
+
+def _entities(items: list[Any]) -> list[tuple]:
+    """Return entities (dicts or the client's dataclasses) as comparable tuples, scores rounded."""
+    def field(item: Any, name: str) -> Any:
+        return item.get(name) if isinstance(item, dict) else getattr(item, name)
+
+    return [(field(e, "entity_group") or field(e, "entity"), field(e, "word"), int(field(e, "start")),
+             int(field(e, "end")), round(float(field(e, "score")), 3)) for e in items]
+
+
+def test_the_inference_client_tags_tokens_and_ranks_labels_on_a_real_server(
+        taggers, tag_pipelines, nli, zs_pipelines, offline_hub_allowed) -> None:
+    from huggingface_hub import InferenceClient
+
+    from tests.testkit import running_server
+
+    text = SHORT[0]
+    with running_server(SERVICE_MODEL_DIR=str(taggers["roberta"][1])) as server:
+        client = InferenceClient(base_url=server.url, timeout=30)
+        for strategy in STRATEGIES:
+            assert _entities(client.token_classification(text, aggregation_strategy=strategy)) == \
+                _entities(tag_pipelines["roberta"](text, aggregation_strategy=strategy))
+        long = client.token_classification(LONG, aggregation_strategy="max", stride=4)
+        assert _entities(long) == _entities(tag_pipelines["roberta"](LONG, aggregation_strategy="max", stride=4))
+    with running_server(SERVICE_MODEL_DIR=str(nli["bert"][1])) as server:
+        client = InferenceClient(base_url=server.url, timeout=30)
+        for multi_label in (False, True):
+            ranked = client.zero_shot_classification(ZS_TEXTS[1], ZS_LABELS, multi_label=multi_label,
+                                                      hypothesis_template="It is {}.")
+            expected = zs_pipelines["bert"](ZS_TEXTS[1], ZS_LABELS, multi_label=multi_label,
+                                            hypothesis_template="It is {}.")
+            assert [item.label for item in ranked] == expected["labels"]
+            assert np.allclose([item.score for item in ranked], expected["scores"], atol=TOLERANCE)
+
+
+NEW_CLIENT = "huggingface_hub==1.33.0"  # a client of the generation that reads zero-shot as a list
+NEW_CLIENT_PROBE = r"""
+import json, sys
+from huggingface_hub import InferenceClient
+client = InferenceClient(base_url=sys.argv[1], timeout=30)
+if sys.argv[2] == "tag":
+    found = client.token_classification(sys.argv[3], aggregation_strategy="simple")
+    print(json.dumps([{"entity_group": e.entity_group, "word": e.word, "start": e.start, "end": e.end,
+                       "score": e.score} for e in found]))
+else:
+    found = client.zero_shot_classification(sys.argv[3], json.loads(sys.argv[4]))
+    print(json.dumps([{"label": e.label, "score": e.score} for e in found]))
+"""
+
+
+@pytest.fixture(scope="session")
+def new_client_python() -> Path:
+    """Return the python of a virtualenv holding the newer huggingface_hub (made once under .cache/)."""
+    import subprocess
+    import sys
+
+    from tests.testkit import REPO
+
+    venv = REPO / ".cache" / f"hub-client-{NEW_CLIENT.split('==')[1]}"
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", NEW_CLIENT], check=True, timeout=600)
+    return python
+
+
+@pytest.mark.slow
+def test_the_newer_inference_client_reads_both_tasks(taggers, tag_pipelines, nli, zs_pipelines,
+                                                     new_client_python) -> None:
+    import subprocess
+
+    from tests.testkit import running_server
+
+    def probe(url: str, *args: str) -> Any:
+        env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        done = subprocess.run([str(new_client_python), "-c", NEW_CLIENT_PROBE, url, *args], capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    text = SHORT[0]
+    with running_server(SERVICE_MODEL_DIR=str(taggers["bert"][1])) as server:
+        assert _entities(probe(server.url, "tag", text)) == \
+            _entities(tag_pipelines["bert"](text, aggregation_strategy="simple"))
+    with running_server(SERVICE_MODEL_DIR=str(nli["roberta"][1])) as server:
+        ranked = probe(server.url, "zero-shot", ZS_TEXTS[0], json.dumps(ZS_LABELS))
+        expected = zs_pipelines["roberta"](ZS_TEXTS[0], ZS_LABELS)
+        assert [item["label"] for item in ranked] == expected["labels"]
+        assert np.allclose([item["score"] for item in ranked], expected["scores"], atol=TOLERANCE)
