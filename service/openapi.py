@@ -47,7 +47,8 @@ def _tei_errors(locked: tuple[int, ...], *statuses: int) -> dict[str, Any]:
     """Return TEI's error responses: {"error", "error_type"}; 429 with Retry-After."""
     reasons = {400: "Invalid JSON, or an empty batch (error_type Empty)",
                413: "Body over max_content_length",
-               422: "Invalid fields, more inputs than max_batch, or too long with truncate false (Validation)",
+               422: "Invalid fields, an empty input, more inputs than max_batch, or too long with truncate false "
+                    "(Validation)",
                424: "The model failed, or cannot serve this route (Backend)",
                429: "Overloaded: retry after Retry-After seconds (Overloaded)"}
     # 413 may come from Waitress before the route runs, without an error_type

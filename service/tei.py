@@ -103,15 +103,23 @@ def predict_inputs(value: Any) -> tuple[list[Input], bool]:
     "a" is one text; ["a", "b"] is one pair (not a batch of two); [["a"], ["a", "b"]] is a batch.
     """
     if isinstance(value, str):
-        return [_string(value, "inputs")], False
+        return _not_empty([_string(value, "inputs")]), False
     if not isinstance(value, list):
         raise _invalid("'inputs' must be a string, a pair [text, text_pair] or a batch [[text], [text, text_pair]]")
     if not value:
         raise ApiError(400, "Batch is empty", EMPTY)
     if not isinstance(value[0], list):
-        return [_sequence(value, "inputs")], False
+        return _not_empty([_sequence(value, "inputs")]), False
     _batch_size(len(value))
-    return [_sequence(item, f"inputs[{i}]") for i, item in enumerate(value)], True
+    return _not_empty([_sequence(item, f"inputs[{i}]") for i, item in enumerate(value)]), True
+
+
+def _not_empty(inputs: list[Input]) -> list[Input]:
+    """Refuse an empty text, or a pair of two, as TEI's validation does (a blank text is still an input)."""
+    for item in inputs:
+        if item == "" or item == ("", ""):
+            raise _invalid("`inputs` cannot be empty")
+    return inputs
 
 
 def _logits(inputs: list[Input], options: Options) -> np.ndarray:
@@ -152,6 +160,7 @@ def rerank() -> Response:
     if not texts:
         raise ApiError(400, "`texts` cannot be empty", EMPTY)
     _batch_size(len(texts))
+    _not_empty([(query, text) for text in texts])
     top_n = body.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise _invalid("'top_n' must be an integer >= 1 or null")

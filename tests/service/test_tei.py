@@ -149,8 +149,16 @@ def test_invalid_json_is_a_tei_error(client: FlaskClient) -> None:
         assert response.status_code == 400 and tei_valid(response.get_json(), "ErrorResponse")
 
 
-def test_empty_strings_are_inputs_as_in_tei(client: FlaskClient) -> None:
-    assert client.post("/predict", json={"inputs": ""}).status_code == 200
+@pytest.mark.parametrize("inputs", ["", [""], ["", ""], [["a"], [""]]])
+def test_an_empty_input_is_refused_as_in_tei(client: FlaskClient, inputs: Any) -> None:
+    response = client.post("/predict", json={"inputs": inputs})
+    assert response.status_code == 422 and tei_valid(response.get_json(), "ErrorResponse")
+    assert response.get_json() == {"error": "`inputs` cannot be empty", "error_type": "Validation"}
+
+
+def test_blank_texts_and_half_empty_pairs_are_inputs_as_in_tei(client: FlaskClient) -> None:
+    assert client.post("/predict", json={"inputs": " "}).status_code == 200
+    assert client.post("/predict", json={"inputs": ["", "a text"]}).status_code == 200
 
 
 def test_rerank_scores_each_text_against_the_query_like_pytorch(rerank_client: FlaskClient,
