@@ -30,6 +30,7 @@ from service.config import Settings
 from service.errors import ApiError, handle_http_exception, request_id
 from service.inference import infer
 from service.schemas import check_unicode, json_object
+from service.tasks import CLASSIFY
 
 bp = Blueprint("tei", __name__)
 logger = logging.getLogger(__name__)
@@ -131,6 +132,15 @@ def _logits(inputs: list[Input], options: Options) -> np.ndarray:
                        "send \"truncate\": true to truncate it") from None
 
 
+def _classifier(route: str) -> Any:
+    """Return the model if it classifies texts or pairs, else raise TEI's 424 for a model of another kind."""
+    classifier = current_app.extensions["service.classifier"]
+    if not classifier.task.can(CLASSIFY):
+        raise ApiError(424, f"model is not a classifier model: {route} needs one label per input, this model "
+                            f"{classifier.task.describe()}", BACKEND)
+    return classifier
+
+
 @bp.post("/predict")
 def predict() -> Response:
     """Classify a text, a pair or a batch of them: every label, sorted by score."""
@@ -139,7 +149,7 @@ def predict() -> Response:
         raise _invalid("missing field 'inputs'")
     inputs, batch = predict_inputs(body["inputs"])
     options = _options(body)
-    classifier = current_app.extensions["service.classifier"]
+    classifier = _classifier("/predict")
     logits = _logits(inputs, options)
     ranked = rank(logits if options.raw_scores else apply_function(logits, classifier.function),
                   classifier.labels, None)
@@ -166,7 +176,7 @@ def rerank() -> Response:
         raise _invalid("'top_n' must be an integer >= 1 or null")
     return_text = _flag(body, "return_text", False)
     options = _options(body)
-    classifier = current_app.extensions["service.classifier"]
+    classifier = _classifier("/rerank")
     if len(classifier.labels) != 1:
         raise ApiError(424, f"model is not a re-ranker model: /rerank needs a cross-encoder with one label, "
                             f"this one has {len(classifier.labels)}", BACKEND)

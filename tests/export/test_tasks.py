@@ -432,3 +432,57 @@ def test_the_newer_inference_client_reads_both_tasks(taggers, tag_pipelines, nli
         expected = zs_pipelines["roberta"](ZS_TEXTS[0], ZS_LABELS)
         assert [item["label"] for item in ranked] == expected["labels"]
         assert np.allclose([item["score"] for item in ranked], expected["scores"], atol=TOLERANCE)
+
+
+def _v2(client: FlaskClient, name: str, inputs: list[dict[str, Any]], parameters: dict[str, Any] | None = None):
+    body = {"inputs": inputs, **({"parameters": parameters} if parameters else {})}
+    return client.post(f"/v2/models/{name}/infer", json=body)
+
+
+def _bytes(name: str, data: list[str]) -> dict[str, Any]:
+    return {"name": name, "datatype": "BYTES", "shape": [len(data)], "data": data}
+
+
+def test_v2_tags_tokens_with_the_inference_apis_options(tag_clients) -> None:
+    client = tag_clients["bert"]
+    metadata = client.get("/v2/models/ner-bert").get_json()
+    assert [t["name"] for t in metadata["inputs"]] == ["text"] and [t["name"] for t in metadata["outputs"]] == \
+        ["entities"]
+    parameters = {"aggregation_strategy": "first", "stride": 3, "ignore_labels": "O,MISC"}
+    response = _v2(client, "ner-bert", [_bytes("text", [LONG, SHORT[0]])], parameters)
+    assert response.status_code == 200, response.get_json()
+    (output,) = response.get_json()["outputs"]
+    assert output["name"] == "entities" and output["datatype"] == "BYTES" and output["shape"] == [2]
+    expected = client.post("/", json={"inputs": [LONG, SHORT[0]], "parameters": {
+        **parameters, "ignore_labels": ["O", "MISC"]}}).get_json()
+    assert [json.loads(item) for item in output["data"]] == expected
+    refused = _v2(client, "ner-bert", [_bytes("text", ["a"]), _bytes("text_pair", ["b"])])
+    assert refused.status_code == 400 and "its inputs are 'text'" in refused.get_json()["error"]
+    bad = _v2(client, "ner-bert", [_bytes("text", ["a"])], {"aggregation_strategy": "none", "stride": 2})
+    assert bad.status_code == 400 and "needs an aggregation_strategy" in bad.get_json()["error"]
+
+
+def test_v2_ranks_candidate_labels_and_classifies_without_them(zs_clients) -> None:
+    client = zs_clients["roberta"]
+    metadata = client.get("/v2/models/nli-roberta").get_json()
+    assert "candidate_labels" in [t["name"] for t in metadata["inputs"]]
+    response = _v2(client, "nli-roberta", [_bytes("text", ZS_TEXTS[:2]), _bytes("candidate_labels", ZS_LABELS)],
+                   {"multi_label": True, "hypothesis_template": "It is {}."})
+    assert response.status_code == 200, response.get_json()
+    outputs = {output["name"]: output for output in response.get_json()["outputs"]}
+    assert outputs["labels"]["shape"] == outputs["scores"]["shape"] == [2, len(ZS_LABELS)]
+    expected = client.post("/", json={"inputs": ZS_TEXTS[:2], "parameters": {
+        "candidate_labels": ZS_LABELS, "multi_label": True, "hypothesis_template": "It is {}."}}).get_json()
+    assert outputs["labels"]["data"] == [entry["label"] for row in expected for entry in row]
+    assert np.allclose(outputs["scores"]["data"], [entry["score"] for row in expected for entry in row], atol=1e-6)
+    plain = _v2(client, "nli-roberta", [_bytes("text", ["a dog"]), _bytes("text_pair", ["an animal"])])
+    assert [o["name"] for o in plain.get_json()["outputs"]] == ["label", "score", "probabilities", "logits"]
+
+
+def test_tei_routes_refuse_a_token_classifier_as_tei_does(tag_clients) -> None:
+    client = tag_clients["bert"]
+    for path, body in (("/predict", {"inputs": "a"}), ("/rerank", {"query": "a", "texts": ["b"]})):
+        response = client.post(path, json=body)
+        assert response.status_code == 424 and response.get_json()["error_type"] == "Backend"
+        assert "model is not a classifier model" in response.get_json()["error"]
+    assert client.post("/tokenize", json={"inputs": SHORT[0]}).status_code == 200
