@@ -129,7 +129,8 @@ def openapi() -> Response:
     """Return the OpenAPI 3.1 document of these routes."""
     settings: Settings = current_app.extensions["service.settings"]
     return jsonify(openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
-                                    current_app.extensions["service.classifier"].name))
+                                    current_app.extensions["service.classifier"].name,
+                                    current_app.extensions["service.classifier"].task))
 
 
 def _version(distribution: str) -> str | None:

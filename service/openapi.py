@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.tasks import STRATEGIES, TAG, ZERO_SHOT, Task, TextClassification
+
 _CONTENT_TYPES = (
     "Request bodies are parsed as JSON whatever their Content-Type (application/json is best; "
     "`curl -d` sends application/x-www-form-urlencoded and is accepted). multipart/form-data is "
@@ -258,9 +260,61 @@ def v2_paths(locked: tuple[int, ...], model_name: str) -> dict[str, Any]:
 NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 
 
+def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dict[str, Any]:
+    """Return the Inference API's request and answer for a token classifier or a zero-shot model (none else)."""
+    inputs = {"anyOf": [text, texts], "description": "A text, or a list of texts (then a list of answers)."}
+    if task.can(TAG):
+        entity = {"type": "object", "required": ["score", "word", "start", "end"], "properties": {
+            "entity": {"type": "string", "description": "The token's label (aggregation_strategy none)."},
+            "entity_group": {"type": "string", "description": "The entity's tag, without B-/I- (aggregated)."},
+            "score": {"type": "number"}, "word": {"type": "string"}, "index": {"type": "integer"},
+            "start": {"type": "integer", "description": "Character offset into the text sent."},
+            "end": {"type": "integer"}}}
+        entities = {"type": "array", "items": _ref("Entity")}
+        options = {"aggregation_strategy": {"anyOf": [{"enum": list(STRATEGIES)}, {"type": "null"}],
+                                            "description": "As transformers' pipeline (default none)."},
+                   "ignore_labels": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}],
+                                     "description": "Labels left out (default [\"O\"])."},
+                   "stride": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}],
+                              "description": "Tokens by which windows overlap (not with aggregation none)."}}
+        return {"Entity": entity, "InferenceRequest": {
+            "type": "object", "required": ["inputs"],
+            "description": "The Inference API's token-classification body (InferenceClient.token_classification). "
+                           "Texts longer than max_length tokens are read in windows, never cut.",
+            "properties": {"inputs": inputs, "parameters": {"anyOf": [{"type": "null"},
+                                                                      {"type": "object", "properties": options}]}}},
+            "InferenceResponse": {"anyOf": [entities, {"type": "array", "items": entities}],
+                                  "description": "A text's entities; a list of those for a list of texts."}}
+    if task.can(ZERO_SHOT):
+        ranked_pipeline = {"type": "object", "required": ["sequence", "labels", "scores"], "properties": {
+            "sequence": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
+            "scores": {"type": "array", "items": {"type": "number"}}}}
+        return {"ZeroShotRequest": {
+            "type": "object", "required": ["inputs", "parameters"],
+            "description": "The Inference API's zero-shot body (InferenceClient.zero_shot_classification): each "
+                           "text is paired with each label's hypothesis; the pairs count against max_batch.",
+            "properties": {"inputs": inputs, "parameters": {"type": "object", "required": ["candidate_labels"],
+                                                            "properties": {
+                "candidate_labels": {"anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                               {"type": "string"}],
+                                     "description": "Labels to rank: a list or a comma-separated string."},
+                "hypothesis_template": {"anyOf": [{"type": "string"}, {"type": "null"}],
+                                        "description": "Holds the label's place as {} (default \"This example is "
+                                                       "{}.\")."},
+                "multi_label": {"anyOf": [{"type": "boolean"}, {"type": "null"}],
+                                "description": "Score each label on its own (default false: they compete)."},
+                "response_format": {"anyOf": [{"enum": ["list", "pipeline"]}, {"type": "null"}],
+                                    "description": "list: [{label, score}] best first (default); pipeline: "
+                                                   "transformers' {sequence, labels, scores}, also the default for "
+                                                   "huggingface_hub 0.x clients (User-Agent hf_hub/0.)."}}}}},
+            "ZeroShotResponse": {"anyOf": [_ref("Ranked"), ranked_pipeline,
+                                           {"type": "array", "items": {"anyOf": [_ref("Ranked"), ranked_pipeline]}}]}}
+    return {}
+
+
 def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False,
-                     model_name: str = "model") -> dict[str, Any]:
-    """Return the OpenAPI document with this instance's limits and authentication filled in."""
+                     model_name: str = "model", task: Task | None = None) -> dict[str, Any]:
+    """Return the OpenAPI document with this instance's limits, authentication and model's task filled in."""
     top_k = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
              "description": "Return this many labels sorted by score (null: all labels)."}
     text = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
@@ -310,6 +364,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
                               "description": "One Ranked list per input, also for a single string input; "
                                              "all labels unless top_k is given."},
+        **task_schemas(task or TextClassification(), text, texts),
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status"],
@@ -362,10 +417,13 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                 "responses": {"200": _json(_ref("SentimentResponse"), "Predictions"), **classify_errors},
             }},
             "/": {"post": {
-                "summary": "Classify with the Hugging Face Inference API contract "
-                           "(InferenceClient.text_classification)",
-                "requestBody": _body("InferenceRequest"),
-                "responses": {"200": _json(_ref("InferenceResponse"), "Ranked predictions per input"),
+                "summary": "Answer the Hugging Face Inference API for the model's task "
+                           f"({(task or TextClassification()).name})",
+                "requestBody": _body("InferenceRequest") if not (task and task.can(ZERO_SHOT)) else {
+                    "required": True, "content": {"application/json": {"schema": {
+                        "anyOf": [_ref("InferenceRequest"), _ref("ZeroShotRequest")]}}}},
+                "responses": {"200": _json(_ref("InferenceResponse") if not (task and task.can(ZERO_SHOT)) else {
+                    "anyOf": [_ref("InferenceResponse"), _ref("ZeroShotResponse")]}, "The answer of the model's task"),
                               **classify_errors},
             }},
             **tei_paths(locked),

@@ -486,3 +486,21 @@ def test_tei_routes_refuse_a_token_classifier_as_tei_does(tag_clients) -> None:
         assert response.status_code == 424 and response.get_json()["error_type"] == "Backend"
         assert "model is not a classifier model" in response.get_json()["error"]
     assert client.post("/tokenize", json={"inputs": SHORT[0]}).status_code == 200
+
+
+def test_each_tasks_requests_and_answers_match_its_api_document(tag_clients, zs_clients) -> None:
+    from tests.testkit import schema_errors
+
+    cases = [(tag_clients["xlm-roberta"], {"inputs": SHORT, "parameters": {"aggregation_strategy": strategy}})
+             for strategy in STRATEGIES]
+    cases += [(zs_clients["bert"], {"inputs": text, "parameters": {"candidate_labels": ZS_LABELS, **extra}})
+              for text in (ZS_TEXTS[0], ZS_TEXTS) for extra in ({}, {"response_format": "pipeline"})]
+    cases.append((zs_clients["bert"], {"inputs": "a dog"}))
+    for client, body in cases:
+        document = client.get("/openapi.json").get_json()
+        operation = document["paths"]["/"]["post"]
+        assert schema_errors(body, operation["requestBody"]["content"]["application/json"]["schema"], document) == []
+        answer = client.post("/", json=body)
+        assert answer.status_code == 200
+        schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema_errors(answer.get_json(), schema, document) == []
