@@ -504,3 +504,36 @@ def test_each_tasks_requests_and_answers_match_its_api_document(tag_clients, zs_
         assert answer.status_code == 200
         schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
         assert schema_errors(answer.get_json(), schema, document) == []
+
+
+TASK_PROBE = r"""
+import json, sys
+HEAVY = ("torch", "transformers", "optimum", "export")
+attempted = []
+
+class Recorder:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            attempted.append(name)
+        return None
+
+sys.meta_path.insert(0, Recorder())
+from service import create_app
+client = create_app().test_client()
+statuses = [client.post("/", json=json.loads(sys.argv[1])).status_code]
+print(json.dumps({"statuses": statuses, "attempted": attempted}))
+"""
+
+
+def test_serving_either_task_imports_no_torch_transformers_or_export(taggers, nli) -> None:
+    import subprocess
+    import sys
+
+    from tests.testkit import REPO, service_env
+
+    for folder, body in ((taggers["roberta"][1], {"inputs": LONG, "parameters": {"aggregation_strategy": "max"}}),
+                         (nli["bert"][1], {"inputs": ZS_TEXTS[0], "parameters": {"candidate_labels": ZS_LABELS}})):
+        done = subprocess.run([sys.executable, "-c", TASK_PROBE, json.dumps(body)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, env=service_env(SERVICE_MODEL_DIR=str(folder)))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {"statuses": [200], "attempted": []}
