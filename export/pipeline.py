@@ -326,7 +326,7 @@ def _tag_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Pa
         if chosen is not None:
             models["onnx_int8"] = chosen
     else:
-        record = {"mode": "none", "task": tasks.TOKEN_CLASSIFICATION}
+        record = {"mode": "none"}
     served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
 
     stages.next("validating against the PyTorch model")

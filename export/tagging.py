@@ -102,7 +102,7 @@ def search(fp32: Path, work: Path, settings: QuantizationSettings, windows: Wind
         if trial["passed"]:
             chosen = len(trials) - 1
             break
-    record = {"mode": settings.mode, "target": target, "task": "token-classification",
+    record = {"mode": settings.mode, "target": target,
               "gate": {"split": "validation", "against": "onnx_fp32", "min_agreement": gate.min_agreement,
                        "metric": "per-token label agreement and entity-span agreement (aggregation simple)"},
               "candidates": [trial for trial, _ in trials]}

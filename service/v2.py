@@ -166,7 +166,8 @@ def model_infer(model_name: str, model_version: str | None) -> Response:
         tag = read_tag_request({"inputs": texts, "parameters": _task_parameters(body, TAG_PARAMETERS)},
                                settings.max_batch, classifier.task.max_stride)
         found = answers.tag(tag)
-        return _answer(body, classifier, {"entities": [current_app.json.dumps(entities) for entities in found]})
+        return _answer(body, classifier, {"entities": [current_app.json.dumps(entities, separators=(",", ":"))
+                                                             for entities in found]})
     if body.candidates is not None:
         request_body = {"inputs": texts, "parameters": {CANDIDATES: body.candidates,
                                                          **_task_parameters(body, ZERO_SHOT_PARAMETERS)}}
