@@ -196,14 +196,14 @@ class TokenClassification(Task):
             values = np.asarray(logits, dtype=np.float32)
             exp = np.exp(values - values.max(axis=-1, keepdims=True))
             scores = exp / exp.sum(axis=-1, keepdims=True)
-            grouped = self._aggregate(self._tokens(text, window, scores, strategy), strategy)
+            grouped = self._aggregate(self._tokens(text, window, scores), strategy)
             found += [entity for entity in grouped
                       if entity.get("entity") not in ignore_labels and entity.get("entity_group") not in ignore_labels]
         # Windows without aggregation never overlap (stride needs one): each token is kept once, in order,
         # even where byte-level pieces of one character share offsets.
         return _merge_overlapping(found) if len(windows) > 1 and strategy != "none" else found
 
-    def _tokens(self, text: str, window: Encoding, scores: np.ndarray, strategy: Strategy) -> list[dict[str, Any]]:
+    def _tokens(self, text: str, window: Encoding, scores: np.ndarray) -> list[dict[str, Any]]:
         """Return the window's non-special tokens with their scores, offsets and whether each continues a word."""
         tokens = []
         for index, (token_id, token, (start, end), special) in enumerate(zip(
