@@ -268,6 +268,10 @@ def run(options: ExportOptions) -> Path:
                         f"{report['gate']['metric']} with fp32 >= {options.min_agreement:.2%}; the best agreed on "
                         f"{report['gate']['token_agreement']:.2%} of tokens, "
                         f"{report['gate']['entity_agreement']:.2%} of entities")
+            ranking = report["gate"].get("ranking")
+            if ranking is not None and not ranking["passed"]:
+                measured += (f"; zero-shot: the int8 model put fp32's top candidate label first for "
+                             f"{ranking['top_agreement']:.2%} of texts")
             raise ExportError(
                 f"No int8 candidate met the gate ({measured}); nothing was written. "
                 + (f"--budget {options.budget_minutes:g} left out {'; '.join(left_out)}: a larger --budget, or "
@@ -376,6 +380,15 @@ def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp3
             models["onnx_int8"] = chosen
     else:
         quant_record = {"mode": "none"}
+    ranking = None
+    if zero_shot and not options.pairs and "onnx_int8" in models:
+        ranking = ranking_figures(pool, models["onnx_int8"])
+        logger.info("      zero-shot ranking of %d texts' probe labels: top label agreement %.4f, order %.4f",
+                    ranking["texts"], ranking["top_agreement"], ranking["order_agreement"])
+        if ranking["top_agreement"] < options.min_agreement and options.on_miss == "fp32":
+            del models["onnx_int8"]
+            quant_record["served"] = "fp32"
+            quant_record["why"] = "the int8 model ranks candidate labels below the gate; --on-miss fp32 serves fp32"
     served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
 
     stages.next("validating against the PyTorch model")
@@ -396,8 +409,52 @@ def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp3
                                 f"agreement and accuracy drop", "min_agreement": options.min_agreement,
                       "max_accuracy_drop": options.max_accuracy_drop, **figures, "passed": passed,
                       "confirmed_on_test": confirmed, "enforced": options.enforce_gate}
+    if ranking is not None and served == "onnx_int8":
+        # zero-shot answers rank labels by their entailment logits: the served model must rank as fp32 does
+        ranking["passed"] = ranking["top_agreement"] >= options.min_agreement
+        report["gate"]["ranking"] = ranking
+        report["gate"]["passed"] = report["gate"]["passed"] and ranking["passed"]
+        report["gate"]["metric"] += "; zero-shot: the top candidate label of each text against fp32's"
     report["served_model"] = served
     return models, quant_record, report, pool.max_length, budget.describe()
+
+
+RANKING_TEXTS = 500  # texts whose probe labels are ranked by both models (5 pairs each)
+
+
+def ranking_figures(pool, int8: Path) -> dict:
+    """Return how often int8 ranks a text's probe labels as fp32 does: the same top label, the same order.
+
+    Single-label zero-shot ranks candidates by their entailment logit, so both models' entailment
+    logits of each text's (text, hypothesis) pairs are compared, on the selection split.
+    """
+    from export.validate import ort_runner, ort_session
+
+    # hypotheses() wrote each text's pairs one after the other, in PROBE_LABELS' order
+    wanted = [tasks.DEFAULT_TEMPLATE.format(label) for label in PROBE_LABELS]
+    kept = set(pool.indices("validation", "selection_extra").tolist())
+    complete = []
+    for start in sorted(kept):
+        group = list(range(start, start + len(wanted)))
+        examples = [pool.examples[i] for i in group if i in kept]
+        if len(examples) == len(wanted) and [e.text_pair for e in examples] == wanted \
+                and len({e.text for e in examples}) == 1:
+            complete.append(group)
+    complete = complete[:RANKING_TEXTS]
+    flat = [index for group in complete for index in group]
+    entail = tasks.entailment_id(pool.classifier.labels)
+    logits = {}
+    for name, run in (("fp32", pool.classifier.run), ("int8", ort_runner(ort_session(int8)))):
+        found: dict[int, float] = {}
+        for chunk, batch in pool.encoded.batches(flat):
+            found.update(zip(chunk.tolist(), run(batch)[:, entail].tolist(), strict=True))
+        logits[name] = np.array([[found[i] for i in group] for group in complete])
+    if not complete:
+        return {"texts": 0, "top_agreement": 1.0, "order_agreement": 1.0}
+    orders = {name: np.argsort(-values, axis=1, kind="stable") for name, values in logits.items()}
+    return {"texts": len(complete), "labels": list(PROBE_LABELS),
+            "top_agreement": round(float((orders["fp32"][:, 0] == orders["int8"][:, 0]).mean()), 5),
+            "order_agreement": round(float((orders["fp32"] == orders["int8"]).all(axis=1).mean()), 5)}
 
 
 def _log_summary(report: dict, served: str) -> None:

@@ -253,6 +253,27 @@ def test_an_nli_model_is_detected_as_zero_shot(nli) -> None:
     assert validation["onnx_fp32_vs_pytorch"]["max_abs_score_diff"] < TOLERANCE
 
 
+def test_an_int8_zero_shot_model_is_gated_on_its_ranking_of_labels(tmp_path: Path) -> None:
+    # Wide weights: entailment logits differ from hypothesis to hypothesis, and int8 keeps their order.
+    decisive = build_checkpoint(tmp_path / "decisive", "roberta", NLI_LABELS, seed=2, initializer_range=0.5)
+    folder = _export(decisive, tmp_path / "out", mode="dynamic", min_agreement=0.9, max_accuracy_drop=1.0)
+    gate = json.loads((folder / "manifest.json").read_text())["validation"]["gate"]
+    ranking = gate["ranking"]
+    assert gate["passed"] and ranking["passed"] and ranking["texts"] > 0
+    assert ranking["top_agreement"] >= 0.9 and ranking["order_agreement"] <= ranking["top_agreement"]
+    # Default weights: near-tied entailment logits, whose order int8 rounding may flip though every pair keeps
+    # its NLI label; the gate follows the ranking either way.
+    tied = build_checkpoint(tmp_path / "tied", "roberta", NLI_LABELS, seed=2)
+    loose = _export(tied, tmp_path / "loose", mode="dynamic", min_agreement=0.99, max_accuracy_drop=1.0,
+                    enforce_gate=False)
+    gate = json.loads((loose / "manifest.json").read_text())["validation"]["gate"]
+    assert gate["ranking"]["passed"] == (gate["ranking"]["top_agreement"] >= 0.99)
+    assert gate["passed"] == (gate["ranking"]["passed"] and gate["agreement"] >= 0.99)
+    if not gate["ranking"]["passed"]:
+        with pytest.raises(ExportError, match="top candidate label first for"):
+            _export(tied, tmp_path / "strict", mode="dynamic", min_agreement=0.99, max_accuracy_drop=1.0)
+
+
 @pytest.mark.parametrize("family", NLI_FAMILIES)
 @pytest.mark.parametrize("multi_label", [False, True])
 @pytest.mark.parametrize("template", [None, "The text is about {}."])

@@ -17,13 +17,14 @@ def _vocab() -> list[str]:
 
 
 def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str] | None = None,
-                     seed: int = 0, bert_tokenizer: bool = False) -> Path:
+                     seed: int = 0, bert_tokenizer: bool = False, initializer_range: float = 0.02) -> Path:
     """Save a tiny random BERT or DistilBERT classifier with a WordPiece tokenizer, or a RoBERTa one with BPE.
 
     bert_tokenizer: give a DistilBERT model a BERT tokenizer, which also emits token_type_ids.
+    initializer_range: wider weights make logits differ more from input to input.
     """
     if family == "roberta":
-        return _roberta(folder, id2label or {0: "NEGATIVE", 1: "POSITIVE"}, seed)
+        return _roberta(folder, id2label or {0: "NEGATIVE", 1: "POSITIVE"}, seed, initializer_range)
     import torch
     from transformers import (
         BertConfig,
@@ -41,7 +42,8 @@ def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str
     torch.manual_seed(seed)
     if family == "bert":
         config = BertConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=37, max_position_embeddings=128, **labels)
+                            intermediate_size=37, max_position_embeddings=128, initializer_range=initializer_range,
+                            **labels)
         model, tokenizer_class = BertForSequenceClassification(config), BertTokenizerFast
     elif family == "distilbert":
         config = DistilBertConfig(vocab_size=len(_vocab()), dim=32, n_layers=2, n_heads=4, hidden_dim=37,
@@ -57,7 +59,7 @@ def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str
     return folder
 
 
-def _roberta(folder: Path, id2label: dict[int, str], seed: int) -> Path:
+def _roberta(folder: Path, id2label: dict[int, str], seed: int, initializer_range: float = 0.02) -> Path:
     """Save a tiny random RoBERTa classifier with a byte-level BPE tokenizer trained on WORDS (no token_type_ids)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
@@ -73,7 +75,7 @@ def _roberta(folder: Path, id2label: dict[int, str], seed: int) -> Path:
     config = RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=37, max_position_embeddings=130, type_vocab_size=1,
                            pad_token_id=1, bos_token_id=0, eos_token_id=2, id2label=id2label,
-                           label2id={v: k for k, v in id2label.items()})
+                           label2id={v: k for k, v in id2label.items()}, initializer_range=initializer_range)
     torch.manual_seed(seed)
     RobertaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
