@@ -558,3 +558,11 @@ def test_serving_either_task_imports_no_torch_transformers_or_export(taggers, nl
                               text=True, timeout=120, env=service_env(SERVICE_MODEL_DIR=str(folder)))
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout.strip().splitlines()[-1]) == {"statuses": [200], "attempted": []}
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "optimum"])
+def test_the_reference_backends_refuse_a_token_classifier(taggers, backend: str) -> None:
+    from service.classifier import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=f"SERVICE_BACKEND={backend} serves text classifiers"):
+        create_app({"MODEL_DIR": str(taggers["bert"][0]), "BACKEND": backend})
