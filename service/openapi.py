@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.tasks import STRATEGIES, TAG, ZERO_SHOT, Task, TextClassification
+from service import contract
+from service.schemas import ZERO_SHOT_PARAMETERS, tag_parameters
+from service.tasks import TAG, ZERO_SHOT, Task, TextClassification
 
 _CONTENT_TYPES = (
     "Request bodies are parsed as JSON whatever their Content-Type (application/json is best; "
@@ -261,7 +263,10 @@ NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\
 
 
 def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dict[str, Any]:
-    """Return the Inference API's request and answer for a token classifier or a zero-shot model (none else)."""
+    """Return the Inference API's request and answer for a token classifier or a zero-shot model (none else).
+
+    The parameters come from their declarations in service/schemas.py, which also validate them.
+    """
     inputs = {"anyOf": [text, texts], "description": "A text, or a list of texts (then a list of answers)."}
     if task.can(TAG):
         entity = {"type": "object", "required": ["score", "word", "start", "end"], "properties": {
@@ -271,18 +276,12 @@ def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dic
             "start": {"type": "integer", "description": "Character offset into the text sent."},
             "end": {"type": "integer"}}}
         entities = {"type": "array", "items": _ref("Entity")}
-        options = {"aggregation_strategy": {"anyOf": [{"enum": list(STRATEGIES)}, {"type": "null"}],
-                                            "description": "As transformers' pipeline (default none)."},
-                   "ignore_labels": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}],
-                                     "description": "Labels left out (default [\"O\"])."},
-                   "stride": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}],
-                              "description": "Tokens by which windows overlap (not with aggregation none)."}}
+        parameters = contract.schema(tag_parameters(task.max_stride))
         return {"Entity": entity, "InferenceRequest": {
             "type": "object", "required": ["inputs"],
             "description": "The Inference API's token-classification body (InferenceClient.token_classification). "
                            "Texts longer than max_length tokens are read in windows, never cut.",
-            "properties": {"inputs": inputs, "parameters": {"anyOf": [{"type": "null"},
-                                                                      {"type": "object", "properties": options}]}}},
+            "properties": {"inputs": inputs, "parameters": {"anyOf": [{"type": "null"}, parameters]}}},
             "InferenceResponse": {"anyOf": [entities, {"type": "array", "items": entities}],
                                   "description": "A text's entities; a list of those for a list of texts."}}
     if task.can(ZERO_SHOT):
@@ -293,20 +292,8 @@ def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dic
             "type": "object", "required": ["inputs", "parameters"],
             "description": "The Inference API's zero-shot body (InferenceClient.zero_shot_classification): each "
                            "text is paired with each label's hypothesis; the pairs count against max_batch.",
-            "properties": {"inputs": inputs, "parameters": {"type": "object", "required": ["candidate_labels"],
-                                                            "properties": {
-                "candidate_labels": {"anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
-                                               {"type": "string"}],
-                                     "description": "Labels to rank: a list or a comma-separated string."},
-                "hypothesis_template": {"anyOf": [{"type": "string"}, {"type": "null"}],
-                                        "description": "Holds the label's place as {} (default \"This example is "
-                                                       "{}.\")."},
-                "multi_label": {"anyOf": [{"type": "boolean"}, {"type": "null"}],
-                                "description": "Score each label on its own (default false: they compete)."},
-                "response_format": {"anyOf": [{"enum": ["list", "pipeline"]}, {"type": "null"}],
-                                    "description": "list: [{label, score}] best first (default); pipeline: "
-                                                   "transformers' {sequence, labels, scores}, also the default for "
-                                                   "huggingface_hub 0.x clients (User-Agent hf_hub/0.)."}}}}},
+            "properties": {"inputs": inputs,
+                           "parameters": contract.schema(ZERO_SHOT_PARAMETERS, required=["candidate_labels"])}},
             "ZeroShotResponse": {"anyOf": [_ref("Ranked"), ranked_pipeline,
                                            {"type": "array", "items": {"anyOf": [_ref("Ranked"), ranked_pipeline]}}]}}
     return {}

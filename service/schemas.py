@@ -7,9 +7,11 @@ from typing import Any, Literal
 
 from flask import current_app, request
 
+from service import contract
 from service.classifier import FUNCTIONS, Input
+from service.contract import Param
 from service.errors import ApiError
-from service.tasks import STRATEGIES, Candidates, Strategy, TaskError, parse_labels, parse_template
+from service.tasks import DEFAULT_TEMPLATE, STRATEGIES, Candidates, Strategy, TaskError, parse_labels, parse_template
 
 # The body is parsed as JSON whatever its Content-Type, because `curl -d` sends
 # application/x-www-form-urlencoded; only multipart bodies, which can never be JSON, are refused.
@@ -103,52 +105,69 @@ def _texts_of_inputs(body: dict[str, Any], max_batch: int) -> tuple[list[str], b
     return _texts(inputs, "inputs", max_batch), True
 
 
+def tag_parameters(max_stride: int) -> list[Param]:
+    """Return the token-classification parameters of POST / (stride's limit is the model's)."""
+    return [
+        Param("aggregation_strategy", {"type": "string", "enum": list(STRATEGIES)},
+              "As transformers' pipeline: none (the default) tags every token; simple groups tokens into entities; "
+              "first, average and max also vote per word.",
+              f"parameter 'aggregation_strategy' must be one of {', '.join(STRATEGIES)}", fold_case=True),
+        Param("ignore_labels", {"type": "array", "items": {"type": "string"}},
+              'Labels left out of the answer (default ["O"]).', "parameter 'ignore_labels' must be a list of strings"),
+        Param("stride", {"type": "integer", "minimum": 0, "maximum": max_stride},
+              "Tokens by which the windows of a text longer than max_length overlap (default: windows that do not "
+              "overlap); needs an aggregation_strategy other than none.",
+              f"parameter 'stride' must be an integer from 0 to {max_stride} (the tokens a window holds less one) "
+              "or null"),
+    ]
+
+
+ZERO_SHOT_PARAMETERS = [
+    Param("candidate_labels", {"anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                         {"type": "string"}]},
+          "The labels to rank: a list, or a comma-separated string.",
+          "parameter 'candidate_labels' must be a non-empty list of strings or a comma-separated string"),
+    Param("hypothesis_template", {"type": "string"},
+          f"The hypothesis each label fills, holding its place as {{}} (default {DEFAULT_TEMPLATE!r}).",
+          "parameter 'hypothesis_template' must be a string"),
+    Param("multi_label", {"type": "boolean"},
+          "Score each label on its own (softmax of entailment against contradiction) rather than letting them compete "
+          "(default false).", "parameter 'multi_label' must be true or false"),
+    Param("response_format", {"type": "string", "enum": list(RESPONSE_FORMATS)},
+          "list: [{label, score}] best first (the default, huggingface_hub 1.2 and later); pipeline: transformers' "
+          "{sequence, labels, scores} (the default for a User-Agent of huggingface_hub 0.x, hf_hub/0.).",
+          f"parameter 'response_format' must be one of {', '.join(RESPONSE_FORMATS)}"),
+]
+
+
 def read_tag_request(body: dict[str, Any], max_batch: int, max_stride: int) -> TagRequest:
-    """Validate a token-classification body: inputs, aggregation_strategy, ignore_labels, stride."""
+    """Validate a token-classification body: inputs, then the parameters tag_parameters declares."""
     texts, batch = _texts_of_inputs(body, max_batch)
-    parameters = parameters_of(body)
-    strategy = parameters.get("aggregation_strategy")
-    strategy = "none" if strategy is None else strategy
-    if not isinstance(strategy, str) or strategy.lower() not in STRATEGIES:
-        raise ApiError(400, f"parameter 'aggregation_strategy' must be one of {', '.join(STRATEGIES)}")
-    ignore = parameters.get("ignore_labels")
-    if ignore is None:
-        ignore = ["O"]
-    if not isinstance(ignore, list) or not all(isinstance(label, str) for label in ignore):
-        raise ApiError(400, "parameter 'ignore_labels' must be a list of strings")
-    stride = parameters.get("stride")
-    if stride is not None:
-        if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride <= max_stride:
-            raise ApiError(400, f"parameter 'stride' must be an integer from 0 to {max_stride} (the tokens a window "
-                                "holds less one) or null")
-        if strategy.lower() == "none":
-            raise ApiError(400, "parameter 'stride' needs an aggregation_strategy other than none: overlapping "
-                                "windows are merged by entity")
-    return TagRequest(texts, batch, strategy.lower(), ignore, stride)  # type: ignore[arg-type]
+    values = contract.read(parameters_of(body), tag_parameters(max_stride))
+    strategy = values.get("aggregation_strategy", "none")
+    if "stride" in values and strategy == "none":
+        raise ApiError(400, "parameter 'stride' needs an aggregation_strategy other than none: overlapping "
+                            "windows are merged by entity")
+    return TagRequest(texts, batch, strategy, values.get("ignore_labels", ["O"]), values.get("stride"))
 
 
 def read_zero_shot_request(body: dict[str, Any], max_batch: int, user_agent: str) -> ZeroShotRequest:
-    """Validate a zero-shot body: inputs, candidate_labels, hypothesis_template, multi_label, response_format.
+    """Validate a zero-shot body: inputs, then the parameters ZERO_SHOT_PARAMETERS declares.
 
     Each text is paired with each label, and every pair counts as one text against max_batch.
     """
     texts, batch = _texts_of_inputs(body, max_batch)
-    parameters = parameters_of(body)
+    values = contract.read(parameters_of(body), ZERO_SHOT_PARAMETERS)
     try:
-        labels = parse_labels(parameters.get("candidate_labels"))
-        template = parameters.get("hypothesis_template")
-        template = parse_template(template) if template is not None else Candidates(labels).template
+        labels = parse_labels(values.get("candidate_labels"))
+        template = parse_template(values.get("hypothesis_template", DEFAULT_TEMPLATE))
     except TaskError as exc:
         raise ApiError(400, str(exc)) from None
     for index, label in enumerate(labels):
         check_unicode(label, f"candidate label at index {index}")
     check_unicode(template, "hypothesis_template")
-    multi_label = parameters.get("multi_label")
-    if multi_label is not None and not isinstance(multi_label, bool):
-        raise ApiError(400, "parameter 'multi_label' must be true or false")
-    response_format = parameters.get("response_format")
-    if response_format is not None and response_format not in RESPONSE_FORMATS:
-        raise ApiError(400, f"parameter 'response_format' must be one of {', '.join(RESPONSE_FORMATS)}")
+    multi_label = values.get("multi_label", False)
+    response_format = values.get("response_format")
     if len(texts) * len(labels) > max_batch:
         raise ApiError(413, f"batch too large: {len(texts)} texts x {len(labels)} candidate labels are "
                             f"{len(texts) * len(labels)} text pairs, the limit is {max_batch} per request")

@@ -170,6 +170,8 @@ def test_concurrent_requests_share_runs_and_keep_their_answers(tag_clients) -> N
     ({"aggregation_strategy": "simple", "stride": 22}, 400, "'stride' must be an integer from 0 to 21"),
     ({"aggregation_strategy": "simple", "stride": -1}, 400, "'stride' must be an integer"),
     ({"ignore_labels": "O"}, 400, "'ignore_labels' must be a list of strings"),
+    ({"aggregation_strategy": "simple", "stride": 2.5}, 400, "'stride' must be an integer"),
+    ({"aggregation_strategy": "simple", "stride": True}, 400, "'stride' must be an integer"),
 ])
 def test_bad_tagging_parameters_are_refused(parameters, status, message, tag_clients) -> None:
     response = tag_clients["bert"].post("/", json={"inputs": SHORT[0], "parameters": parameters})
@@ -323,7 +325,9 @@ def test_without_candidate_labels_an_nli_model_classifies(zs_clients) -> None:
     ({"candidate_labels": ["a"], "hypothesis_template": "{0.__class__}"}, 400, "must hold the label's place"),
     ({"candidate_labels": ["a"], "hypothesis_template": "{"}, 400, "must hold the label's place"),
     ({"candidate_labels": " , "}, 400, "must name at least one label"),
-    ({"candidate_labels": [1, 2]}, 400, "must be a list of strings or a comma-separated string"),
+    ({"candidate_labels": [1, 2]}, 400, "must be a non-empty list of strings or a comma-separated string"),
+    ({"candidate_labels": []}, 400, "must be a non-empty list of strings or a comma-separated string"),
+    ({"candidate_labels": ["a"], "hypothesis_template": 3}, 400, "'hypothesis_template' must be a string"),
     ({"candidate_labels": ["a"], "multi_label": "yes"}, 400, "'multi_label' must be true or false"),
     ({"candidate_labels": ["a"], "response_format": "xml"}, 400, "'response_format' must be one of"),
     ({"candidate_labels": [str(i) for i in range(33)]}, 413, "33 text pairs, the limit is 32"),
@@ -566,3 +570,27 @@ def test_the_reference_backends_refuse_a_token_classifier(taggers, backend: str)
 
     with pytest.raises(ModelLoadError, match=f"SERVICE_BACKEND={backend} serves text classifiers"):
         create_app({"MODEL_DIR": str(taggers["bert"][0]), "BACKEND": backend})
+
+
+PROBES = [3, 2.0, 2.5, -1, True, "x", "SIMPLE", "none", "pipeline", [], ["a"], [1], {}]
+
+
+def test_each_declared_parameter_is_validated_and_documented_from_its_declaration(tag_clients, zs_clients) -> None:
+    from service.contract import conforms
+    from service.schemas import ZERO_SHOT_PARAMETERS, tag_parameters
+
+    for client, declared, base in ((tag_clients["bert"], tag_parameters(21), {"aggregation_strategy": "simple"}),
+                                   (zs_clients["bert"], ZERO_SHOT_PARAMETERS, {"candidate_labels": ["a", "b"]})):
+        document = client.get("/openapi.json").get_json()
+        request = document["components"]["schemas"]["InferenceRequest" if client in tag_clients.values()
+                                                     else "ZeroShotRequest"]
+        properties = request["properties"]["parameters"]
+        properties = next((option for option in properties.get("anyOf", [properties]) if option.get("properties")),
+                          properties)["properties"]
+        for param in declared:
+            assert properties[param.name]["anyOf"][0] == param.schema
+            for value in PROBES:
+                folded = value.lower() if param.fold_case and isinstance(value, str) else value
+                answer = client.post("/", json={"inputs": "a film", "parameters": {**base, param.name: value}})
+                refused = answer.status_code == 400 and answer.get_json()["error"] == param.message
+                assert refused == (not conforms(folded, param.schema)), (param.name, value, answer.get_json())
