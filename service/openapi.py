@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service import contract
-from service.schemas import ZERO_SHOT_PARAMETERS, tag_parameters
+from service.schemas import CLASSIFY_PARAMETERS, TOP_K, ZERO_SHOT_PARAMETERS, tag_parameters
 from service.tasks import TAG, ZERO_SHOT, Task, TextClassification
 
 _CONTENT_TYPES = (
@@ -302,8 +302,7 @@ def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dic
 def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False,
                      model_name: str = "model", task: Task | None = None) -> dict[str, Any]:
     """Return the OpenAPI document with this instance's limits, authentication and model's task filled in."""
-    top_k = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
-             "description": "Return this many labels sorted by score (null: all labels)."}
+    top_k = contract.schema([TOP_K])["properties"]["top_k"]
     text = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
     texts = {"type": "array", "items": text, "minItems": 1,
              "maxItems": max_batch, "description": f"At most {max_batch} non-blank texts."}
@@ -336,12 +335,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                 "inputs": {"anyOf": [text, texts, _ref("TextPair"),
                                      {"type": "array", "items": _ref("TextPair"), "minItems": 1,
                                       "maxItems": max_batch}]},
-                "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                    "top_k": top_k,
-                    "function_to_apply": {"anyOf": [{"enum": ["softmax", "sigmoid", "none"]},
-                                                    {"type": "null"}],
-                                          "description": "Default: the model's (softmax for >1 label)."},
-                }}]},
+                "parameters": {"anyOf": [{"type": "null"}, contract.schema(CLASSIFY_PARAMETERS)]},
             },
         },
         "TextPair": {"type": "object", "required": ["text"], "additionalProperties": False,

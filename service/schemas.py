@@ -47,6 +47,17 @@ def json_object(error_type: str | None = None) -> dict[str, Any]:
     return body
 
 
+# JSON Schema (and so the OpenAPI document) counts 2.0 as the integer 2; 1e400 parses to inf, which is not.
+TOP_K = Param("top_k", {"type": "integer", "minimum": 1}, "Return this many labels sorted by score (null: all labels).",
+              "'top_k' must be an integer >= 1 or null")
+CLASSIFY_PARAMETERS = [
+    Param("function_to_apply", {"type": "string", "enum": list(FUNCTIONS)},
+          "Default: the model's (softmax for >1 label, sigmoid for one or a multi-label model, none for regression).",
+          f"parameter 'function_to_apply' must be one of {', '.join(FUNCTIONS)}"),
+    TOP_K,
+]
+
+
 def read_body(max_batch: int, form: Literal["sentiment", "inference_api"],
               body: dict[str, Any] | None = None) -> ClassifyRequest:
     """Parse and validate the current request's JSON body (or the body already read) for /sentiment or the
@@ -181,7 +192,7 @@ def _sentiment(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     if "text" in body and "texts" in body:
         raise ApiError(400, "send either 'text' or 'texts', not both")
     ranked = "top_k" in body
-    top_k = _top_k(body.get("top_k")) if ranked else 1
+    top_k = contract.read(body, [TOP_K]).get("top_k") if ranked else 1  # null: every label
     if "texts" in body:
         return ClassifyRequest(_texts(body["texts"], "texts", max_batch), True, top_k, ranked)
     if "text" not in body:
@@ -196,11 +207,8 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     """
     if "inputs" not in body:
         raise ApiError(400, "missing field 'inputs'")
-    parameters = parameters_of(body)
-    function = parameters.get("function_to_apply")
-    if function is not None and function not in FUNCTIONS:
-        raise ApiError(400, f"parameter 'function_to_apply' must be one of {', '.join(FUNCTIONS)}")
-    top_k = _top_k(parameters.get("top_k"))
+    values = contract.read(parameters_of(body), CLASSIFY_PARAMETERS)
+    function, top_k = values.get("function_to_apply"), values.get("top_k")
     inputs = body["inputs"]
     if isinstance(inputs, str):
         return ClassifyRequest([_text(inputs, "inputs")], False, top_k, True, function)
@@ -265,15 +273,3 @@ def check_unicode(text: str, name: str, status: int = 400, error_type: str | Non
     except UnicodeEncodeError as exc:
         raise ApiError(status, f"{name} is not valid Unicode: lone surrogate at character {exc.start}",
                        error_type) from None
-
-
-def _top_k(value: Any) -> int | None:
-    """Return top_k: an integer >= 1, or None for all labels."""
-    if value is None:
-        return None
-    # JSON Schema (and so the OpenAPI document) counts 2.0 as the integer 2; 1e400 parses to inf, which is not
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ApiError(400, "'top_k' must be an integer >= 1 or null")
-    return value
