@@ -50,8 +50,10 @@ def conforms(value: Any, schema: dict[str, Any]) -> bool:
     return True
 
 
-def read(parameters: dict[str, Any], declared: Sequence[Param]) -> dict[str, Any]:
-    """Return the declared parameters that are set (not null), each checked against its schema."""
+def read(parameters: dict[str, Any], declared: Sequence[Param], status: int = 400,
+         error_type: str | None = None) -> dict[str, Any]:
+    """Return the declared parameters that are set (not null), each checked against its schema; a value that
+    breaks it raises ApiError(status, its message, error_type)."""
     values = {}
     for param in declared:
         value = parameters.get(param.name)
@@ -60,7 +62,7 @@ def read(parameters: dict[str, Any], declared: Sequence[Param]) -> dict[str, Any
         if param.fold_case and isinstance(value, str):
             value = value.lower()
         if not conforms(value, param.schema):
-            raise ApiError(400, param.message)
+            raise ApiError(status, param.message, error_type)
         values[param.name] = int(value) if param.schema.get("type") == "integer" else value
     return values
 

@@ -7,6 +7,7 @@ from typing import Any
 from service import contract
 from service.schemas import CLASSIFY_PARAMETERS, TOP_K, ZERO_SHOT_PARAMETERS, tag_parameters
 from service.tasks import TAG, ZERO_SHOT, Task, TextClassification
+from service.tei import OPTIONS, RERANK_OPTIONS, TOKENIZE_OPTIONS
 
 _CONTENT_TYPES = (
     "Request bodies are parsed as JSON whatever their Content-Type (application/json is best; "
@@ -67,12 +68,7 @@ def tei_schemas(max_batch: int) -> dict[str, Any]:
     """Return the schemas of TEI's /predict, /rerank and /tokenize, as TEI's own document has them."""
     string = {"type": "string"}
     sequence = {"type": "array", "items": string, "minItems": 1, "maxItems": 2}
-    options = {"truncate": {"type": ["boolean", "null"],
-                            "description": "Default true (truncate to max_length); false refuses a longer input "
-                                           "with 422."},
-               "truncation_direction": {"enum": ["right", "left", "Right", "Left", None],
-                                        "description": "Which end is cut (default right)."},
-               "raw_scores": {"type": ["boolean", "null"], "description": "Logits instead of probabilities."}}
+    options = contract.schema(OPTIONS)["properties"]
     return {
         "PredictRequest": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"description": "A text; [text, text_pair] for one pair; [[text], [text, text_pair], ...] "
@@ -85,16 +81,13 @@ def tei_schemas(max_batch: int) -> dict[str, Any]:
                                       {"type": "array", "items": {"type": "array", "items": _ref("Prediction")}}]},
         "RerankRequest": {"type": "object", "required": ["query", "texts"], "properties": {
             "query": string, "texts": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
-            "return_text": {"type": ["boolean", "null"]},
-            "top_n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
-                      "description": "Return only the best top_n texts (default all)."},
-            **options}},
+            **contract.schema(RERANK_OPTIONS)["properties"], **options}},
         "Rank": {"type": "object", "required": ["index", "score"], "additionalProperties": False, "properties": {
             "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": string}},
         "RerankResponse": {"type": "array", "items": _ref("Rank"), "description": "Best first."},
         "TokenizeRequest": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"anyOf": [string, {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch}]},
-            "add_special_tokens": {"type": ["boolean", "null"]},
+            **contract.schema(TOKENIZE_OPTIONS)["properties"],
             "prompt_name": {"type": "null", "description": "Not supported: no prompts are applied."}}},
         "SimpleToken": {"type": "object", "required": ["id", "text", "special", "start", "stop"],
                         "properties": {"id": {"type": "integer", "minimum": 0}, "text": string,

@@ -16,6 +16,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
+from service import contract
 from service.batching import Unavailable
 from service.classifier import (
     WIDE_CLIP_CHARS_PER_TOKEN,
@@ -27,6 +28,7 @@ from service.classifier import (
     rank,
 )
 from service.config import Settings
+from service.contract import Param
 from service.errors import ApiError, handle_http_exception, request_id
 from service.inference import infer
 from service.schemas import check_unicode, json_object
@@ -53,24 +55,31 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, message, VALIDATION)
 
 
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    """Return an optional boolean field (null: the default)."""
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _invalid(f"'{key}' must be true or false")
-    return value
+def _boolean(name: str, description: str) -> Param:
+    """Declare an optional boolean field."""
+    return Param(name, {"type": "boolean"}, description, f"'{name}' must be true or false")
+
+
+# The fields of TEI's bodies besides the inputs, declared once: validation and the OpenAPI document.
+OPTIONS = [
+    _boolean("truncate", "Default true (truncate to max_length); false refuses a longer input with 422."),
+    Param("truncation_direction", {"type": "string", "enum": list(_DIRECTIONS)}, "Which end is cut (default right).",
+          "'truncation_direction' must be \"right\" or \"left\"", fold_case=True),
+    _boolean("raw_scores", "Logits instead of probabilities."),
+]
+RERANK_OPTIONS = [
+    _boolean("return_text", "Return each text with its score (default false)."),
+    Param("top_n", {"type": "integer", "minimum": 1}, "Return only the best top_n texts (default all).",
+          "'top_n' must be an integer >= 1 or null"),
+]
+TOKENIZE_OPTIONS = [_boolean("add_special_tokens", "Add the model's special tokens (default true).")]
 
 
 def _options(body: dict[str, Any]) -> Options:
     """Return truncate, truncation_direction and raw_scores of a /predict or /rerank body."""
-    direction = body.get("truncation_direction")
-    if direction is None:
-        direction = "right"
-    if not isinstance(direction, str) or direction.lower() not in _DIRECTIONS:
-        raise _invalid("'truncation_direction' must be \"right\" or \"left\"")
-    return Options(_flag(body, "truncate", True), _DIRECTIONS[direction.lower()], _flag(body, "raw_scores", False))
+    values = contract.read(body, OPTIONS, 422, VALIDATION)
+    return Options(values.get("truncate", True), _DIRECTIONS[values.get("truncation_direction", "right")],
+                   values.get("raw_scores", False))
 
 
 def _string(value: Any, name: str) -> str:
@@ -171,10 +180,8 @@ def rerank() -> Response:
         raise ApiError(400, "`texts` cannot be empty", EMPTY)
     _batch_size(len(texts))
     _not_empty([(query, text) for text in texts])
-    top_n = body.get("top_n")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise _invalid("'top_n' must be an integer >= 1 or null")
-    return_text = _flag(body, "return_text", False)
+    values = contract.read(body, RERANK_OPTIONS, 422, VALIDATION)
+    top_n, return_text = values.get("top_n"), values.get("return_text", False)
     options = _options(body)
     classifier = _classifier("/rerank")
     if len(classifier.labels) != 1:
@@ -200,7 +207,7 @@ def tokenize() -> Response:
         raise _invalid("'inputs' must be a string or a list of strings")
     texts = [_string(text, f"inputs[{i}]") for i, text in enumerate(texts)]
     _batch_size(len(texts))
-    add_special_tokens = _flag(body, "add_special_tokens", True)
+    add_special_tokens = contract.read(body, TOKENIZE_OPTIONS, 422, VALIDATION).get("add_special_tokens", True)
     if body.get("prompt_name") is not None:
         raise _invalid("'prompt_name' is not supported: this service applies no prompts")
     classifier = current_app.extensions["service.classifier"]
