@@ -133,8 +133,16 @@ _V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema"
                "description": "The one version served; any other is 404."}
 
 
-def v2_schemas(max_batch: int) -> dict[str, Any]:
-    """Return the schemas of the Open Inference Protocol v2 routes (JSON form)."""
+def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
+    """Return the schemas of the Open Inference Protocol v2 routes (JSON form), with the tensors and parameters
+    of the model's task."""
+    from service.v2 import input_names, output_names  # v2 reaches this module through api: import when called
+
+    task = task or TextClassification()
+    inputs, outputs = input_names(task), output_names(task)
+    task_parameters = (tag_parameters(task.max_stride) if task.can(TAG) else
+                       [p for p in ZERO_SHOT_PARAMETERS if p.name in ("hypothesis_template", "multi_label")]
+                       if task.can(ZERO_SHOT) else [])
     string = {"type": "string"}
     tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
         "name": string, "datatype": string, "shape": {"type": "array", "items": {"type": "integer"}}}}
@@ -154,9 +162,11 @@ def v2_schemas(max_batch: int) -> dict[str, Any]:
                                            "outputs": {"type": "array", "items": _ref("V2TensorMetadata")}}},
         "V2InferenceRequest": {
             "type": "object", "required": ["inputs"],
-            "description": ("Input 'text' (BYTES, shape [n], n <= max_batch) and optionally 'text_pair' (the same "
-                            "shape: the pair of each text). shape[0] must equal the number of strings in data. "
-                            "Without 'outputs', all four are returned. " + _V2_BINARY),
+            "description": ("Input 'text' (BYTES, shape [n], n <= max_batch) and optionally "
+                            + " and ".join(f"'{name}'" for name in inputs[1:] or ("nothing else",))
+                            + " ('text_pair': the pair of each text, the same shape; 'candidate_labels': the labels "
+                              "to rank). shape[0] must equal the number of strings in data. Without 'outputs', all "
+                              "the task's are returned. " + _V2_BINARY),
             "properties": {
                 "id": {"type": ["string", "null"], "description": "Echoed in the response."},
                 "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
@@ -165,10 +175,11 @@ def v2_schemas(max_batch: int) -> dict[str, Any]:
                     "truncate": {"type": ["boolean", "null"], "description": "Default true; false refuses a text "
                                                                              "over the model's max_length tokens "
                                                                              "with 400."},
-                    "truncation_direction": {"enum": ["right", "left", None]}}}]},
-                "inputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+                    "truncation_direction": {"enum": ["right", "left", None]},
+                    **contract.schema(task_parameters)["properties"]}}]},
+                "inputs": {"type": "array", "minItems": 1, "maxItems": len(inputs), "items": {
                     "type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
-                        "name": {"enum": ["text", "text_pair"]},
+                        "name": {"enum": list(inputs)},
                         "datatype": {"const": "BYTES"},
                         "shape": {"type": "array", "minItems": 1, "maxItems": 1,
                                   "items": {"type": "integer", "minimum": 1, "maximum": max_batch}},
@@ -176,9 +187,9 @@ def v2_schemas(max_batch: int) -> dict[str, Any]:
                         # the JSON form: binary_data_size (the binary form's instead of data) is absent or null
                         "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
                             "binary_data_size": {"type": "null"}}}]}}}},
-                "outputs": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 4, "items": {
+                "outputs": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": len(outputs), "items": {
                     "type": "object", "required": ["name"], "properties": {
-                        "name": {"enum": ["label", "score", "probabilities", "logits"]},
+                        "name": {"enum": list(outputs)},
                         "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
                             "binary_data": {"type": ["boolean", "null"]},
                             "classification": {"type": "integer", "minimum": 0,
@@ -334,7 +345,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         "TextPair": {"type": "object", "required": ["text"], "additionalProperties": False,
                      "properties": {"text": text, "text_pair": {"anyOf": [text, {"type": "null"}]}}},
         **tei_schemas(max_batch),
-        **v2_schemas(max_batch),
+        **v2_schemas(max_batch, task),
         "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
                               "description": "One Ranked list per input, also for a single string input; "
                                              "all labels unless top_k is given."},

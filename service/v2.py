@@ -134,11 +134,10 @@ def model_metadata(model_name: str, model_version: str | None) -> Response:
     described = {name: {"name": name, "datatype": datatype, "shape": shape}
                  for name, (datatype, shape) in tensors.items()}
     task = classifier.task
-    outputs = (*(() if task.can(TAG) else OUTPUTS), *(TAG_OUTPUTS if task.can(TAG) else ()),
-               *(ZERO_SHOT_OUTPUTS if task.can(ZERO_SHOT) else ()))
+    outputs = output_names(task)
     return jsonify(name=classifier.name, versions=[VERSION],
                    platform=PLATFORMS.get(classifier.backend, classifier.backend),
-                   inputs=[described[name] for name in _input_names(task)],
+                   inputs=[described[name] for name in input_names(task)],
                    outputs=[described[name] for name in outputs])
 
 
@@ -183,8 +182,14 @@ def model_infer(model_name: str, model_version: str | None) -> Response:
     return respond(body, classifier, np.asarray(logits, dtype=np.float32))
 
 
-def _input_names(task: Task) -> tuple[str, ...]:
-    """Return the input tensors a model of this task takes."""
+def output_names(task: Task) -> tuple[str, ...]:
+    """Return every output tensor a model of this task can return (zero-shot's with candidate_labels)."""
+    return (*(() if task.can(TAG) else OUTPUTS), *(TAG_OUTPUTS if task.can(TAG) else ()),
+            *(ZERO_SHOT_OUTPUTS if task.can(ZERO_SHOT) else ()))
+
+
+def input_names(task: Task) -> tuple[str, ...]:
+    """Return the input tensors a model of this task takes (the first required, the others optional)."""
     if task.can(TAG):
         return (TEXT,)
     return (TEXT, TEXT_PAIR, CANDIDATES) if task.can(ZERO_SHOT) else (TEXT, TEXT_PAIR)
@@ -241,7 +246,7 @@ def read_request(header: dict[str, Any], binary: memoryview, max_batch: int, mod
     direction = parameters.get("truncation_direction")
     if direction is not None and (not isinstance(direction, str) or direction not in _DIRECTIONS):
         raise _bad("parameters.truncation_direction must be \"right\" or \"left\"")
-    names = _input_names(task) if task is not None else (TEXT, TEXT_PAIR)
+    names = input_names(task) if task is not None else (TEXT, TEXT_PAIR)
     texts = _inputs(header.get("inputs"), binary, max_batch, model, names)
     inputs: list[Input] = list(texts[TEXT])
     if TEXT_PAIR in texts:

@@ -594,3 +594,27 @@ def test_each_declared_parameter_is_validated_and_documented_from_its_declaratio
                 answer = client.post("/", json={"inputs": "a film", "parameters": {**base, param.name: value}})
                 refused = answer.status_code == 400 and answer.get_json()["error"] == param.message
                 assert refused == (not conforms(folded, param.schema)), (param.name, value, answer.get_json())
+
+
+def test_each_tasks_v2_requests_and_answers_match_its_api_document(tag_clients, zs_clients) -> None:
+    from tests.testkit import schema_errors
+
+    cases = [(tag_clients["roberta"], "ner-roberta", [_bytes("text", [LONG])],
+              {"aggregation_strategy": "average", "stride": 3, "ignore_labels": ["O"]}),
+             (zs_clients["bert"], "nli-bert", [_bytes("text", ZS_TEXTS), _bytes("candidate_labels", ZS_LABELS[:2])],
+              {"multi_label": True}),
+             (zs_clients["bert"], "nli-bert", [_bytes("text", ["a dog"]), _bytes("text_pair", ["an animal"])], {})]
+    for client, name, inputs, parameters in cases:
+        document = client.get("/openapi.json").get_json()
+        operation = document["paths"]["/v2/models/{model_name}/infer"]["post"]
+        body = {"inputs": inputs, "parameters": parameters}
+        assert schema_errors(body, operation["requestBody"]["content"]["application/json"]["schema"], document) == []
+        answer = client.post(f"/v2/models/{name}/infer", json=body)
+        assert answer.status_code == 200, answer.get_json()
+        schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema_errors(answer.get_json(), schema, document) == []
+    refused = {"inputs": [_bytes("text", ["a"]), _bytes("text_pair", ["b"])]}
+    document = tag_clients["roberta"].get("/openapi.json").get_json()
+    schema = document["paths"]["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    assert schema_errors(refused, schema, document) != []  # a token classifier takes no text_pair
