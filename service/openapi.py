@@ -136,7 +136,7 @@ _V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema"
 def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
     """Return the schemas of the Open Inference Protocol v2 routes (JSON form), with the tensors and parameters
     of the model's task."""
-    from service.v2 import input_names, output_names  # v2 reaches this module through api: import when called
+    from service.v2 import PARAMETERS, input_names, output_names  # v2 imports this module (through api)
 
     task = task or TextClassification()
     inputs, outputs = input_names(task), output_names(task)
@@ -169,14 +169,7 @@ def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
                               "the task's are returned. " + _V2_BINARY),
             "properties": {
                 "id": {"type": ["string", "null"], "description": "Echoed in the response."},
-                "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                    "binary_data_output": {"type": ["boolean", "null"],
-                                           "description": "Outputs as binary data by default."},
-                    "truncate": {"type": ["boolean", "null"], "description": "Default true; false refuses a text "
-                                                                             "over the model's max_length tokens "
-                                                                             "with 400."},
-                    "truncation_direction": {"enum": ["right", "left", None]},
-                    **contract.schema(task_parameters)["properties"]}}]},
+                "parameters": {"anyOf": [{"type": "null"}, contract.schema([*PARAMETERS, *task_parameters])]},
                 "inputs": {"type": "array", "minItems": 1, "maxItems": len(inputs), "items": {
                     "type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
                         "name": {"enum": list(inputs)},

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from service import answers, api
+from service import answers, api, contract
 from service.classifier import Direction, Input, InputTooLong, apply_function
 from service.config import Settings
+from service.contract import Param
 from service.errors import ApiError
 from service.inference import infer
 from service.schemas import REFUSED_MIMETYPES, check_unicode, read_tag_request, read_zero_shot_request
@@ -53,6 +54,17 @@ _LENGTH = struct.Struct("<I")  # a BYTES element's length prefix
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _DIRECTIONS: dict[str, Direction] = {"right": "right", "left": "left"}
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+# The request's own parameters, declared once: validation and the OpenAPI document.
+PARAMETERS = [
+    Param("binary_data_output", {"type": "boolean"}, "Outputs as binary data by default.",
+          "parameters.binary_data_output must be true or false"),
+    Param("truncate", {"type": "boolean"}, "Default true; false refuses a text over the model's max_length tokens "
+          "with 400.", "parameters.truncate must be true or false"),
+    Param("truncation_direction", {"type": "string", "enum": list(_DIRECTIONS)}, "Which end is cut (default the "
+          "tokenizer's, right for most).", "parameters.truncation_direction must be \"right\" or \"left\""),
+]
 
 
 @dataclass(frozen=True)
@@ -241,11 +253,9 @@ def read_request(header: dict[str, Any], binary: memoryview, max_batch: int, mod
     if request_id is not None and not isinstance(request_id, str):
         raise _bad("'id' must be a string")
     parameters = _object(header.get("parameters"), "parameters")
-    binary_output = _flag(parameters, "binary_data_output", False, "parameters")
-    truncate = _flag(parameters, "truncate", True, "parameters")
-    direction = parameters.get("truncation_direction")
-    if direction is not None and (not isinstance(direction, str) or direction not in _DIRECTIONS):
-        raise _bad("parameters.truncation_direction must be \"right\" or \"left\"")
+    values = contract.read(parameters, PARAMETERS)
+    binary_output, truncate = values.get("binary_data_output", False), values.get("truncate", True)
+    direction = values.get("truncation_direction")
     names = input_names(task) if task is not None else (TEXT, TEXT_PAIR)
     texts = _inputs(header.get("inputs"), binary, max_batch, model, names)
     inputs: list[Input] = list(texts[TEXT])
