@@ -618,3 +618,12 @@ def test_each_tasks_v2_requests_and_answers_match_its_api_document(tag_clients, 
     schema = document["paths"]["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"][
         "application/json"]["schema"]
     assert schema_errors(refused, schema, document) != []  # a token classifier takes no text_pair
+
+
+def test_one_candidate_label_is_scored_on_its_own_as_the_pipeline_does(zs_clients, zs_pipelines) -> None:
+    for family in NLI_FAMILIES:
+        answer = zs_clients[family].post("/", json={"inputs": ZS_TEXTS[2], "parameters": {
+            "candidate_labels": "actor"}}).get_json()
+        expected = zs_pipelines[family](ZS_TEXTS[2], "actor")
+        assert [entry["label"] for entry in answer] == expected["labels"] == ["actor"]
+        assert abs(answer[0]["score"] - expected["scores"][0]) < TOLERANCE and answer[0]["score"] < 1.0
