@@ -19,6 +19,7 @@ from export.pipeline import STOP, ExportOptions, run
 from export.quantize import MODES, QuantizationSettings
 from export.resolve import ExportError
 from export.sources import SourceError
+from service.tasks import TASKS
 
 logger = logging.getLogger("export")
 
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     parser.add_argument("--pairs", action="store_true",
                         help="the model classifies text pairs (NLI, cross-encoder rerankers): calibrate, gate and "
                              "validate on the pairs of --validation-file, which it then needs")
+    parser.add_argument("--task", choices=TASKS,
+                        help="what the model does (default: detected from the checkpoint: *ForTokenClassification "
+                             "is token-classification, a sequence classifier with an entailment label "
+                             "zero-shot-classification, any other text-classification)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
     parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
     parser.add_argument("--budget", type=float, metavar="MINUTES",
@@ -90,8 +95,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                          force=args.force, quantization=quantization, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, on_miss=args.on_miss,
                          enforce_gate=args.enforce_gate, validation_file=args.validation_file,
-                         pairs=args.pairs, opset=args.opset, retrain=args.retrain, budget_minutes=args.budget,
-                         quiet=args.quiet)
+                         pairs=args.pairs, task=args.task, opset=args.opset, retrain=args.retrain,
+                         budget_minutes=args.budget, quiet=args.quiet)
 
 
 def _quiet_libraries() -> None:

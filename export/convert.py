@@ -37,8 +37,8 @@ def detect_target(cpuinfo: str | None = None, machine: str | None = None) -> str
     return "avx2"
 
 
-def export_fp32(checkpoint: Path, output: Path, opset: int | None = None) -> Path:
-    """Export a sequence-classification checkpoint to output/model.onnx with Optimum."""
+def export_fp32(checkpoint: Path, output: Path, opset: int | None = None, task: str = "text-classification") -> Path:
+    """Export a checkpoint to output/model.onnx with Optimum, for its task (text- or token-classification)."""
     from optimum.exporters.onnx import main_export
 
     from export.progress import heartbeat
@@ -47,7 +47,7 @@ def export_fp32(checkpoint: Path, output: Path, opset: int | None = None) -> Pat
         # torch's tracer warns about constants it records (the attention mask's); they are expected here
         with heartbeat("exporting"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            main_export(str(checkpoint), output=output, task="text-classification", opset=opset,
+            main_export(str(checkpoint), output=output, task=task, opset=opset,
                         library_name="transformers", local_files_only=True, do_validation=True)
     except ValueError as exc:
         # Optimum raises ValueError for unsupported architectures and for failed output validation.

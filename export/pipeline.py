@@ -21,6 +21,7 @@ from export.dataset import Example, load_splits, read_text_file
 from export.gate import Gate
 from export.quantize import CALIBRATION_SIZE, QuantizationSettings, sample
 from export.resolve import ExportError, Source, check_classifier, resolve
+from service import tasks
 from service.config import usable_cores
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class ExportOptions:
     enforce_gate: bool = True
     validation_file: Path | None = None
     pairs: bool = False  # a pair model: validation_file holds text pairs
+    task: str | None = None  # None: detected from the checkpoint (service.tasks.detect)
     opset: int | None = None
     retrain: bool = False
     budget_minutes: float | None = None  # --budget; None: planned for budget.DEFAULT_MINUTES, search not cut
@@ -134,6 +136,18 @@ def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
     return sets
 
 
+# Labels a zero-shot model is asked about when the validation inputs are single texts: what it reads in
+# service is (text, hypothesis) pairs, and these cover topics and sentiment.
+PROBE_LABELS = ("positive", "negative", "sports", "politics", "technology")
+
+
+def hypotheses(examples: list[Example]) -> list[Example]:
+    """Return each single text paired with the default hypothesis of every probe label, as zero-shot reads it."""
+    template = tasks.DEFAULT_TEMPLATE
+    return [Example(text=e.text, label=None, domain=e.domain, text_pair=template.format(label))
+            for e in examples for label in PROBE_LABELS]
+
+
 def _pool(fp32: Path, sets: dict[str, list[Example]]):
     """Encode every input of the export once, with the service's own code for the exported folder."""
     from export.validate import Pool
@@ -196,7 +210,11 @@ def run(options: ExportOptions) -> Path:
     else:
         source = resolve(options.model, options.revision)
     config = check_classifier(source.path)
-    logger.info("      %s (%s, labels %s)", source.path, config.get("model_type"),
+    task = options.task or tasks.detect(config)
+    check_task(config, task, source.path)
+    if task == tasks.TOKEN_CLASSIFICATION and options.pairs:
+        raise ExportError("--pairs does not apply to token classification: it tags the tokens of single texts.")
+    logger.info("      %s (%s, %s, labels %s)", source.path, config.get("model_type"), task,
                 ", ".join(str(v) for v in (config.get("id2label") or {}).values()))
 
     options.output_dir.mkdir(parents=True, exist_ok=True)
@@ -204,50 +222,17 @@ def run(options: ExportOptions) -> Path:
     work = Path(tempfile.mkdtemp(dir=options.output_dir, prefix=f".tmp-{name}-"))
     try:
         stages.next("exporting to ONNX (fp32) with Optimum")
-        fp32 = export_fp32(source.path, work / "fp32", opset=options.opset)
+        fp32 = export_fp32(source.path, work / "fp32", opset=options.opset,
+                           task="token-classification" if task == tasks.TOKEN_CLASSIFICATION else "text-classification")
         exported_config = json.loads((fp32.parent / "config.json").read_text(encoding="utf-8"))
 
-        quantize = options.quantization.mode != "none"
-        stages.next(f"quantizing to int8 ({options.quantization.mode})" if quantize else "skipping quantization")
-        sets = validation_sets(options)
-        if not quantize:  # only the gate and the quantizer read these
-            sets.pop("calibration")
-            sets.pop("selection_extra", None)
-        pool = _pool(fp32, sets)
-        budget = _plan(options, pool, fp32, budget_started)
-        models = {"onnx_fp32": fp32}
-        if quantize:
-            from export.search import Scorer, search
-
-            scorer = Scorer(pool, fp32)
-            gate = Gate(options.min_agreement, options.max_accuracy_drop)
-            chosen, quant_record = search(fp32, work / "int8", options.quantization, scorer, gate,
-                                          options.on_miss, stop=_check_stop, deadline=budget.search_deadline)
-            if chosen is not None:
-                models["onnx_int8"] = chosen
+        if task == tasks.TOKEN_CLASSIFICATION:
+            models, quant_record, report, max_length = _tag_stages(options, stages, source, fp32, work)
+            budget_record = None
         else:
-            quant_record = {"mode": "none"}
-        served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
-
-        stages.next("validating against the PyTorch model")
-        from export.validate import evaluate
-
-        checked = [name for name in sets if name not in ("calibration", "selection_extra")]
-        report = evaluate(source.path, pool, models, checked, pytorch_seconds=budget.pytorch_seconds())
-        if served == "onnx_int8":
-            # the search's own figures: against fp32, on the selection split and confirmed on the test split
-            selection = quant_record["candidates"][[c["name"] for c in quant_record["candidates"]].index(
-                quant_record["chosen"])]["selection"]
-            figures = {"agreement": selection["agreement"], "accuracy_drop": selection["accuracy_drop"]}
-            passed, confirmed = bool(quant_record["passed"]), bool(quant_record["test"]["passed"])
-        else:  # the fp32 model is the reference the gate measures against
-            figures, passed, confirmed = {"agreement": 1.0, "accuracy_drop": 0.0}, True, True
-        report["gate"] = {"metric": f"{served} against onnx_fp32 on the selection split (validation, plus the "
-                                    f"out-of-domain snippets past the test cap for the default model): label "
-                                    f"agreement and accuracy drop", "min_agreement": options.min_agreement,
-                          "max_accuracy_drop": options.max_accuracy_drop, **figures, "passed": passed,
-                          "confirmed_on_test": confirmed, "enforced": options.enforce_gate}
-        report["served_model"] = served
+            models, quant_record, report, max_length, budget_record = _classify_stages(
+                options, stages, source, fp32, work, budget_started, zero_shot=task == tasks.ZERO_SHOT_CLASSIFICATION)
+        served = report["served_model"]
 
         stages.next("writing the model folder")
         folder = work / "final"
@@ -258,28 +243,37 @@ def run(options: ExportOptions) -> Path:
                 shutil.copy2(fp32.parent / file, folder / file)
         body = {
             "name": name,
-            "task": "text-classification",
+            "task": task,
             "source": source.provenance,
             "model": {"file": "model.onnx", "files": [path.name for path in written],
                       "model_type": exported_config.get("model_type"),
                       "architectures": exported_config.get("architectures"),
-                      "id2label": exported_config.get("id2label"), "max_length": pool.max_length,
+                      "id2label": exported_config.get("id2label"), "max_length": max_length,
                       "inputs": "text pairs" if options.pairs else "texts",
                       "opset": opset_of(folder / "model.onnx"),
                       "size_bytes": sum(path.stat().st_size for path in written),
                       "fp32_size_bytes": fp32.stat().st_size},
-            "budget": budget.describe(),
+            **({"budget": budget_record} if budget_record is not None else {}),
             "quantization": quant_record,
             "validation": report,
             "versions": manifest.package_versions(),
         }
-        _log_summary(report, served)
+        if task != tasks.TOKEN_CLASSIFICATION:
+            _log_summary(report, served)
         if not report["gate"]["passed"] and options.enforce_gate:
             left_out = quant_record.get("not_done_for_the_budget")
+            measured = (f"agreement with fp32 >= {options.min_agreement:.2%} and accuracy drop <= "
+                        f"{options.max_accuracy_drop * 100:.2f} pt on the selection split; the best agreed on "
+                        f"{report['gate']['agreement']:.2%}" if "agreement" in report["gate"] else
+                        f"{report['gate']['metric']} with fp32 >= {options.min_agreement:.2%}; the best agreed on "
+                        f"{report['gate']['token_agreement']:.2%} of tokens, "
+                        f"{report['gate']['entity_agreement']:.2%} of entities")
+            ranking = report["gate"].get("ranking")
+            if ranking is not None and not ranking["passed"]:
+                measured += (f"; zero-shot: the int8 model put fp32's top candidate label first for "
+                             f"{ranking['top_agreement']:.2%} of texts")
             raise ExportError(
-                f"No int8 candidate met the gate (agreement with fp32 >= {options.min_agreement:.2%} and accuracy "
-                f"drop <= {options.max_accuracy_drop * 100:.2f} pt on the selection split; the best agreed on "
-                f"{figures['agreement']:.2%}); nothing was written. "
+                f"No int8 candidate met the gate ({measured}); nothing was written. "
                 + (f"--budget {options.budget_minutes:g} left out {'; '.join(left_out)}: a larger --budget, or "
                    f"none, tries them. " if left_out else "")
                 + "Serve fp32 with --on-miss fp32 or --quantize none, relax --min-agreement / --max-accuracy-drop, "
@@ -293,6 +287,174 @@ def run(options: ExportOptions) -> Path:
         return target
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_task(config: dict, task: str, path: Path) -> None:
+    """Refuse a task the checkpoint's head cannot do, naming what it is."""
+    architectures = config.get("architectures") or []
+    if task not in tasks.TASKS:
+        raise ExportError(f"--task must be one of {', '.join(tasks.TASKS)}; got {task!r}.")
+    wanted = "ForTokenClassification" if task == tasks.TOKEN_CLASSIFICATION else "ForSequenceClassification"
+    if not any(str(a).endswith(wanted) for a in architectures):
+        raise ExportError(f"{path} cannot do {task}: config.json names {', '.join(architectures) or 'no architecture'}"
+                          f", expected *{wanted}.")
+    labels = [str(v) for v in (config.get("id2label") or {}).values()]
+    if task == tasks.ZERO_SHOT_CLASSIFICATION and tasks.entailment_id(labels) < 0:
+        raise ExportError(f"{path} cannot do zero-shot classification: none of its labels ({', '.join(labels)}) "
+                          "starts with 'entail', so no logit says that a hypothesis follows from the text.")
+
+
+def _tag_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Path, work: Path):
+    """Quantize and validate a token classifier: the gate on tokens and entity spans, then PyTorch's logits."""
+    from export.tagging import Windows, figures, search, texts_of, torch_runner
+    from service.classifier import Classifier, ModelLoadError
+
+    quantize = options.quantization.mode != "none"
+    stages.next(f"quantizing to int8 ({options.quantization.mode})" if quantize else "skipping quantization")
+    sets = validation_sets(options)
+    texts = texts_of([e for name, examples in sets.items() if name != "calibration" for e in examples])
+    try:
+        classifier = Classifier(fp32.parent, intra_op_threads=usable_cores(), verify=False)
+    except ModelLoadError as exc:
+        raise ExportError(f"the service cannot load the exported model: {exc}") from None
+    windows = Windows(classifier, texts)
+    reference = windows.logits(classifier.run)
+    models = {"onnx_fp32": fp32}
+    gate = Gate(options.min_agreement, options.max_accuracy_drop)
+    if quantize:
+        try:
+            chosen, record = search(fp32, work / "int8", options.quantization, windows, reference, gate,
+                                    options.on_miss)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        if chosen is not None:
+            models["onnx_int8"] = chosen
+    else:
+        record = {"mode": "none"}
+    served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
+
+    stages.next("validating against the PyTorch model")
+    pytorch = windows.logits(torch_runner(source.path))
+    outputs = {"onnx_fp32": reference}
+    if served == "onnx_int8":
+        from export.validate import ort_runner, ort_session
+
+        outputs["onnx_int8"] = windows.logits(ort_runner(ort_session(models["onnx_int8"])))
+    entry = {"inputs": len(texts), "windows": len(windows.flat),
+             **{f"{name}_vs_pytorch": figures(windows, pytorch, rows) for name, rows in outputs.items()}}
+    against = figures(windows, reference, outputs[served])
+    passed = bool(record.get("passed", True)) if served == "onnx_int8" else True
+    report = {"sets": {"validation": entry}, "served_model": served,
+              "gate": {"metric": "per-token label agreement and entity-span agreement (aggregation simple)",
+                       "min_agreement": options.min_agreement, "token_agreement": against["token_agreement"],
+                       "entity_agreement": against["entity_agreement"], "passed": passed,
+                       "enforced": options.enforce_gate}}
+    logger.info("      %d texts, %d windows: %s against PyTorch max|d logit| %.2g, token agreement %.4f", len(texts),
+                len(windows.flat), served, entry[f"{served}_vs_pytorch"]["max_abs_logit_diff"],
+                entry[f"{served}_vs_pytorch"]["token_agreement"])
+    return models, record, report, classifier.max_length
+
+
+def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Path, work: Path,
+                     budget_started: float, zero_shot: bool = False):
+    """Quantize and validate a sequence classifier: the int8 search and its gate, then PyTorch's scores."""
+    quantize = options.quantization.mode != "none"
+    stages.next(f"quantizing to int8 ({options.quantization.mode})" if quantize else "skipping quantization")
+    sets = validation_sets(options)
+    if zero_shot and not options.pairs:
+        sets = {name: hypotheses(examples) for name, examples in sets.items()}
+    if not quantize:  # only the gate and the quantizer read these
+        sets.pop("calibration")
+        sets.pop("selection_extra", None)
+    pool = _pool(fp32, sets)
+    budget = _plan(options, pool, fp32, budget_started)
+    models = {"onnx_fp32": fp32}
+    if quantize:
+        from export.search import Scorer, search
+
+        scorer = Scorer(pool, fp32)
+        gate = Gate(options.min_agreement, options.max_accuracy_drop)
+        chosen, quant_record = search(fp32, work / "int8", options.quantization, scorer, gate,
+                                      options.on_miss, stop=_check_stop, deadline=budget.search_deadline)
+        if chosen is not None:
+            models["onnx_int8"] = chosen
+    else:
+        quant_record = {"mode": "none"}
+    ranking = None
+    if zero_shot and not options.pairs and "onnx_int8" in models:
+        ranking = ranking_figures(pool, models["onnx_int8"])
+        logger.info("      zero-shot ranking of %d texts' probe labels: top label agreement %.4f, order %.4f",
+                    ranking["texts"], ranking["top_agreement"], ranking["order_agreement"])
+        if ranking["top_agreement"] < options.min_agreement and options.on_miss == "fp32":
+            del models["onnx_int8"]
+            quant_record["served"] = "fp32"
+            quant_record["why"] = "the int8 model ranks candidate labels below the gate; --on-miss fp32 serves fp32"
+    served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
+
+    stages.next("validating against the PyTorch model")
+    from export.validate import evaluate
+
+    checked = [name for name in sets if name not in ("calibration", "selection_extra")]
+    report = evaluate(source.path, pool, models, checked, pytorch_seconds=budget.pytorch_seconds())
+    if served == "onnx_int8":
+        # the search's own figures: against fp32, on the selection split and confirmed on the test split
+        selection = quant_record["candidates"][[c["name"] for c in quant_record["candidates"]].index(
+            quant_record["chosen"])]["selection"]
+        figures = {"agreement": selection["agreement"], "accuracy_drop": selection["accuracy_drop"]}
+        passed, confirmed = bool(quant_record["passed"]), bool(quant_record["test"]["passed"])
+    else:  # the fp32 model is the reference the gate measures against
+        figures, passed, confirmed = {"agreement": 1.0, "accuracy_drop": 0.0}, True, True
+    report["gate"] = {"metric": f"{served} against onnx_fp32 on the selection split (validation, plus the "
+                                f"out-of-domain snippets past the test cap for the default model): label "
+                                f"agreement and accuracy drop", "min_agreement": options.min_agreement,
+                      "max_accuracy_drop": options.max_accuracy_drop, **figures, "passed": passed,
+                      "confirmed_on_test": confirmed, "enforced": options.enforce_gate}
+    if ranking is not None and served == "onnx_int8":
+        # zero-shot answers rank labels by their entailment logits: the served model must rank as fp32 does
+        ranking["passed"] = ranking["top_agreement"] >= options.min_agreement
+        report["gate"]["ranking"] = ranking
+        report["gate"]["passed"] = report["gate"]["passed"] and ranking["passed"]
+        report["gate"]["metric"] += "; zero-shot: the top candidate label of each text against fp32's"
+    report["served_model"] = served
+    return models, quant_record, report, pool.max_length, budget.describe()
+
+
+RANKING_TEXTS = 500  # texts whose probe labels are ranked by both models (5 pairs each)
+
+
+def ranking_figures(pool, int8: Path) -> dict:
+    """Return how often int8 ranks a text's probe labels as fp32 does: the same top label, the same order.
+
+    Single-label zero-shot ranks candidates by their entailment logit, so both models' entailment
+    logits of each text's (text, hypothesis) pairs are compared, on the selection split.
+    """
+    from export.validate import ort_runner, ort_session
+
+    # hypotheses() wrote each text's pairs one after the other, in PROBE_LABELS' order
+    wanted = [tasks.DEFAULT_TEMPLATE.format(label) for label in PROBE_LABELS]
+    kept = set(pool.indices("validation", "selection_extra").tolist())
+    complete = []
+    for start in sorted(kept):
+        group = list(range(start, start + len(wanted)))
+        examples = [pool.examples[i] for i in group if i in kept]
+        if len(examples) == len(wanted) and [e.text_pair for e in examples] == wanted \
+                and len({e.text for e in examples}) == 1:
+            complete.append(group)
+    complete = complete[:RANKING_TEXTS]
+    flat = [index for group in complete for index in group]
+    entail = tasks.entailment_id(pool.classifier.labels)
+    logits = {}
+    for name, run in (("fp32", pool.classifier.run), ("int8", ort_runner(ort_session(int8)))):
+        found: dict[int, float] = {}
+        for chunk, batch in pool.encoded.batches(flat):
+            found.update(zip(chunk.tolist(), run(batch)[:, entail].tolist(), strict=True))
+        logits[name] = np.array([[found[i] for i in group] for group in complete])
+    if not complete:
+        return {"texts": 0, "top_agreement": 1.0, "order_agreement": 1.0}
+    orders = {name: np.argsort(-values, axis=1, kind="stable") for name, values in logits.items()}
+    return {"texts": len(complete), "labels": list(PROBE_LABELS),
+            "top_agreement": round(float((orders["fp32"][:, 0] == orders["int8"][:, 0]).mean()), 5),
+            "order_agreement": round(float((orders["fp32"] == orders["int8"]).all(axis=1).mean()), 5)}
 
 
 def _log_summary(report: dict, served: str) -> None:

@@ -96,7 +96,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
 
 
 def check_classifier(path: Path) -> dict:
-    """Return the checkpoint's config if it is a sequence classifier with weights, else raise ExportError."""
+    """Return the checkpoint's config if it is a sequence or token classifier with weights, else raise ExportError."""
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ExportError(f"{path} has no config.json: it is not a Hugging Face checkpoint folder.")
@@ -105,10 +105,11 @@ def check_classifier(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportError(f"{config_path} is not valid JSON ({exc}).") from None
     architectures = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    if not any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
         found = ", ".join(architectures) or "no architecture"
         raise ExportError(f"{path} is not a sequence classifier (config.json names {found}; expected "
-                          f"*ForSequenceClassification). Fine-tune a classification head first.")
+                          f"*ForSequenceClassification or *ForTokenClassification). Fine-tune a classification "
+                          f"head first.")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ExportError(f"{path} has no weights ({' or '.join(WEIGHT_FILES[:2])}).")
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file() \

@@ -6,14 +6,24 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import answers
 from service.batching import Scheduler
 from service.config import Settings, available_cpus
+from service.errors import ApiError
 from service.inference import infer
 from service.openapi import openapi_document
-from service.schemas import ClassifyRequest, read_body
+from service.schemas import (
+    ClassifyRequest,
+    json_object,
+    parameters_of,
+    read_body,
+    read_tag_request,
+    read_zero_shot_request,
+)
+from service.tasks import CLASSIFY, TAG, ZERO_SHOT
 
 bp = Blueprint("api", __name__)
 _RUNTIME = ("onnxruntime", "tokenizers", "numpy", "flask", "werkzeug", "waitress", "prometheus-client")
@@ -21,13 +31,17 @@ _REFERENCE = {"pytorch": ("torch", "transformers"),
               "optimum": ("torch", "transformers", "optimum", "optimum-onnx")}
 
 
-def _classify(form: Literal["sentiment", "inference_api"]) -> tuple[ClassifyRequest, list[list[Any]]]:
+def _classify(form: Literal["sentiment", "inference_api"],
+              body: dict[str, Any] | None = None) -> tuple[ClassifyRequest, list[list[Any]]]:
     """Validate the body, classify its inputs and rank each one's labels."""
     settings: Settings = current_app.extensions["service.settings"]
-    body = read_body(settings.max_batch, form)
-    logits = infer(body.inputs)
     classifier = current_app.extensions["service.classifier"]
-    return body, classifier.postprocess(logits, body.top_k, body.function_to_apply)
+    if not classifier.task.can(CLASSIFY):
+        raise ApiError(400, f"this model {classifier.task.describe()}: it has no label per text for "
+                            f"{request.path}; send its requests to POST /")
+    parsed = read_body(settings.max_batch, form, body)
+    logits = infer(parsed.inputs)
+    return parsed, classifier.postprocess(logits, parsed.top_k, parsed.function_to_apply)
 
 
 @bp.post("/sentiment")
@@ -41,8 +55,20 @@ def sentiment() -> Response:
 
 @bp.post("/")
 def inference_api() -> Response:
-    """Answer the Hugging Face Inference API text-classification contract: one list per input."""
-    _, results = _classify("inference_api")
+    """Answer the Hugging Face Inference API for the model's task: entities for a token classifier, candidate
+    labels ranked when the request names some (zero-shot), else one ranked list of labels per input."""
+    settings: Settings = current_app.extensions["service.settings"]
+    task = current_app.extensions["service.classifier"].task
+    body = json_object()
+    if task.can(TAG):
+        return jsonify(answers.tag(read_tag_request(body, settings.max_batch, task.max_stride)))
+    if parameters_of(body).get("candidate_labels") is not None:
+        if not task.can(ZERO_SHOT):
+            raise ApiError(400, f"this model {task.describe()}: zero-shot classification ('candidate_labels') "
+                                "needs an NLI model with an entailment label")
+        user_agent = request.headers.get("User-Agent", "")
+        return jsonify(answers.zero_shot(read_zero_shot_request(body, settings.max_batch, user_agent)))
+    _, results = _classify("inference_api", body)
     return jsonify(results)
 
 
@@ -105,7 +131,8 @@ def openapi() -> Response:
     """Return the OpenAPI 3.1 document of these routes."""
     settings: Settings = current_app.extensions["service.settings"]
     return jsonify(openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
-                                    current_app.extensions["service.classifier"].name))
+                                    current_app.extensions["service.classifier"].name,
+                                    current_app.extensions["service.classifier"].task))
 
 
 def _version(distribution: str) -> str | None:

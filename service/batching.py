@@ -69,11 +69,12 @@ class Job:
 
     encodings: Sequence[Encoding]
     labels: int
+    per_token: bool = False  # logits per token: a list of [tokens, labels] arrays, one per text
     enqueued: float = field(default_factory=time.monotonic)
     taken: int = 0  # texts a batch has taken
     queued_tokens: int = 0  # tokens of its texts still in the queue
     left: int = 0  # texts without logits yet
-    logits: np.ndarray = field(init=False)
+    logits: np.ndarray | list[np.ndarray] = field(init=False)
     error: BaseException | None = None
     cancelled: bool = False  # gave up or failed: its queued texts are skipped
     # batches this job's thread must run next: with several slots, more than one can be handed to it
@@ -85,7 +86,8 @@ class Job:
         """Make room for the logits."""
         self.left = len(self.encodings)
         self.queued_tokens = sum(len(encoding) for encoding in self.encodings)
-        self.logits = np.empty((len(self.encodings), self.labels), dtype=np.float32)
+        self.logits = ([np.empty(0, dtype=np.float32)] * len(self.encodings) if self.per_token
+                       else np.empty((len(self.encodings), self.labels), dtype=np.float32))
 
     @property
     def done(self) -> bool:
@@ -187,9 +189,9 @@ class Scheduler:
             self._start_express()
 
     def warmup(self) -> None:
-        """Classify the classifier's warm-up batches through the queue."""
+        """Run the classifier's warm-up batches through the queue."""
         for texts in self.classifier.warmup_batches():
-            self.classify(texts)
+            self.logits(self.classifier.encode(texts))
 
     def stop(self, timeout: float) -> bool:
         """Refuse new requests, let queued ones finish; return whether they did within timeout."""
@@ -229,9 +231,10 @@ class Scheduler:
             self._local.arriving = False
             self._arriving -= 1
 
-    def logits(self, encodings: Sequence[Encoding], timing: Timing | None = None) -> np.ndarray:
-        """Return the logits [texts, labels] of encoded inputs, batched with concurrent requests."""
-        job = Job(encodings, len(self.classifier.labels), timing=timing)
+    def logits(self, encodings: Sequence[Encoding], timing: Timing | None = None) -> np.ndarray | list[np.ndarray]:
+        """Return the logits [texts, labels] of encoded inputs, batched with concurrent requests; for a
+        per-token task, each text's [tokens, labels]."""
+        job = Job(encodings, len(self.classifier.labels), self.classifier.task.per_token, timing=timing)
         if timing is not None:
             timing.enqueued = time.perf_counter()
         with self._cond:
@@ -436,7 +439,7 @@ class Scheduler:
             # an exponential average follows load changes within a few runs
             self._seconds_per_token += 0.2 * ((time.monotonic() - started) / (padded + RUN_COST_TOKENS)
                                               - self._seconds_per_token)
-            for item, row in zip(batch, logits, strict=True):
+            for item, row in zip(batch, self.classifier.split(logits, encodings), strict=True):
                 job = item.job
                 job.logits[item.index] = row
                 if job.timing is not None:

@@ -22,7 +22,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 from tokenizers import Encoding, Tokenizer
 
-from service import weights  # noqa: E402
+from service import tasks, weights  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +246,25 @@ class Classifier:
         self._tokenizers: dict[str, Tokenizer] = {"right": right}
         self._derived_lock = threading.Lock()
         self._vocab_size = right.get_vocab_size(with_added_tokens=True)
+        self.task = self._task(tokenizer_config)
+
+    def _task(self, tokenizer_config: dict[str, Any]) -> tasks.Task:
+        """Return the task the manifest names (detected from config.json where it names none)."""
+        name = self.manifest.get("task") or tasks.detect(self.config)
+        if name not in tasks.TASKS:
+            raise ModelLoadError(f"manifest.json names the task {name!r}; this service serves "
+                                 f"{', '.join(tasks.TASKS)}")
+        if name == tasks.TOKEN_CLASSIFICATION:
+            unk = _token_text(tokenizer_config.get("unk_token"))
+            return tasks.TokenClassification(self._tokenizer("untruncated"), self.labels, self.max_length,
+                                             self._tokenizers["right"].token_to_id(unk) if unk else None)
+        if name == tasks.ZERO_SHOT_CLASSIFICATION:
+            try:
+                return tasks.ZeroShotClassification(self.labels)
+            except ValueError:
+                raise ModelLoadError(f"manifest.json names the task {name} but no label of config.json starts "
+                                     "with 'entail'") from None
+        return tasks.TextClassification()
 
     def _configured_tokenizer(self, tokenizer_config: dict[str, Any]) -> Tokenizer:
         """Return tokenizer.json with truncation at max_length; remember how to pad for collate()."""
@@ -271,7 +290,8 @@ class Classifier:
         return tokenizer
 
     def _tokenizer(self, kind: str) -> Tokenizer:
-        """Return the tokenizer truncating on the "right" or "left", or the "untruncated" one."""
+        """Return the tokenizer truncating on the "right" or "left", the "only_first" one (a pair's first text
+        alone, as zero-shot truncates), or the "untruncated" one."""
         tokenizer = self._tokenizers.get(kind)
         if tokenizer is None:
             with self._derived_lock:
@@ -280,6 +300,8 @@ class Classifier:
                     tokenizer = Tokenizer.from_str(self._tokenizers["right"].to_str())
                     if kind == "left":
                         tokenizer.enable_truncation(max_length=self.max_length, direction="left")
+                    elif kind == "only_first":
+                        tokenizer.enable_truncation(max_length=self.max_length, strategy="only_first")
                     else:
                         tokenizer.no_truncation()
                     self._tokenizers[kind] = tokenizer  # configured before any thread can see it
@@ -402,22 +424,31 @@ class Classifier:
         except Exception as exc:
             raise ModelLoadError(f"model.onnx rejects token id {tokens - 1} of tokenizer.json: "
                                  f"tokenizer and model do not match ({type(exc).__name__})") from None
-        if logits.shape != (1, len(self.labels)):
-            raise ModelLoadError(f"model.onnx returns logits of shape {list(logits.shape)} but "
-                                 f"config.json id2label has {len(self.labels)} labels")
+        expected = (1, 2, len(self.labels)) if self.task.per_token else (1, len(self.labels))
+        if logits.shape != expected:
+            raise ModelLoadError(f"model.onnx returns logits of shape {list(logits.shape)}, not {list(expected)} "
+                                 f"for a {self.task.name} model whose config.json id2label has "
+                                 f"{len(self.labels)} labels")
 
     def encode(self, inputs: Sequence[Input], *, truncate: bool = True,
-               direction: Direction | None = None) -> list[Encoding]:
+               direction: Direction | None = None, only_first: bool = False) -> list[Encoding]:
         """Return the unpadded encodings of texts or pairs, truncated to max_length tokens.
 
-        Pairs are truncated longest first, as transformers does. With truncate=False an input over
-        max_length raises InputTooLong instead.
+        Pairs are truncated longest first, as transformers does; with only_first, only their first
+        text is (zero-shot's (text, hypothesis) pairs). With truncate=False an input over max_length
+        raises InputTooLong instead.
         """
-        tokenizer = self._tokenizer(direction or self.truncation_side)
-        left = (direction or self.truncation_side) == "left"
+        tokenizer = self._tokenizer("only_first" if only_first else direction or self.truncation_side)
+        left = (direction or self.truncation_side) == "left" and not only_first
         items = list(inputs)
         clipped = [_clip(item, self.max_length * CLIP_CHARS_PER_TOKEN, left) for item in items]
-        encodings = tokenizer.encode_batch_fast(clipped)
+        try:
+            encodings = tokenizer.encode_batch_fast(clipped)
+        except Exception:  # only_first: a second text that alone fills max_length leaves no room to cut
+            if not only_first:
+                raise
+            raise tasks.TaskError(f"a hypothesis leaves no room for the text within the model's {self.max_length} "
+                                  "tokens; shorten the hypothesis_template or the candidate labels") from None
         for index, (item, cut) in enumerate(zip(items, clipped, strict=True)):
             if cut != item and not self._cut_is_exact(tokenizer, item, cut, encodings[index]):
                 wide = _clip(item, self.max_length * WIDE_CLIP_CHARS_PER_TOKEN, left)
@@ -508,6 +539,14 @@ class Classifier:
                     self._running -= 1
         return logits
 
+    def split(self, logits: np.ndarray, encodings: Sequence[Encoding]) -> Sequence[np.ndarray]:
+        """Return each input's logits of a run: its row, or for a per-token task its tokens' rows without padding."""
+        if not self.task.per_token:
+            return logits
+        width = logits.shape[1]
+        return [logits[row, width - len(encoding):] if self._pad_left else logits[row, :len(encoding)]
+                for row, encoding in enumerate(encodings)]
+
     @property
     def sessions(self) -> int:
         """Return how many sessions this classifier holds, the lone one included."""
@@ -539,14 +578,15 @@ class Classifier:
         return [["warm up"], ["warm up " * self.max_length]]
 
     def warmup(self) -> None:
-        """Classify the warm-up batches."""
+        """Run the warm-up batches."""
         for texts in self.warmup_batches():
-            self.classify(texts)
+            self.logits(texts)
 
     def info(self) -> dict[str, Any]:
         """Return what /info says about the model."""
         return {
             "name": self.name,
+            "task": self.task.name,
             "labels": list(self.labels),
             "function_to_apply": self.function,
             "max_length": self.max_length,

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 from flask import current_app, g
+from tokenizers import Encoding
 
 from service.batching import Scheduler
 from service.classifier import Direction, Input
@@ -43,4 +44,29 @@ def infer(inputs: list[Input], truncate: bool = True, direction: Direction | Non
     timing.inferred = time.perf_counter()
     metrics: Metrics = current_app.extensions["service.metrics"]
     metrics.observe_inference(len(inputs), timing.inferred - started)
+    return logits
+
+
+def infer_encoded(encodings: list[Encoding]) -> np.ndarray | list[np.ndarray]:
+    """Return the logits of inputs the model's task encoded itself (token windows, zero-shot pairs).
+
+    Each encoding counts as one text against the queue; a per-token task gets each one's
+    [tokens, labels]. The onnx backend only: the reference backends do not encode.
+    """
+    classifier = current_app.extensions["service.classifier"]
+    scheduler: Scheduler | None = current_app.extensions["service.scheduler"]
+    timing: Timing = g.timing  # the task encoded already: its time counts as the request's parsing
+    timing.texts = len(encodings)
+    timing.tokens = sum(len(encoding) for encoding in encodings)
+    started = time.perf_counter()
+    if scheduler is None:
+        logits = classifier.split(classifier.run(classifier.collate(encodings)), encodings)
+        timing.add_run(started, time.perf_counter(), len(encodings),
+                       len(encodings) * max(len(encoding) for encoding in encodings))
+        classifier.ready = True
+    else:
+        logits = scheduler.logits(encodings, timing)
+    timing.inferred = time.perf_counter()
+    metrics: Metrics = current_app.extensions["service.metrics"]
+    metrics.observe_inference(len(encodings), timing.inferred - started)
     return logits

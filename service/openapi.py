@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from service import contract
+from service.schemas import CLASSIFY_PARAMETERS, TOP_K, ZERO_SHOT_PARAMETERS, tag_parameters
+from service.tasks import TAG, ZERO_SHOT, Task, TextClassification
+from service.tei import OPTIONS, RERANK_OPTIONS, TOKENIZE_OPTIONS
+
 _CONTENT_TYPES = (
     "Request bodies are parsed as JSON whatever their Content-Type (application/json is best; "
     "`curl -d` sends application/x-www-form-urlencoded and is accepted). multipart/form-data is "
@@ -47,7 +52,8 @@ def _tei_errors(locked: tuple[int, ...], *statuses: int) -> dict[str, Any]:
     """Return TEI's error responses: {"error", "error_type"}; 429 with Retry-After."""
     reasons = {400: "Invalid JSON, or an empty batch (error_type Empty)",
                413: "Body over max_content_length",
-               422: "Invalid fields, more inputs than max_batch, or too long with truncate false (Validation)",
+               422: "Invalid fields, an empty input, more inputs than max_batch, or too long with truncate false "
+                    "(Validation)",
                424: "The model failed, or cannot serve this route (Backend)",
                429: "Overloaded: retry after Retry-After seconds (Overloaded)"}
     # 413 may come from Waitress before the route runs, without an error_type
@@ -62,12 +68,7 @@ def tei_schemas(max_batch: int) -> dict[str, Any]:
     """Return the schemas of TEI's /predict, /rerank and /tokenize, as TEI's own document has them."""
     string = {"type": "string"}
     sequence = {"type": "array", "items": string, "minItems": 1, "maxItems": 2}
-    options = {"truncate": {"type": ["boolean", "null"],
-                            "description": "Default true (truncate to max_length); false refuses a longer input "
-                                           "with 422."},
-               "truncation_direction": {"enum": ["right", "left", "Right", "Left", None],
-                                        "description": "Which end is cut (default right)."},
-               "raw_scores": {"type": ["boolean", "null"], "description": "Logits instead of probabilities."}}
+    options = contract.schema(OPTIONS)["properties"]
     return {
         "PredictRequest": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"description": "A text; [text, text_pair] for one pair; [[text], [text, text_pair], ...] "
@@ -80,16 +81,13 @@ def tei_schemas(max_batch: int) -> dict[str, Any]:
                                       {"type": "array", "items": {"type": "array", "items": _ref("Prediction")}}]},
         "RerankRequest": {"type": "object", "required": ["query", "texts"], "properties": {
             "query": string, "texts": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
-            "return_text": {"type": ["boolean", "null"]},
-            "top_n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
-                      "description": "Return only the best top_n texts (default all)."},
-            **options}},
+            **contract.schema(RERANK_OPTIONS)["properties"], **options}},
         "Rank": {"type": "object", "required": ["index", "score"], "additionalProperties": False, "properties": {
             "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": string}},
         "RerankResponse": {"type": "array", "items": _ref("Rank"), "description": "Best first."},
         "TokenizeRequest": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"anyOf": [string, {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch}]},
-            "add_special_tokens": {"type": ["boolean", "null"]},
+            **contract.schema(TOKENIZE_OPTIONS)["properties"],
             "prompt_name": {"type": "null", "description": "Not supported: no prompts are applied."}}},
         "SimpleToken": {"type": "object", "required": ["id", "text", "special", "start", "stop"],
                         "properties": {"id": {"type": "integer", "minimum": 0}, "text": string,
@@ -135,8 +133,16 @@ _V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema"
                "description": "The one version served; any other is 404."}
 
 
-def v2_schemas(max_batch: int) -> dict[str, Any]:
-    """Return the schemas of the Open Inference Protocol v2 routes (JSON form)."""
+def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
+    """Return the schemas of the Open Inference Protocol v2 routes (JSON form), with the tensors and parameters
+    of the model's task."""
+    from service.v2 import PARAMETERS, input_names, output_names  # v2 imports this module (through api)
+
+    task = task or TextClassification()
+    inputs, outputs = input_names(task), output_names(task)
+    task_parameters = (tag_parameters(task.max_stride) if task.can(TAG) else
+                       [p for p in ZERO_SHOT_PARAMETERS if p.name in ("hypothesis_template", "multi_label")]
+                       if task.can(ZERO_SHOT) else [])
     string = {"type": "string"}
     tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
         "name": string, "datatype": string, "shape": {"type": "array", "items": {"type": "integer"}}}}
@@ -156,21 +162,17 @@ def v2_schemas(max_batch: int) -> dict[str, Any]:
                                            "outputs": {"type": "array", "items": _ref("V2TensorMetadata")}}},
         "V2InferenceRequest": {
             "type": "object", "required": ["inputs"],
-            "description": ("Input 'text' (BYTES, shape [n], n <= max_batch) and optionally 'text_pair' (the same "
-                            "shape: the pair of each text). shape[0] must equal the number of strings in data. "
-                            "Without 'outputs', all four are returned. " + _V2_BINARY),
+            "description": ("Input 'text' (BYTES, shape [n], n <= max_batch) and optionally "
+                            + " and ".join(f"'{name}'" for name in inputs[1:] or ("nothing else",))
+                            + " ('text_pair': the pair of each text, the same shape; 'candidate_labels': the labels "
+                              "to rank). shape[0] must equal the number of strings in data. Without 'outputs', all "
+                              "the task's are returned. " + _V2_BINARY),
             "properties": {
                 "id": {"type": ["string", "null"], "description": "Echoed in the response."},
-                "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                    "binary_data_output": {"type": ["boolean", "null"],
-                                           "description": "Outputs as binary data by default."},
-                    "truncate": {"type": ["boolean", "null"], "description": "Default true; false refuses a text "
-                                                                             "over the model's max_length tokens "
-                                                                             "with 400."},
-                    "truncation_direction": {"enum": ["right", "left", None]}}}]},
-                "inputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+                "parameters": {"anyOf": [{"type": "null"}, contract.schema([*PARAMETERS, *task_parameters])]},
+                "inputs": {"type": "array", "minItems": 1, "maxItems": len(inputs), "items": {
                     "type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
-                        "name": {"enum": ["text", "text_pair"]},
+                        "name": {"enum": list(inputs)},
                         "datatype": {"const": "BYTES"},
                         "shape": {"type": "array", "minItems": 1, "maxItems": 1,
                                   "items": {"type": "integer", "minimum": 1, "maximum": max_batch}},
@@ -178,9 +180,9 @@ def v2_schemas(max_batch: int) -> dict[str, Any]:
                         # the JSON form: binary_data_size (the binary form's instead of data) is absent or null
                         "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
                             "binary_data_size": {"type": "null"}}}]}}}},
-                "outputs": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 4, "items": {
+                "outputs": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": len(outputs), "items": {
                     "type": "object", "required": ["name"], "properties": {
-                        "name": {"enum": ["label", "score", "probabilities", "logits"]},
+                        "name": {"enum": list(outputs)},
                         "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
                             "binary_data": {"type": ["boolean", "null"]},
                             "classification": {"type": "integer", "minimum": 0,
@@ -257,11 +259,47 @@ def v2_paths(locked: tuple[int, ...], model_name: str) -> dict[str, Any]:
 NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 
 
+def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dict[str, Any]:
+    """Return the Inference API's request and answer for a token classifier or a zero-shot model (none else).
+
+    The parameters come from their declarations in service/schemas.py, which also validate them.
+    """
+    inputs = {"anyOf": [text, texts], "description": "A text, or a list of texts (then a list of answers)."}
+    if task.can(TAG):
+        entity = {"type": "object", "required": ["score", "word", "start", "end"], "properties": {
+            "entity": {"type": "string", "description": "The token's label (aggregation_strategy none)."},
+            "entity_group": {"type": "string", "description": "The entity's tag, without B-/I- (aggregated)."},
+            "score": {"type": "number"}, "word": {"type": "string"}, "index": {"type": "integer"},
+            "start": {"type": "integer", "description": "Character offset into the text sent."},
+            "end": {"type": "integer"}}}
+        entities = {"type": "array", "items": _ref("Entity")}
+        parameters = contract.schema(tag_parameters(task.max_stride))
+        return {"Entity": entity, "InferenceRequest": {
+            "type": "object", "required": ["inputs"],
+            "description": "The Inference API's token-classification body (InferenceClient.token_classification). "
+                           "Texts longer than max_length tokens are read in windows, never cut.",
+            "properties": {"inputs": inputs, "parameters": {"anyOf": [{"type": "null"}, parameters]}}},
+            "InferenceResponse": {"anyOf": [entities, {"type": "array", "items": entities}],
+                                  "description": "A text's entities; a list of those for a list of texts."}}
+    if task.can(ZERO_SHOT):
+        ranked_pipeline = {"type": "object", "required": ["sequence", "labels", "scores"], "properties": {
+            "sequence": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
+            "scores": {"type": "array", "items": {"type": "number"}}}}
+        return {"ZeroShotRequest": {
+            "type": "object", "required": ["inputs", "parameters"],
+            "description": "The Inference API's zero-shot body (InferenceClient.zero_shot_classification): each "
+                           "text is paired with each label's hypothesis; the pairs count against max_batch.",
+            "properties": {"inputs": inputs,
+                           "parameters": contract.schema(ZERO_SHOT_PARAMETERS, required=["candidate_labels"])}},
+            "ZeroShotResponse": {"anyOf": [_ref("Ranked"), ranked_pipeline,
+                                           {"type": "array", "items": {"anyOf": [_ref("Ranked"), ranked_pipeline]}}]}}
+    return {}
+
+
 def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False,
-                     model_name: str = "model") -> dict[str, Any]:
-    """Return the OpenAPI document with this instance's limits and authentication filled in."""
-    top_k = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
-             "description": "Return this many labels sorted by score (null: all labels)."}
+                     model_name: str = "model", task: Task | None = None) -> dict[str, Any]:
+    """Return the OpenAPI document with this instance's limits, authentication and model's task filled in."""
+    top_k = contract.schema([TOP_K])["properties"]["top_k"]
     text = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
     texts = {"type": "array", "items": text, "minItems": 1,
              "maxItems": max_batch, "description": f"At most {max_batch} non-blank texts."}
@@ -294,21 +332,17 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                 "inputs": {"anyOf": [text, texts, _ref("TextPair"),
                                      {"type": "array", "items": _ref("TextPair"), "minItems": 1,
                                       "maxItems": max_batch}]},
-                "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                    "top_k": top_k,
-                    "function_to_apply": {"anyOf": [{"enum": ["softmax", "sigmoid", "none"]},
-                                                    {"type": "null"}],
-                                          "description": "Default: the model's (softmax for >1 label)."},
-                }}]},
+                "parameters": {"anyOf": [{"type": "null"}, contract.schema(CLASSIFY_PARAMETERS)]},
             },
         },
         "TextPair": {"type": "object", "required": ["text"], "additionalProperties": False,
                      "properties": {"text": text, "text_pair": {"anyOf": [text, {"type": "null"}]}}},
         **tei_schemas(max_batch),
-        **v2_schemas(max_batch),
+        **v2_schemas(max_batch, task),
         "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
                               "description": "One Ranked list per input, also for a single string input; "
                                              "all labels unless top_k is given."},
+        **task_schemas(task or TextClassification(), text, texts),
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status"],
@@ -364,10 +398,13 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
                 "responses": {"200": _json(_ref("SentimentResponse"), "Predictions"), **classify_errors},
             }},
             "/": {"post": {
-                "summary": "Classify with the Hugging Face Inference API contract "
-                           "(InferenceClient.text_classification)",
-                "requestBody": _body("InferenceRequest"),
-                "responses": {"200": _json(_ref("InferenceResponse"), "Ranked predictions per input"),
+                "summary": "Answer the Hugging Face Inference API for the model's task "
+                           f"({(task or TextClassification()).name})",
+                "requestBody": _body("InferenceRequest") if not (task and task.can(ZERO_SHOT)) else {
+                    "required": True, "content": {"application/json": {"schema": {
+                        "anyOf": [_ref("InferenceRequest"), _ref("ZeroShotRequest")]}}}},
+                "responses": {"200": _json(_ref("InferenceResponse") if not (task and task.can(ZERO_SHOT)) else {
+                    "anyOf": [_ref("InferenceResponse"), _ref("ZeroShotResponse")]}, "The answer of the model's task"),
                               **classify_errors},
             }},
             **tei_paths(locked),

@@ -28,17 +28,22 @@ from service.classifier import (
     rank,
     read_json,
 )
+from service.tasks import TOKEN_CLASSIFICATION, TextClassification, detect
 
 
 class _PipelineClassifier:
     """Classify texts with a transformers text-classification pipeline that a subclass builds."""
 
     backend = ""
+    task = TextClassification()  # the text-classification pipeline only
 
     def __init__(self, model_dir: Path, intra_op_threads: int = 1) -> None:
         """Read the labels of a model folder, then build the pipeline."""
         self.model_dir = Path(model_dir)
         self.config = read_json(self.model_dir / "config.json")
+        if detect(self.config) == TOKEN_CLASSIFICATION:
+            raise ModelLoadError(f"SERVICE_BACKEND={self.backend} serves text classifiers; {self.model_dir} holds a "
+                                 "token classifier, which the onnx backend serves")
         self.labels = labels_from_config(self.config, self.model_dir / "config.json")
         self.function = default_function(self.config, len(self.labels))
         self.name = self.model_dir.name

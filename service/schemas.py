@@ -7,8 +7,11 @@ from typing import Any, Literal
 
 from flask import current_app, request
 
+from service import contract
 from service.classifier import FUNCTIONS, Input
+from service.contract import Param
 from service.errors import ApiError
+from service.tasks import DEFAULT_TEMPLATE, STRATEGIES, Candidates, Strategy, TaskError, parse_labels, parse_template
 
 # The body is parsed as JSON whatever its Content-Type, because `curl -d` sends
 # application/x-www-form-urlencoded; only multipart bodies, which can never be JSON, are refused.
@@ -44,12 +47,144 @@ def json_object(error_type: str | None = None) -> dict[str, Any]:
     return body
 
 
-def read_body(max_batch: int, form: Literal["sentiment", "inference_api"]) -> ClassifyRequest:
-    """Parse and validate the current request's JSON body for /sentiment or the Inference API route."""
-    body = json_object()
+# JSON Schema (and so the OpenAPI document) counts 2.0 as the integer 2; 1e400 parses to inf, which is not.
+TOP_K = Param("top_k", {"type": "integer", "minimum": 1}, "Return this many labels sorted by score (null: all labels).",
+              "'top_k' must be an integer >= 1 or null")
+CLASSIFY_PARAMETERS = [
+    Param("function_to_apply", {"type": "string", "enum": list(FUNCTIONS)},
+          "Default: the model's (softmax for >1 label, sigmoid for one or a multi-label model, none for regression).",
+          f"parameter 'function_to_apply' must be one of {', '.join(FUNCTIONS)}"),
+    TOP_K,
+]
+
+
+def read_body(max_batch: int, form: Literal["sentiment", "inference_api"],
+              body: dict[str, Any] | None = None) -> ClassifyRequest:
+    """Parse and validate the current request's JSON body (or the body already read) for /sentiment or the
+    Inference API route."""
+    body = json_object() if body is None else body
     if form == "sentiment":
         return _sentiment(body, max_batch)
     return _inference_api(body, max_batch)
+
+
+@dataclass(frozen=True)
+class TagRequest:
+    """Typed inputs of one token-classification request on the Inference API route."""
+
+    texts: list[str]
+    batch: bool  # False: one text was sent alone, answer with its entities
+    strategy: Strategy
+    ignore_labels: list[str]
+    stride: int | None  # None: windows that do not overlap, for texts longer than max_length
+
+
+@dataclass(frozen=True)
+class ZeroShotRequest:
+    """Typed inputs of one zero-shot request on the Inference API route."""
+
+    texts: list[str]
+    batch: bool
+    candidates: Candidates
+    pipeline_shape: bool  # answer transformers' {"sequence", "labels", "scores"} rather than [{"label", "score"}]
+
+
+# Clients that read the zero-shot pipeline's dict: huggingface_hub before 1.2 (its User-Agent says hf_hub/0.x).
+_PIPELINE_SHAPE_AGENTS = ("hf_hub/0.",)
+RESPONSE_FORMATS = ("list", "pipeline")
+
+
+def parameters_of(body: dict[str, Any]) -> dict[str, Any]:
+    """Return the Inference API body's "parameters" object ({} when absent or null)."""
+    parameters = body.get("parameters")
+    if parameters is None:  # the client sends {} without options; null means the same
+        return {}
+    if not isinstance(parameters, dict):
+        raise ApiError(400, "field 'parameters' must be an object")
+    return parameters
+
+
+def _texts_of_inputs(body: dict[str, Any], max_batch: int) -> tuple[list[str], bool]:
+    """Return the texts of "inputs" (a string or a list of strings) and whether it was a list."""
+    if "inputs" not in body:
+        raise ApiError(400, "missing field 'inputs'")
+    inputs = body["inputs"]
+    if isinstance(inputs, str):
+        return [_text(inputs, "inputs")], False
+    if not isinstance(inputs, list):
+        raise ApiError(400, "field 'inputs' must be a string or a list of strings")
+    return _texts(inputs, "inputs", max_batch), True
+
+
+def tag_parameters(max_stride: int) -> list[Param]:
+    """Return the token-classification parameters of POST / (stride's limit is the model's)."""
+    return [
+        Param("aggregation_strategy", {"type": "string", "enum": list(STRATEGIES)},
+              "As transformers' pipeline: none (the default) tags every token; simple groups tokens into entities; "
+              "first, average and max also vote per word.",
+              f"parameter 'aggregation_strategy' must be one of {', '.join(STRATEGIES)}", fold_case=True),
+        Param("ignore_labels", {"type": "array", "items": {"type": "string"}},
+              'Labels left out of the answer (default ["O"]).', "parameter 'ignore_labels' must be a list of strings"),
+        Param("stride", {"type": "integer", "minimum": 0, "maximum": max_stride},
+              "Tokens by which the windows of a text longer than max_length overlap (default: windows that do not "
+              "overlap); needs an aggregation_strategy other than none.",
+              f"parameter 'stride' must be an integer from 0 to {max_stride} (the tokens a window holds less one) "
+              "or null"),
+    ]
+
+
+ZERO_SHOT_PARAMETERS = [
+    Param("candidate_labels", {"anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                         {"type": "string"}]},
+          "The labels to rank: a list, or a comma-separated string.",
+          "parameter 'candidate_labels' must be a non-empty list of strings or a comma-separated string"),
+    Param("hypothesis_template", {"type": "string"},
+          f"The hypothesis each label fills, holding its place as {{}} (default {DEFAULT_TEMPLATE!r}).",
+          "parameter 'hypothesis_template' must be a string"),
+    Param("multi_label", {"type": "boolean"},
+          "Score each label on its own (softmax of entailment against contradiction) rather than letting them compete "
+          "(default false).", "parameter 'multi_label' must be true or false"),
+    Param("response_format", {"type": "string", "enum": list(RESPONSE_FORMATS)},
+          "list: [{label, score}] best first (the default, huggingface_hub 1.2 and later); pipeline: transformers' "
+          "{sequence, labels, scores} (the default for a User-Agent of huggingface_hub 0.x, hf_hub/0.).",
+          f"parameter 'response_format' must be one of {', '.join(RESPONSE_FORMATS)}"),
+]
+
+
+def read_tag_request(body: dict[str, Any], max_batch: int, max_stride: int) -> TagRequest:
+    """Validate a token-classification body: inputs, then the parameters tag_parameters declares."""
+    texts, batch = _texts_of_inputs(body, max_batch)
+    values = contract.read(parameters_of(body), tag_parameters(max_stride))
+    strategy = values.get("aggregation_strategy", "none")
+    if "stride" in values and strategy == "none":
+        raise ApiError(400, "parameter 'stride' needs an aggregation_strategy other than none: overlapping "
+                            "windows are merged by entity")
+    return TagRequest(texts, batch, strategy, values.get("ignore_labels", ["O"]), values.get("stride"))
+
+
+def read_zero_shot_request(body: dict[str, Any], max_batch: int, user_agent: str) -> ZeroShotRequest:
+    """Validate a zero-shot body: inputs, then the parameters ZERO_SHOT_PARAMETERS declares.
+
+    Each text is paired with each label, and every pair counts as one text against max_batch.
+    """
+    texts, batch = _texts_of_inputs(body, max_batch)
+    values = contract.read(parameters_of(body), ZERO_SHOT_PARAMETERS)
+    try:
+        labels = parse_labels(values.get("candidate_labels"))
+        template = parse_template(values.get("hypothesis_template", DEFAULT_TEMPLATE))
+    except TaskError as exc:
+        raise ApiError(400, str(exc)) from None
+    for index, label in enumerate(labels):
+        check_unicode(label, f"candidate label at index {index}")
+    check_unicode(template, "hypothesis_template")
+    multi_label = values.get("multi_label", False)
+    response_format = values.get("response_format")
+    if len(texts) * len(labels) > max_batch:
+        raise ApiError(413, f"batch too large: {len(texts)} texts x {len(labels)} candidate labels are "
+                            f"{len(texts) * len(labels)} text pairs, the limit is {max_batch} per request")
+    pipeline_shape = (response_format == "pipeline" if response_format is not None
+                      else any(agent in user_agent for agent in _PIPELINE_SHAPE_AGENTS))
+    return ZeroShotRequest(texts, batch, Candidates(labels, template, bool(multi_label)), pipeline_shape)
 
 
 def _sentiment(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
@@ -57,7 +192,7 @@ def _sentiment(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     if "text" in body and "texts" in body:
         raise ApiError(400, "send either 'text' or 'texts', not both")
     ranked = "top_k" in body
-    top_k = _top_k(body.get("top_k")) if ranked else 1
+    top_k = contract.read(body, [TOP_K]).get("top_k") if ranked else 1  # null: every label
     if "texts" in body:
         return ClassifyRequest(_texts(body["texts"], "texts", max_batch), True, top_k, ranked)
     if "text" not in body:
@@ -72,15 +207,8 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     """
     if "inputs" not in body:
         raise ApiError(400, "missing field 'inputs'")
-    parameters = body.get("parameters")
-    if parameters is None:  # the client sends {} without options; null means the same
-        parameters = {}
-    if not isinstance(parameters, dict):
-        raise ApiError(400, "field 'parameters' must be an object")
-    function = parameters.get("function_to_apply")
-    if function is not None and function not in FUNCTIONS:
-        raise ApiError(400, f"parameter 'function_to_apply' must be one of {', '.join(FUNCTIONS)}")
-    top_k = _top_k(parameters.get("top_k"))
+    values = contract.read(parameters_of(body), CLASSIFY_PARAMETERS)
+    function, top_k = values.get("function_to_apply"), values.get("top_k")
     inputs = body["inputs"]
     if isinstance(inputs, str):
         return ClassifyRequest([_text(inputs, "inputs")], False, top_k, True, function)
@@ -145,15 +273,3 @@ def check_unicode(text: str, name: str, status: int = 400, error_type: str | Non
     except UnicodeEncodeError as exc:
         raise ApiError(status, f"{name} is not valid Unicode: lone surrogate at character {exc.start}",
                        error_type) from None
-
-
-def _top_k(value: Any) -> int | None:
-    """Return top_k: an integer >= 1, or None for all labels."""
-    if value is None:
-        return None
-    # JSON Schema (and so the OpenAPI document) counts 2.0 as the integer 2; 1e400 parses to inf, which is not
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ApiError(400, "'top_k' must be an integer >= 1 or null")
-    return value

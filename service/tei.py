@@ -16,6 +16,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
+from service import contract
 from service.batching import Unavailable
 from service.classifier import (
     WIDE_CLIP_CHARS_PER_TOKEN,
@@ -27,9 +28,11 @@ from service.classifier import (
     rank,
 )
 from service.config import Settings
+from service.contract import Param
 from service.errors import ApiError, handle_http_exception, request_id
 from service.inference import infer
 from service.schemas import check_unicode, json_object
+from service.tasks import CLASSIFY
 
 bp = Blueprint("tei", __name__)
 logger = logging.getLogger(__name__)
@@ -52,24 +55,31 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, message, VALIDATION)
 
 
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    """Return an optional boolean field (null: the default)."""
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _invalid(f"'{key}' must be true or false")
-    return value
+def _boolean(name: str, description: str) -> Param:
+    """Declare an optional boolean field."""
+    return Param(name, {"type": "boolean"}, description, f"'{name}' must be true or false")
+
+
+# The fields of TEI's bodies besides the inputs, declared once: validation and the OpenAPI document.
+OPTIONS = [
+    _boolean("truncate", "Default true (truncate to max_length); false refuses a longer input with 422."),
+    Param("truncation_direction", {"type": "string", "enum": list(_DIRECTIONS)}, "Which end is cut (default right).",
+          "'truncation_direction' must be \"right\" or \"left\"", fold_case=True),
+    _boolean("raw_scores", "Logits instead of probabilities."),
+]
+RERANK_OPTIONS = [
+    _boolean("return_text", "Return each text with its score (default false)."),
+    Param("top_n", {"type": "integer", "minimum": 1}, "Return only the best top_n texts (default all).",
+          "'top_n' must be an integer >= 1 or null"),
+]
+TOKENIZE_OPTIONS = [_boolean("add_special_tokens", "Add the model's special tokens (default true).")]
 
 
 def _options(body: dict[str, Any]) -> Options:
     """Return truncate, truncation_direction and raw_scores of a /predict or /rerank body."""
-    direction = body.get("truncation_direction")
-    if direction is None:
-        direction = "right"
-    if not isinstance(direction, str) or direction.lower() not in _DIRECTIONS:
-        raise _invalid("'truncation_direction' must be \"right\" or \"left\"")
-    return Options(_flag(body, "truncate", True), _DIRECTIONS[direction.lower()], _flag(body, "raw_scores", False))
+    values = contract.read(body, OPTIONS, 422, VALIDATION)
+    return Options(values.get("truncate", True), _DIRECTIONS[values.get("truncation_direction", "right")],
+                   values.get("raw_scores", False))
 
 
 def _string(value: Any, name: str) -> str:
@@ -103,15 +113,23 @@ def predict_inputs(value: Any) -> tuple[list[Input], bool]:
     "a" is one text; ["a", "b"] is one pair (not a batch of two); [["a"], ["a", "b"]] is a batch.
     """
     if isinstance(value, str):
-        return [_string(value, "inputs")], False
+        return _not_empty([_string(value, "inputs")]), False
     if not isinstance(value, list):
         raise _invalid("'inputs' must be a string, a pair [text, text_pair] or a batch [[text], [text, text_pair]]")
     if not value:
         raise ApiError(400, "Batch is empty", EMPTY)
     if not isinstance(value[0], list):
-        return [_sequence(value, "inputs")], False
+        return _not_empty([_sequence(value, "inputs")]), False
     _batch_size(len(value))
-    return [_sequence(item, f"inputs[{i}]") for i, item in enumerate(value)], True
+    return _not_empty([_sequence(item, f"inputs[{i}]") for i, item in enumerate(value)]), True
+
+
+def _not_empty(inputs: list[Input]) -> list[Input]:
+    """Refuse an empty text, or a pair of two, as TEI's validation does (a blank text is still an input)."""
+    for item in inputs:
+        if item == "" or item == ("", ""):
+            raise _invalid("`inputs` cannot be empty")
+    return inputs
 
 
 def _logits(inputs: list[Input], options: Options) -> np.ndarray:
@@ -123,6 +141,15 @@ def _logits(inputs: list[Input], options: Options) -> np.ndarray:
                        "send \"truncate\": true to truncate it") from None
 
 
+def _classifier(route: str) -> Any:
+    """Return the model if it classifies texts or pairs, else raise TEI's 424 for a model of another kind."""
+    classifier = current_app.extensions["service.classifier"]
+    if not classifier.task.can(CLASSIFY):
+        raise ApiError(424, f"model is not a classifier model: {route} needs one label per input, this model "
+                            f"{classifier.task.describe()}", BACKEND)
+    return classifier
+
+
 @bp.post("/predict")
 def predict() -> Response:
     """Classify a text, a pair or a batch of them: every label, sorted by score."""
@@ -131,7 +158,7 @@ def predict() -> Response:
         raise _invalid("missing field 'inputs'")
     inputs, batch = predict_inputs(body["inputs"])
     options = _options(body)
-    classifier = current_app.extensions["service.classifier"]
+    classifier = _classifier("/predict")
     logits = _logits(inputs, options)
     ranked = rank(logits if options.raw_scores else apply_function(logits, classifier.function),
                   classifier.labels, None)
@@ -152,12 +179,11 @@ def rerank() -> Response:
     if not texts:
         raise ApiError(400, "`texts` cannot be empty", EMPTY)
     _batch_size(len(texts))
-    top_n = body.get("top_n")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise _invalid("'top_n' must be an integer >= 1 or null")
-    return_text = _flag(body, "return_text", False)
+    _not_empty([(query, text) for text in texts])
+    values = contract.read(body, RERANK_OPTIONS, 422, VALIDATION)
+    top_n, return_text = values.get("top_n"), values.get("return_text", False)
     options = _options(body)
-    classifier = current_app.extensions["service.classifier"]
+    classifier = _classifier("/rerank")
     if len(classifier.labels) != 1:
         raise ApiError(424, f"model is not a re-ranker model: /rerank needs a cross-encoder with one label, "
                             f"this one has {len(classifier.labels)}", BACKEND)
@@ -181,7 +207,7 @@ def tokenize() -> Response:
         raise _invalid("'inputs' must be a string or a list of strings")
     texts = [_string(text, f"inputs[{i}]") for i, text in enumerate(texts)]
     _batch_size(len(texts))
-    add_special_tokens = _flag(body, "add_special_tokens", True)
+    add_special_tokens = contract.read(body, TOKENIZE_OPTIONS, 422, VALIDATION).get("add_special_tokens", True)
     if body.get("prompt_name") is not None:
         raise _invalid("'prompt_name' is not supported: this service applies no prompts")
     classifier = current_app.extensions["service.classifier"]

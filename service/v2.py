@@ -4,7 +4,10 @@ classification extensions.
 One model is served: the classifier, under its manifest name, as version "1". It takes `text` and an
 optional `text_pair` (BYTES, shape [n]) and returns `label` (BYTES [n], the top label), `score`
 (FP32 [n], its probability), `probabilities` (FP32 [n, labels], the model's function applied) and
-`logits` (FP32 [n, labels]). Errors are `{"error": ...}` with Triton's statuses: 400 for a request
+`logits` (FP32 [n, labels]). A token classifier takes `text` and returns `entities` (BYTES [n]: each text's
+entities as the JSON list POST / answers); a zero-shot model given `candidate_labels` (BYTES [k]) returns
+`labels` (BYTES [n, k], best first) and `scores` (FP32 [n, k]); request parameters carry the tasks'
+options. Errors are `{"error": ...}` with Triton's statuses: 400 for a request
 that cannot be served, 404 for an unknown model or version, 503 when not ready or overloaded
 (Retry-After), 500 when the model fails.
 """
@@ -20,12 +23,14 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from service import api
+from service import answers, api, contract
 from service.classifier import Direction, Input, InputTooLong, apply_function
 from service.config import Settings
+from service.contract import Param
 from service.errors import ApiError
 from service.inference import infer
-from service.schemas import REFUSED_MIMETYPES, check_unicode
+from service.schemas import REFUSED_MIMETYPES, check_unicode, read_tag_request, read_zero_shot_request
+from service.tasks import TAG, ZERO_SHOT, Task
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
 
@@ -34,8 +39,13 @@ SERVER_VERSION = "1"  # the API version, as /openapi.json's info.version
 EXTENSIONS = ("binary_tensor_data", "classification")  # Triton's names for them
 VERSION = "1"  # the one model version served
 HEADER_LENGTH = "Inference-Header-Content-Length"
-TEXT, TEXT_PAIR = "text", "text_pair"
+TEXT, TEXT_PAIR, CANDIDATES = "text", "text_pair", "candidate_labels"
 OUTPUTS = ("label", "score", "probabilities", "logits")
+TAG_OUTPUTS = ("entities",)
+ZERO_SHOT_OUTPUTS = ("labels", "scores")
+# request parameters of each task, passed on as the Inference API's
+TAG_PARAMETERS = ("aggregation_strategy", "ignore_labels", "stride")
+ZERO_SHOT_PARAMETERS = ("hypothesis_template", "multi_label")
 CLASSIFIABLE = ("probabilities", "logits")  # one value per label, so top-k names labels
 # Triton's platform names ("<runtime>_<format>"); the reference backend runs a transformers pipeline.
 PLATFORMS = {"onnx": "onnxruntime_onnx", "optimum": "onnxruntime_onnx", "pytorch": "pytorch_transformers"}
@@ -44,6 +54,17 @@ _LENGTH = struct.Struct("<I")  # a BYTES element's length prefix
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _DIRECTIONS: dict[str, Direction] = {"right": "right", "left": "left"}
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+# The request's own parameters, declared once: validation and the OpenAPI document.
+PARAMETERS = [
+    Param("binary_data_output", {"type": "boolean"}, "Outputs as binary data by default.",
+          "parameters.binary_data_output must be true or false"),
+    Param("truncate", {"type": "boolean"}, "Default true; false refuses a text over the model's max_length tokens "
+          "with 400.", "parameters.truncate must be true or false"),
+    Param("truncation_direction", {"type": "string", "enum": list(_DIRECTIONS)}, "Which end is cut (default the "
+          "tokenizer's, right for most).", "parameters.truncation_direction must be \"right\" or \"left\""),
+]
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,8 @@ class InferRequest:
     outputs: list[Requested]
     truncate: bool
     direction: Direction | None
+    candidates: list[str] | None = None  # zero-shot: the labels to rank
+    parameters: dict[str, Any] | None = None  # the request's parameters, for the tasks' options
 
 
 def _bad(message: str) -> ApiError:
@@ -116,13 +139,18 @@ def model_metadata(model_name: str, model_version: str | None) -> Response:
     """Describe the model's inputs and outputs."""
     classifier = _model(model_name, model_version)
     labels = len(classifier.labels)
-    tensors = {TEXT: ("BYTES", [-1]), TEXT_PAIR: ("BYTES", [-1]), "label": ("BYTES", [-1]),
-               "score": ("FP32", [-1]), "probabilities": ("FP32", [-1, labels]), "logits": ("FP32", [-1, labels])}
+    tensors = {TEXT: ("BYTES", [-1]), TEXT_PAIR: ("BYTES", [-1]), CANDIDATES: ("BYTES", [-1]),
+               "label": ("BYTES", [-1]), "score": ("FP32", [-1]), "probabilities": ("FP32", [-1, labels]),
+               "logits": ("FP32", [-1, labels]), "entities": ("BYTES", [-1]), "labels": ("BYTES", [-1, -1]),
+               "scores": ("FP32", [-1, -1])}
     described = {name: {"name": name, "datatype": datatype, "shape": shape}
                  for name, (datatype, shape) in tensors.items()}
+    task = classifier.task
+    outputs = output_names(task)
     return jsonify(name=classifier.name, versions=[VERSION],
                    platform=PLATFORMS.get(classifier.backend, classifier.backend),
-                   inputs=[described[TEXT], described[TEXT_PAIR]], outputs=[described[name] for name in OUTPUTS])
+                   inputs=[described[name] for name in input_names(task)],
+                   outputs=[described[name] for name in outputs])
 
 
 @bp.get("/models/<model_name>/ready", defaults={"model_version": None})
@@ -143,13 +171,50 @@ def model_infer(model_name: str, model_version: str | None) -> Response:
     classifier = _model(model_name, model_version)
     settings: Settings = current_app.extensions["service.settings"]
     header, binary = read_body()
-    body = read_request(header, binary, settings.max_batch, classifier.name)
+    body = read_request(header, binary, settings.max_batch, classifier.name, classifier.task)
+    texts = [item for item in body.inputs if isinstance(item, str)]
+    if classifier.task.can(TAG):
+        tag = read_tag_request({"inputs": texts, "parameters": _task_parameters(body, TAG_PARAMETERS)},
+                               settings.max_batch, classifier.task.max_stride)
+        found = answers.tag(tag)
+        return _answer(body, classifier, {"entities": [current_app.json.dumps(entities, separators=(",", ":"))
+                                                             for entities in found]})
+    if body.candidates is not None:
+        request_body = {"inputs": texts, "parameters": {CANDIDATES: body.candidates,
+                                                         **_task_parameters(body, ZERO_SHOT_PARAMETERS)}}
+        ranked = answers.zero_shot(read_zero_shot_request(request_body, settings.max_batch, ""))
+        return _answer(body, classifier, {
+            "labels": np.array([[entry["label"] for entry in row] for row in ranked], dtype=object),
+            "scores": np.array([[entry["score"] for entry in row] for row in ranked], dtype=np.float32)})
     try:
         logits = infer(body.inputs, truncate=body.truncate, direction=body.direction)
     except InputTooLong as exc:
         raise _bad(f"input element {exc.index} has more than {exc.max_length} tokens, the model's limit; "
                    "send parameters.truncate true (the default) to truncate it") from None
     return respond(body, classifier, np.asarray(logits, dtype=np.float32))
+
+
+def output_names(task: Task) -> tuple[str, ...]:
+    """Return every output tensor a model of this task can return (zero-shot's with candidate_labels)."""
+    return (*(() if task.can(TAG) else OUTPUTS), *(TAG_OUTPUTS if task.can(TAG) else ()),
+            *(ZERO_SHOT_OUTPUTS if task.can(ZERO_SHOT) else ()))
+
+
+def input_names(task: Task) -> tuple[str, ...]:
+    """Return the input tensors a model of this task takes (the first required, the others optional)."""
+    if task.can(TAG):
+        return (TEXT,)
+    return (TEXT, TEXT_PAIR, CANDIDATES) if task.can(ZERO_SHOT) else (TEXT, TEXT_PAIR)
+
+
+def _task_parameters(body: InferRequest, names: tuple[str, ...]) -> dict[str, Any]:
+    """Return the request parameters a task reads; ignore_labels may be a comma-separated string."""
+    found = {name: (body.parameters or {}).get(name) for name in names}
+    if isinstance(found.get("ignore_labels"), str):
+        found["ignore_labels"] = [label.strip() for label in found["ignore_labels"].split(",") if label.strip()]
+    if _is_integer(found.get("stride")):
+        found["stride"] = int(found["stride"])
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def read_body() -> tuple[dict[str, Any], memoryview]:
@@ -181,23 +246,28 @@ def read_body() -> tuple[dict[str, Any], memoryview]:
     return header, memoryview(data)[length:]
 
 
-def read_request(header: dict[str, Any], binary: memoryview, max_batch: int, model: str) -> InferRequest:
+def read_request(header: dict[str, Any], binary: memoryview, max_batch: int, model: str,
+                 task: Task | None = None) -> InferRequest:
     """Validate an inference request: its id, parameters, inputs (JSON or binary) and requested outputs."""
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _bad("'id' must be a string")
     parameters = _object(header.get("parameters"), "parameters")
-    binary_output = _flag(parameters, "binary_data_output", False, "parameters")
-    truncate = _flag(parameters, "truncate", True, "parameters")
-    direction = parameters.get("truncation_direction")
-    if direction is not None and (not isinstance(direction, str) or direction not in _DIRECTIONS):
-        raise _bad("parameters.truncation_direction must be \"right\" or \"left\"")
-    texts = _inputs(header.get("inputs"), binary, max_batch, model)
+    values = contract.read(parameters, PARAMETERS)
+    binary_output, truncate = values.get("binary_data_output", False), values.get("truncate", True)
+    direction = values.get("truncation_direction")
+    names = input_names(task) if task is not None else (TEXT, TEXT_PAIR)
+    texts = _inputs(header.get("inputs"), binary, max_batch, model, names)
     inputs: list[Input] = list(texts[TEXT])
     if TEXT_PAIR in texts:
         inputs = list(zip(texts[TEXT], texts[TEXT_PAIR], strict=True))
-    return InferRequest(request_id, inputs, _outputs(header.get("outputs"), binary_output, model), truncate,
-                        _DIRECTIONS.get(direction) if direction is not None else None)
+    candidates = texts.get(CANDIDATES)
+    if candidates is not None and TEXT_PAIR in texts:
+        raise _bad(f"input '{CANDIDATES}' ranks labels for single texts: send '{TEXT}' without '{TEXT_PAIR}'")
+    names = (TAG_OUTPUTS if task is not None and task.can(TAG) else ZERO_SHOT_OUTPUTS if candidates is not None
+             else OUTPUTS)
+    return InferRequest(request_id, inputs, _outputs(header.get("outputs"), binary_output, model, names), truncate,
+                        _DIRECTIONS.get(direction) if direction is not None else None, candidates, parameters)
 
 
 def _named(value: list[Any], field: str) -> Iterator[tuple[int, dict[str, Any], str]]:
@@ -211,16 +281,17 @@ def _named(value: list[Any], field: str) -> Iterator[tuple[int, dict[str, Any], 
         yield index, tensor, name
 
 
-def _inputs(value: Any, binary: memoryview, max_batch: int, model: str) -> dict[str, list[str]]:
-    """Return the texts of each input tensor, read from JSON data or from the binary data in order."""
+def _inputs(value: Any, binary: memoryview, max_batch: int, model: str,
+            names: tuple[str, ...] = (TEXT, TEXT_PAIR)) -> dict[str, list[str]]:
+    """Return the texts of each input tensor (of those names), read from JSON data or the binary data in order."""
     if not isinstance(value, list) or not value:
         raise _bad("'inputs' must be a non-empty list of input tensors")
     texts: dict[str, list[str]] = {}
     offset = 0
     for index, tensor, name in _named(value, "inputs"):
-        if name not in (TEXT, TEXT_PAIR):
-            raise _bad(f"unexpected inference input '{_shown(name)}' for model '{model}': its inputs are '{TEXT}' and "
-                       f"the optional '{TEXT_PAIR}'")
+        if name not in names:
+            raise _bad(f"unexpected inference input '{_shown(name)}' for model '{model}': its inputs are '{TEXT}'"
+                       + "".join(f" and the optional '{other}'" for other in names[1:]))
         if name in texts:
             raise _bad(f"input '{name}' is given twice")
         datatype = tensor.get("datatype")
@@ -309,17 +380,17 @@ def _binary_texts(chunk: memoryview, count: int, name: str) -> list[str]:
     return texts
 
 
-def _outputs(value: Any, binary_output: bool, model: str) -> list[Requested]:
-    """Return the requested outputs in order; none (or an empty list): every output."""
+def _outputs(value: Any, binary_output: bool, model: str, names: tuple[str, ...] = OUTPUTS) -> list[Requested]:
+    """Return the requested outputs (of those names) in order; none (or an empty list): every output."""
     if value is None or value == []:
-        return [Requested(name, binary_output, 0) for name in OUTPUTS]
+        return [Requested(name, binary_output, 0) for name in names]
     if not isinstance(value, list):
         raise _bad("'outputs' must be a list of requested outputs")
     requested: list[Requested] = []
     for index, tensor, name in _named(value, "outputs"):
-        if name not in OUTPUTS:
+        if name not in names:
             raise _bad(f"unexpected inference output '{_shown(name)}' for model '{model}': its outputs are "
-                       + ", ".join(f"'{output}'" for output in OUTPUTS))
+                       + ", ".join(f"'{output}'" for output in names))
         if any(output.name == name for output in requested):
             raise _bad(f"output '{name}' is requested twice")
         parameters = _object(tensor.get("parameters"), f"outputs[{index}].parameters")
@@ -345,6 +416,12 @@ def respond(body: InferRequest, classifier: Any, logits: np.ndarray) -> Response
     values: dict[str, np.ndarray | list[str]] = {
         "label": [labels[i] for i in top], "score": probabilities[np.arange(len(top)), top],
         "probabilities": probabilities, "logits": logits}
+    return _answer(body, classifier, values)
+
+
+def _answer(body: InferRequest, classifier: Any, values: dict[str, np.ndarray | list[str]]) -> Response:
+    """Return the requested outputs of values: JSON, or JSON then binary tensor data when an output is binary."""
+    labels = list(classifier.labels)
     outputs, chunks = [], []
     for output in body.outputs:
         datatype, shape, data = _tensor(values[output.name], labels, output.classification)
@@ -371,6 +448,8 @@ def _tensor(value: np.ndarray | list[str], labels: list[str],
     """Return an output's datatype, shape and flat row-major data; with top_k, its classification instead."""
     if isinstance(value, list):
         return "BYTES", [len(value)], value
+    if value.dtype == object:  # strings of more than one dimension (zero-shot's ranked labels)
+        return "BYTES", list(value.shape), [str(item) for item in value.ravel()]
     if not top_k:
         return "FP32", list(value.shape), value.ravel()
     count = min(top_k, len(labels))

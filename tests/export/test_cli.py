@@ -95,6 +95,13 @@ def test_a_model_that_is_not_a_sequence_classifier_is_refused(run_cli, tmp_path)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_task_the_head_cannot_do_is_refused_in_one_line(run_cli, checkpoints, tmp_path):
+    result = run_cli("--model", str(checkpoints()), "--output-dir", str(tmp_path / "out"),
+                     "--task", "token-classification")
+    _assert_clean_failure(result, "cannot do token-classification", "expected *ForTokenClassification")
+    assert run_cli("--task", "ner").returncode == 2  # argparse names the choices
+
+
 def test_a_folder_without_config_is_refused(run_cli, tmp_path):
     (tmp_path / "empty").mkdir()
     _assert_clean_failure(run_cli("--model", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")),
@@ -263,7 +270,7 @@ def test_help_lists_the_options(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
     for option in ("--model", "--name", "--force", "--quantize", "--target", "--min-agreement",
-                   "--max-accuracy-drop", "--on-miss", "--no-gate", "--smoothing", "--budget", "--quiet"):
+                   "--max-accuracy-drop", "--on-miss", "--no-gate", "--smoothing", "--budget", "--quiet", "--task"):
         assert option in result.stdout
 
 

@@ -246,3 +246,9 @@ def test_a_post_is_counted_on_its_way_to_the_queue_only_until_it_ends(app: Flask
     scheduler = app.extensions["service.scheduler"]
     assert client.post(path, json=body).status_code == status
     assert scheduler.arriving == 0  # a leftover count would make every later run wait for it
+
+
+def test_candidate_labels_need_a_zero_shot_model(client: FlaskClient) -> None:
+    response = client.post("/", json={"inputs": "good", "parameters": {"candidate_labels": ["a", "b"]}})
+    assert response.status_code == 400 and "needs an NLI model" in response.get_json()["error"]
+    assert client.get("/info").get_json()["model"]["task"] == "text-classification"

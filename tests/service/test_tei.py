@@ -149,8 +149,16 @@ def test_invalid_json_is_a_tei_error(client: FlaskClient) -> None:
         assert response.status_code == 400 and tei_valid(response.get_json(), "ErrorResponse")
 
 
-def test_empty_strings_are_inputs_as_in_tei(client: FlaskClient) -> None:
-    assert client.post("/predict", json={"inputs": ""}).status_code == 200
+@pytest.mark.parametrize("inputs", ["", [""], ["", ""], [["a"], [""]]])
+def test_an_empty_input_is_refused_as_in_tei(client: FlaskClient, inputs: Any) -> None:
+    response = client.post("/predict", json={"inputs": inputs})
+    assert response.status_code == 422 and tei_valid(response.get_json(), "ErrorResponse")
+    assert response.get_json() == {"error": "`inputs` cannot be empty", "error_type": "Validation"}
+
+
+def test_blank_texts_and_half_empty_pairs_are_inputs_as_in_tei(client: FlaskClient) -> None:
+    assert client.post("/predict", json={"inputs": " "}).status_code == 200
+    assert client.post("/predict", json={"inputs": ["", "a text"]}).status_code == 200
 
 
 def test_rerank_scores_each_text_against_the_query_like_pytorch(rerank_client: FlaskClient,
@@ -244,3 +252,20 @@ def test_a_body_over_the_limit_is_413_with_an_error_type(model_dir: Path, classi
     client = create_app({"MODEL_DIR": str(model_dir), "TESTING": True}, classifier=classifier).test_client()
     response = client.post("/predict", data=json.dumps({"inputs": "x" * 200}), content_type="application/json")
     assert response.status_code == 413 and response.get_json()["error_type"] == "Validation"
+
+
+@pytest.mark.parametrize("value", [True, False, None, 1, 2.0, -1, "x", "RIGHT", "left", [], {}])
+def test_each_declared_option_answers_as_its_declaration_says(client: FlaskClient, value: Any) -> None:
+    from service.contract import conforms
+    from service.tei import OPTIONS, TOKENIZE_OPTIONS
+
+    document = client.get("/openapi.json").get_json()["components"]["schemas"]
+    for path, declared, schema in (("/predict", OPTIONS, "PredictRequest"),
+                                   ("/tokenize", TOKENIZE_OPTIONS, "TokenizeRequest")):
+        for param in declared:
+            assert document[schema]["properties"][param.name]["anyOf"][0] == param.schema
+            folded = value.lower() if param.fold_case and isinstance(value, str) else value
+            response = client.post(path, json={"inputs": "a film", param.name: value})
+            refused = response.status_code == 422 and response.get_json() == {"error": param.message,
+                                                                              "error_type": "Validation"}
+            assert refused == (value is not None and not conforms(folded, param.schema)), (path, param.name)

@@ -1,0 +1,55 @@
+"""The Inference API's answers for token classification and zero-shot: validated request in, JSON-ready answer out.
+
+Both go the one way to the model (service.inference): the task encodes (a text's windows, or each
+(text, hypothesis) pair), the scheduler batches every encoding of the request with other requests'
+under the same limits, and the task post-processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+
+from service.errors import ApiError
+from service.inference import infer_encoded
+from service.schemas import TagRequest, ZeroShotRequest
+from service.tasks import TaskError, public
+
+
+def tag(request: TagRequest) -> list[Any]:
+    """Return each text's entities, its windows' logits merged as TokenClassificationPipeline merges them."""
+    classifier = current_app.extensions["service.classifier"]
+    limit = current_app.extensions["service.settings"].max_batch
+    task = classifier.task
+    windows = [task.windows(text, request.stride or 0) for text in request.texts]
+    count = sum(len(own) for own in windows)
+    if count > limit:  # each window is one text against the request and queue limits
+        raise ApiError(413, f"texts too long: they make {count} windows of {classifier.max_length} tokens, the limit "
+                            f"is {limit} per request")
+    rows = infer_encoded([window for own in windows for window in own])
+    answers, position = [], 0
+    for text, own in zip(request.texts, windows, strict=True):
+        entities = task.entities(text, own, rows[position:position + len(own)], request.strategy,
+                                 request.ignore_labels)
+        position += len(own)
+        answers.append([public(entity) for entity in entities])
+    return answers if request.batch else answers[0]
+
+
+def zero_shot(request: ZeroShotRequest) -> Any:
+    """Return each text's candidate labels ranked by entailment, as a list best first or the pipeline's dict."""
+    classifier = current_app.extensions["service.classifier"]
+    task = classifier.task
+    try:
+        encodings = classifier.encode(task.pairs(request.texts, request.candidates), only_first=True)
+    except TaskError as exc:
+        raise ApiError(400, str(exc)) from None
+    ranked = task.rank(infer_encoded(encodings), request.candidates)
+    if request.pipeline_shape:
+        answers: list[Any] = [{"sequence": text, "labels": labels, "scores": scores}
+                              for text, (labels, scores) in zip(request.texts, ranked, strict=True)]
+    else:
+        answers = [[{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)]
+                   for labels, scores in ranked]
+    return answers if request.batch else answers[0]
