@@ -15,8 +15,9 @@ THREADS ?=
 ORT_THREADS ?=
 # test
 PYTEST_ARGS ?=
-# bench (python -m bench --help)
+# bench (python -m bench --help, python -m bench.cores --help)
 BENCH_ARGS ?=
+CORES_ARGS ?=
 # image (python3 deploy/image.py --help; docs/deployment.md)
 IMAGE ?= onnx-classifier:latest
 BASE ?= python:3.11-slim
@@ -62,8 +63,9 @@ test-slow: $(VENV)/.dev-installed wrk ## Run the slow tier: retraining the defau
 lint: $(VENV)/.dev-installed ## ruff check (settings in pyproject.toml)
 	$(BIN)/ruff check .
 
-bench: $(VENV)/.dev-installed wrk ## Benchmark against PyTorch, Optimum, Infinity, the HTTP floor and the in-process limit (<= 10 min; docs/benchmarks.md)
+bench: $(VENV)/.dev-installed wrk ## Benchmark against the peers, the HTTP floor and the in-process limit, then by cores (<= 15 min; docs/benchmarks.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.cores $(CORES_ARGS)
 
 image: ## Build the container image IMAGE on BASE (if BASE cannot be pulled: a Debian base made with debootstrap)
 	$(PYTHON) deploy/image.py --image "$(IMAGE)" --base "$(BASE)"

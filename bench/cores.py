@@ -95,7 +95,8 @@ def measure_server(configuration: Configuration, cpus: list[int], client_cpus: l
             run.pop("raw")
             run["server_cpu_ms_per_request"] = (server.cpu_seconds() - before) * 1e3 / max(run["requests"], 1)
             cells[f"{workload}-c{connections}"] = run
-        return {"cold_start_s": server.cold_start_s, "processes": len(server.pids()), "cells": cells,
+        serving = max(1, len(server.pids()) - 1)  # a parent that supervises serves none
+        return {"cold_start_s": server.cold_start_s, "processes": serving, "cells": cells,
                 **server.memory_mb()}
     finally:
         stop(server)
@@ -178,7 +179,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Cores: {meta['date']}", "",
              f"`{meta['command']}` at {meta['commit'][:12]} on {meta['machine']}, {meta['repetitions']} "
              f"repetitions of {meta['duration_s']} s cells (medians; ratios paired within a repetition). "
-             f"wrk on CPUs {meta['client_cpus'] or 'shared with the server'} when the server has fewer.", "",
+             f"wrk runs on CPUs {meta['client_cpus'] or 'shared with the server'} when the server has fewer "
+             "CPUs than the machine, else beside it. `processes`: those that serve (a supervising parent "
+             "serves none).", "",
              "| cores | server | processes | short c=1 p50 ms | short c=8 req/s (p50 / p99 ms) | short c=32 req/s "
              "| mixed c=8 req/s | req/s per core (short c=8) | vs 1 core (c=8 / c=32 / mixed) "
              "| vs the model alone (c=8 / c=32 / mixed) | CPU ms a request (c=8) | PSS MiB |",
