@@ -1,13 +1,14 @@
 """Several server processes on one port (SERVICE_PROCESSES): a parent that binds and supervises.
 
-One process runs its request threads' Python under one GIL: at 8 clients on 2 cores that left
-about 0.4 of the cores idle (docs/performance.md). With SERVICE_PROCESSES=N the parent binds the
-listening socket(s) and starts N children that share them, each with its own model slots, queue and
-threads, splitting the usable cores between them. The kernel wakes every child for a new connection,
-and the first to accept it serves it.
+One process runs its request threads' Python under one GIL, so a second core adds little to it
+(docs/performance.md#cores). With SERVICE_PROCESSES=N (by default, one per usable core) the parent
+binds the listening socket(s) and starts N children that share them, each with its own model slots,
+queue and threads, and with SERVICE_PIN_PROCESSES each pinned to every N-th CPU of the parent's
+mask. The parent works out the core-dependent defaults once and hands them to the children. The
+kernel wakes every child for a new connection, and the first to accept it serves it.
 
 How the children get the model:
-- forked (an ONNX model run on one intra-op thread, the default split on 2 cores): the parent loads
+- forked (an ONNX model run on one intra-op thread, as with the defaults): the parent loads
   and warms the model, then forks the children, which share its pages copy-on-write: the session's
   weights, the tokenizer and the imported code. A start takes about as long as one process', and
   each child adds only what it writes (its heap, its threads' stacks, its run buffers). Forked
@@ -15,7 +16,7 @@ How the children get the model:
   between them. A session on more intra-op threads owns a thread pool that a fork does not copy, so then:
 - started (`python -m service` children): each loads the model itself, at the same time.
 
-The parent serves nothing: it watches. On SIGTERM or Ctrl-C it passes the signal on; each child
+The parent serves nothing: it watches. On SIGTERM or Ctrl-C its loop passes the signal on; each child
 drains as a single server does, and the parent exits 0 once all have. A second signal is passed on
 too, and they stop at once. A child that fails to start (its error line is on stderr) stops the
 others and the parent exits with the child's code. A child that dies while serving (killed, out of
@@ -168,7 +169,7 @@ class Supervisor:
         """
         code = 1
         try:
-            # the parent's handlers would signal the other children; Waitress' runner sets its own
+            # the parent's handler would count a stop that nothing here watches; Waitress' runner sets its own
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, signals)  # a stop that came meanwhile ends it now
