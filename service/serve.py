@@ -60,6 +60,7 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from werkzeug.wrappers import Response
 
+from service import state
 from service.config import Settings
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ class GracefulServer:
         # CONNECTION_LIMIT is the service's: each of several processes (given the parent's sockets) takes its share
         self.connection_limit = (settings.connection_limit if sockets is None
                                  else math.ceil(settings.connection_limit / settings.processes))
-        self.draining: threading.Event = app.extensions["service.draining"]
+        self.draining: threading.Event = state.draining(app)
         dispatcher = LastIdleFirst()
         where: dict[str, Any] = {"sockets": sockets} if sockets else {"host": settings.host, "port": settings.port}
         # A socket shared with other processes wakes all of them for each connection: accepting one
@@ -498,7 +499,7 @@ class GracefulServer:
             for channel in unfinished:
                 HTTPChannel.handle_close(channel)
         self.server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
-        scheduler = self.app.extensions.get("service.scheduler")
+        scheduler = state.scheduler(self.app)
         if scheduler is not None:
             scheduler.stop(timeout=max(0.1, deadline - time.monotonic()))
         self.selector.close()
