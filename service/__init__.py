@@ -37,7 +37,7 @@ if _launched_as_main() and signal.getsignal(signal.SIGINT) is signal.default_int
 
 from flask import Flask  # noqa: E402
 
-from service import auth, batching, errors, observe  # noqa: E402
+from service import auth, batching, errors, observe, state  # noqa: E402
 from service.batching import Scheduler  # noqa: E402
 from service.config import DEFAULTS, Settings  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
@@ -62,10 +62,8 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> 
             classifier.warmup()
         else:  # through the queue, so the worker's first batch is not a client's
             scheduler.warmup()
-    app.extensions.update({"service.settings": settings, "service.classifier": classifier,
-                           "service.metrics": metrics,
-                           # set by the Waitress runner on SIGTERM: /ready answers 503 from then on
-                           "service.draining": threading.Event()})
+    # draining: set by the Waitress runner on SIGTERM, /ready answers 503 from then on
+    state.store(app, settings=settings, classifier=classifier, metrics=metrics, draining=threading.Event())
     metrics.init_app(app)
     observe.init_app(app, settings, classifier.name)  # before auth's hook, which may refuse
     errors.init_app(app)

@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from service import _stopped_while_importing, configure, create_app, logs, observe
+from service import _stopped_while_importing, configure, create_app, logs, observe, state
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table, usable_cores
 from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 def serve(app: Flask, sockets: list[socket.socket] | None = None, watcher: _ParentWatch | None = None,
           shares: Shares | None = None) -> int:
     """Serve app with Waitress (on the parent's sockets, if given) until stopped; return the exit code."""
-    settings = app.extensions["service.settings"]
-    model = app.extensions["service.classifier"].info()
+    settings = state.settings(app)
+    model = state.classifier(app).info()
     try:
         server = GracefulServer(app, settings, sockets, shares)
     except (OSError, ValueError) as exc:  # port in use, unknown host, ...
@@ -89,9 +89,9 @@ def serve(app: Flask, sockets: list[socket.socket] | None = None, watcher: _Pare
     signal.signal(signal.SIGINT, server.request_stop)
     if watcher is not None:
         watcher.server = server
-    batching = (f"batching up to {settings.batch_max_texts} texts" if app.extensions["service.scheduler"]
+    batching = (f"batching up to {settings.batch_max_texts} texts" if state.scheduler(app)
                 else "no batching")
-    served = getattr(app.extensions["service.classifier"], "model_path", None)
+    served = getattr(state.classifier(app), "model_path", None)
     mapped = f", weights memory-mapped from {served.parent}" if served and served.parent != settings.model_dir else ""
     logger.info("serving model %s (%s backend, quantization: %s) with %d waitress threads, %s, %d ORT "
                 "intra-op threads%s%s%s on %s", model["name"], settings.backend, describe(model.get("quantization")),

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
-
+from service import state
 from service.errors import ApiError
 from service.inference import infer_encoded
 from service.schemas import TagRequest, ZeroShotRequest
@@ -19,8 +18,8 @@ from service.tasks import TaskError, public
 
 def tag(request: TagRequest) -> list[Any]:
     """Return each text's entities, its windows' logits merged as TokenClassificationPipeline merges them."""
-    classifier = current_app.extensions["service.classifier"]
-    limit = current_app.extensions["service.settings"].max_batch
+    classifier = state.classifier()
+    limit = state.settings().max_batch
     task = classifier.task
     windows = [task.windows(text, request.stride or 0) for text in request.texts]
     count = sum(len(own) for own in windows)
@@ -39,7 +38,7 @@ def tag(request: TagRequest) -> list[Any]:
 
 def zero_shot(request: ZeroShotRequest) -> Any:
     """Return each text's candidate labels ranked by entailment, as a list best first or the pipeline's dict."""
-    classifier = current_app.extensions["service.classifier"]
+    classifier = state.classifier()
     task = classifier.task
     try:
         encodings = classifier.encode(task.pairs(request.texts, request.candidates), only_first=True)

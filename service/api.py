@@ -6,12 +6,11 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import answers
-from service.batching import Scheduler
-from service.config import Settings, available_cpus
+from service import answers, state
+from service.config import available_cpus
 from service.errors import ApiError
 from service.inference import infer
 from service.openapi import openapi_document
@@ -34,8 +33,8 @@ _REFERENCE = {"pytorch": ("torch", "transformers"),
 def _classify(form: Literal["sentiment", "inference_api"],
               body: dict[str, Any] | None = None) -> tuple[ClassifyRequest, list[list[Any]]]:
     """Validate the body, classify its inputs and rank each one's labels."""
-    settings: Settings = current_app.extensions["service.settings"]
-    classifier = current_app.extensions["service.classifier"]
+    settings = state.settings()
+    classifier = state.classifier()
     if not classifier.task.can(CLASSIFY):
         raise ApiError(400, f"this model {classifier.task.describe()}: it has no label per text for "
                             f"{request.path}; send its requests to POST /")
@@ -57,8 +56,8 @@ def sentiment() -> Response:
 def inference_api() -> Response:
     """Answer the Hugging Face Inference API for the model's task: entities for a token classifier, candidate
     labels ranked when the request names some (zero-shot), else one ranked list of labels per input."""
-    settings: Settings = current_app.extensions["service.settings"]
-    task = current_app.extensions["service.classifier"].task
+    settings = state.settings()
+    task = state.classifier().task
     body = json_object()
     if task.can(TAG):
         return jsonify(answers.tag(read_tag_request(body, settings.max_batch, task.max_stride)))
@@ -81,12 +80,12 @@ def health() -> Response:
 @bp.get("/ready")
 def ready() -> tuple[Response, int]:
     """Say whether requests will be served: the model has answered, the worker runs, no shutdown."""
-    if current_app.extensions["service.draining"].is_set():
+    if state.draining().is_set():
         return jsonify(status="stopping", error="shutting down"), 503
-    scheduler: Scheduler | None = current_app.extensions["service.scheduler"]
+    scheduler = state.scheduler()
     if scheduler is not None and not scheduler.alive:
         return jsonify(status="failed", error="the batch scheduler has stopped"), 503
-    if current_app.extensions["service.classifier"].ready:
+    if state.classifier().ready:
         return jsonify(status="ready"), 200
     return jsonify(status="loading", error="model not warmed up yet"), 503
 
@@ -94,10 +93,10 @@ def ready() -> tuple[Response, int]:
 @bp.get("/info")
 def info() -> Response:
     """Describe the model, the runtime versions, threads, limits, batching and whether a key is needed."""
-    settings: Settings = current_app.extensions["service.settings"]
-    classifier = current_app.extensions["service.classifier"]
+    settings = state.settings()
+    classifier = state.classifier()
     names = _RUNTIME + _REFERENCE.get(classifier.backend, ())
-    batching = current_app.extensions["service.scheduler"] is not None
+    batching = state.scheduler() is not None
     return jsonify(
         model=classifier.info(),
         backend=classifier.backend,
@@ -122,17 +121,17 @@ def info() -> Response:
 @bp.get("/metrics")
 def metrics() -> Response:
     """Return the Prometheus text exposition of this app's registry."""
-    registry = current_app.extensions["service.metrics"].exposition()
+    registry = state.metrics().exposition()
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """Return the OpenAPI 3.1 document of these routes."""
-    settings: Settings = current_app.extensions["service.settings"]
+    settings = state.settings()
     return jsonify(openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
-                                    current_app.extensions["service.classifier"].name,
-                                    current_app.extensions["service.classifier"].task))
+                                    state.classifier().name,
+                                    state.classifier().task))
 
 
 def _version(distribution: str) -> str | None:

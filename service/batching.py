@@ -35,6 +35,7 @@ import numpy as np
 from flask import Flask, Response, jsonify
 from tokenizers import Encoding
 
+from service import state
 from service.classifier import Classifier, InferenceError, Input, Prediction
 from service.metrics import Metrics
 from service.timing import Timing
@@ -471,8 +472,8 @@ def handle_unavailable(exc: Unavailable) -> tuple[Response, int, dict[str, str]]
 
 
 def init_app(app: Flask, scheduler: Scheduler | None) -> None:
-    """Register the 503 handler; the scheduler (None: batching off) lives in app.extensions."""
-    app.extensions["service.scheduler"] = scheduler
+    """Register the 503 handler and keep the scheduler (None: batching off) in the app's state."""
+    state.store(app, scheduler=scheduler)
     app.register_error_handler(Unavailable, handle_unavailable)
     if scheduler is not None:
         app.wsgi_app = _announcing(app.wsgi_app, scheduler)  # type: ignore[method-assign]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flask import current_app, g
+from flask import g
 from tokenizers import Encoding
 
-from service.batching import Scheduler
+from service import state
 from service.classifier import Direction, Input
-from service.metrics import Metrics
 from service.timing import Timing
 
 
@@ -21,8 +20,8 @@ def infer(inputs: list[Input], truncate: bool = True, direction: Direction | Non
     concurrent requests; raises InputTooLong (truncate=False), Unavailable or InferenceError. The
     request's Timing (service.observe) gets each stage.
     """
-    classifier = current_app.extensions["service.classifier"]
-    scheduler: Scheduler | None = current_app.extensions["service.scheduler"]
+    classifier = state.classifier()
+    scheduler = state.scheduler()
     timing: Timing = g.timing
     timing.texts = len(inputs)
     timing.characters = sum(len(item) if isinstance(item, str) else len(item[0]) + len(item[1]) for item in inputs)
@@ -42,7 +41,7 @@ def infer(inputs: list[Input], truncate: bool = True, direction: Direction | Non
                            len(encodings) * max(len(encoding) for encoding in encodings))
             classifier.ready = True
     timing.inferred = time.perf_counter()
-    metrics: Metrics = current_app.extensions["service.metrics"]
+    metrics = state.metrics()
     metrics.observe_inference(len(inputs), timing.inferred - started)
     return logits
 
@@ -53,8 +52,8 @@ def infer_encoded(encodings: list[Encoding]) -> np.ndarray | list[np.ndarray]:
     Each encoding counts as one text against the queue; a per-token task gets each one's
     [tokens, labels]. The onnx backend only: the reference backends do not encode.
     """
-    classifier = current_app.extensions["service.classifier"]
-    scheduler: Scheduler | None = current_app.extensions["service.scheduler"]
+    classifier = state.classifier()
+    scheduler = state.scheduler()
     timing: Timing = g.timing  # the task encoded already: its time counts as the request's parsing
     timing.texts = len(encodings)
     timing.tokens = sum(len(encoding) for encoding in encodings)
@@ -67,6 +66,6 @@ def infer_encoded(encodings: list[Encoding]) -> np.ndarray | list[np.ndarray]:
     else:
         logits = scheduler.logits(encodings, timing)
     timing.inferred = time.perf_counter()
-    metrics: Metrics = current_app.extensions["service.metrics"]
+    metrics = state.metrics()
     metrics.observe_inference(len(encodings), timing.inferred - started)
     return logits

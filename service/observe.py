@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from service import state
 from service.config import Settings
 from service.errors import request_id
 from service.logs import ACCESS
@@ -30,7 +31,7 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
 
         tracing = Tracing(settings.otlp_endpoint, model)
         weakref.finalize(app, tracing.shutdown)  # at exit too: the spans still queued
-    app.extensions["service.tracing"] = tracing
+    state.store(app, tracing=tracing)
     access = settings.access_log
 
     @app.before_request
@@ -63,7 +64,7 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
 def finish(app: Flask) -> None:
     """Export the spans still queued, if tracing is on, as the server stops."""
     # a forked server process exits without the interpreter's teardown, which runs the exit hook
-    tracing = app.extensions.get("service.tracing")
+    tracing = state.tracing(app)
     if tracing is not None:
         tracing.shutdown()
 

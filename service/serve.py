@@ -60,6 +60,7 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from werkzeug.wrappers import Response
 
+from service import state
 from service.config import Settings
 
 if TYPE_CHECKING:
@@ -86,6 +87,37 @@ _LINUX = sys.platform.startswith("linux")
 _SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # Linux's value; Python names it on few builds
 _BPF_LDB_ABS, _BPF_JSET_K, _BPF_RET_K = 0x30, 0x45, 0x06  # BPF_LD|BPF_B|BPF_ABS, BPF_JMP|BPF_JSET|BPF_K, BPF_RET|BPF_K
 _TCP_SYN, _TCP_ACK = 0x02, 0x10
+
+# What this runner relies on beyond Waitress' documented API (create_server, a listener's channel_class,
+# a channel's task_class and error_task_class, Adjustments), for the Waitress version pinned in
+# requirements.txt: (where, name, what for). tests/service/test_server.py fails when one moves.
+WAITRESS_VERSION = "3.0.2"
+WAITRESS_INTERNALS = (
+    ("waitress.server.create_server", "_dispatcher", "request threads woken latest idle first (a test shim)"),
+    ("waitress.task.ThreadedTaskDispatcher", "queue_cv", "the condition idle request threads wait on"),
+    ("waitress.task.ThreadedTaskDispatcher", "lock", "the lock under that condition"),
+    ("waitress.server.BaseWSGIServer", "_map", "a single server's socket map, driven by this runner's loop"),
+    ("waitress.server.BaseWSGIServer", "active_channels", "the open connections, to count, sweep and drain"),
+    ("waitress.server.BaseWSGIServer", "fix_addr", "a new connection's address, as Waitress' accept sets it"),
+    ("waitress.server.BaseWSGIServer", "set_socket_options", "a new connection's socket options"),
+    ("waitress.server.MultiSocketServer", "effective_listen", "the bound addresses when a host has several"),
+    ("waitress.channel.HTTPChannel", "requests", "requests received and not yet answered (pipelined)"),
+    ("waitress.channel.HTTPChannel", "request", "the request being received"),
+    ("waitress.channel.HTTPChannel", "requests_lock", "guards those two against request threads"),
+    ("waitress.channel.HTTPChannel", "total_outbufs_len", "output not yet sent"),
+    ("waitress.channel.HTTPChannel", "will_close", "a close after the output"),
+    ("waitress.channel.HTTPChannel", "close_when_flushed", "likewise"),
+    ("waitress.channel.HTTPChannel", "last_activity", "the keep-alive clock, read while draining"),
+    ("waitress.channel.HTTPChannel", "send_continue", "100 Continue, answered from the head instead when refused"),
+    ("waitress.channel.HTTPChannel", "received", "bytes into requests: the phase clocks start here"),
+    ("waitress.channel.HTTPChannel", "service", "runs a channel's tasks (a 408 on the loop's thread)"),
+    ("waitress.parser.HTTPRequestParser", "headers_finished", "the head is whole: the body's clock starts"),
+    ("waitress.parser.HTTPRequestParser", "expect_continue", "the client waits for 100 Continue"),
+    ("waitress.parser.HTTPRequestParser", "completed", "a request whole, or answered from its head"),
+    ("waitress.parser.HTTPRequestParser", "error", "the error a request is answered with (408)"),
+    ("waitress.wasyncore.dispatcher", "_fileno", "a dispatcher's descriptor, for the selector"),
+    ("waitress.wasyncore.dispatcher", "accepting", "a listener that accepts"),
+)
 
 # What a connection waits for from its client (None: the server is working on it).
 FRESH, HEAD, BODY, IDLE, SEND = "fresh", "head", "body", "idle", "send"
@@ -168,7 +200,7 @@ class GracefulServer:
         # CONNECTION_LIMIT is the service's: each of several processes (given the parent's sockets) takes its share
         self.connection_limit = (settings.connection_limit if sockets is None
                                  else math.ceil(settings.connection_limit / settings.processes))
-        self.draining: threading.Event = app.extensions["service.draining"]
+        self.draining: threading.Event = state.draining(app)
         dispatcher = LastIdleFirst()
         where: dict[str, Any] = {"sockets": sockets} if sockets else {"host": settings.host, "port": settings.port}
         # A socket shared with other processes wakes all of them for each connection: accepting one
@@ -186,9 +218,9 @@ class GracefulServer:
         # a MultiSocketServer (a host with several addresses) keeps its map public, a single server not
         self.map: dict[int, Any] = getattr(self.server, "map", None) or self.server._map
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
-        channel_class = _channel_class(self)
-        for listener in self.listeners:
-            listener.channel_class = channel_class
+        for listener in self.listeners:  # Waitress' own extension point, and the way back to this runner
+            listener.channel_class = Channel
+            listener.runner = self
         self.selector = selectors.DefaultSelector()
         self._registered: dict[int, tuple[int, Any]] = {}  # fd -> the events and dispatcher registered
         self._watch: set[int] = set(self.map)  # fds whose interest must be looked at on the next turn
@@ -498,7 +530,7 @@ class GracefulServer:
             for channel in unfinished:
                 HTTPChannel.handle_close(channel)
         self.server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
-        scheduler = self.app.extensions.get("service.scheduler")
+        scheduler = state.scheduler(self.app)
         if scheduler is not None:
             scheduler.stop(timeout=max(0.1, deadline - time.monotonic()))
         self.selector.close()
@@ -628,147 +660,152 @@ def _answer_refusals(app: Flask) -> Callable[[dict[str, Any], Callable[..., Any]
     return application
 
 
-def _channel_class(runner: GracefulServer) -> type[HTTPChannel]:
-    """Return Waitress' channel with the runner's loop hooks, clocks, JSON errors and HTTP/1.1 fixes."""
-    draining = runner.draining
-    max_content_length = runner.settings.max_content_length
+class ClosingTask(WSGITask):
+    """Waitress' WSGI task: a refusal answered from the head, and Connection: close while the server stops."""
 
-    class ClosingTask(WSGITask):
-        def get_environment(self) -> dict[str, Any]:
-            environ = super().get_environment()
-            refusal = getattr(self.request, "refusal", None)
-            if refusal is not None:
-                environ["service.refusal"] = refusal
-            return environ
+    def get_environment(self) -> dict[str, Any]:
+        environ = super().get_environment()
+        refusal = getattr(self.request, "refusal", None)
+        if refusal is not None:
+            environ["service.refusal"] = refusal
+        return environ
 
-        def execute(self) -> None:
-            if getattr(self.request, "refusal", None) is not None:
-                # answered from the head: the body was not read, so nothing more can be read as a request
-                self.set_close_on_finish()
-                self.channel.linger = True
-            super().execute()
-
-        def build_response_header(self) -> bytes:
-            # A WSGI app may not set hop-by-hop headers (PEP 3333), so the server must: a keep-alive
-            # client then opens a new connection (refused: the listener is closed) instead of
-            # sending another request on one about to be closed under it. Requests already received
-            # behind this one (pipelined) are answered first; the last answer carries the close.
-            if draining.is_set() and len(self.channel.requests) <= 1:
-                self.set_close_on_finish()
-            return super().build_response_header()
-
-    class JsonErrorTask(ErrorTask):
-        def execute(self) -> None:
-            # Waitress answers what it cannot parse (bad framing, a declared body over the limit,
-            # huge headers) itself, before Flask runs: in the service's JSON error format too.
-            error = self.request.error
-            if error.code == 413:
-                message = f"request body too large: the limit is {max_content_length} bytes"
-            elif error.code >= 500:
-                message = "internal error"
-            else:  # waitress' parse message, e.g. "Invalid chunk size": about the request, no internals
-                message = f"{error.reason.lower()}: {str(error.body)[:200]}"
-            body = json.dumps({"error": message}).encode()
-            self.status = f"{error.code} {error.reason}"
-            self.response_headers.append(("Content-Type", "application/json"))
+    def execute(self) -> None:
+        if getattr(self.request, "refusal", None) is not None:
+            # answered from the head: the body was not read, so nothing more can be read as a request
             self.set_close_on_finish()
-            self.content_length = len(body)
             self.channel.linger = True
-            self.write(body)
+        super().execute()
 
-    class Channel(HTTPChannel):
-        task_class = ClosingTask
-        error_task_class = JsonErrorTask
-        linger = False  # set by an error answered before the request was read whole
-        linger_until = 0.0
-        fresh = True  # nothing received yet
-        receiving: int | None = None  # the thread inside received(), whose loop queues completed requests
+    def build_response_header(self) -> bytes:
+        # A WSGI app may not set hop-by-hop headers (PEP 3333), so the server must: a keep-alive
+        # client then opens a new connection (refused: the listener is closed) instead of
+        # sending another request on one about to be closed under it. Requests already received
+        # behind this one (pipelined) are answered first; the last answer carries the close.
+        if self.channel.server.runner.draining.is_set() and len(self.channel.requests) <= 1:
+            self.set_close_on_finish()
+        return super().build_response_header()
 
-        def __init__(self, server: BaseWSGIServer, sock: socket.socket, addr: Any, adj: Any,
-                     map: dict[int, Any] | None = None) -> None:
-            self.waiting_since = time.monotonic()  # since when the client's current phase runs
-            super().__init__(server, sock, addr, adj, map)
 
-        def add_channel(self, map: dict[int, Any] | None = None) -> None:
-            super().add_channel(map)
-            runner.watch(self._fileno)
+class JsonErrorTask(ErrorTask):
+    """Waitress' own errors (bad framing, a body or head over the limit) answered in the service's JSON."""
 
-        def del_channel(self, map: dict[int, Any] | None = None) -> None:
-            fd = self._fileno
-            super().del_channel(map)
-            runner.forget(fd)
+    def execute(self) -> None:
+        # Waitress answers what it cannot parse (bad framing, a declared body over the limit,
+        # huge headers) itself, before Flask runs: in the service's JSON error format too.
+        error = self.request.error
+        if error.code == 413:
+            limit = self.channel.server.runner.settings.max_content_length
+            message = f"request body too large: the limit is {limit} bytes"
+        elif error.code >= 500:
+            message = "internal error"
+        else:  # waitress' parse message, e.g. "Invalid chunk size": about the request, no internals
+            message = f"{error.reason.lower()}: {str(error.body)[:200]}"
+        body = json.dumps({"error": message}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.channel.linger = True
+        self.write(body)
 
-        def _progress(self) -> tuple[Any, bool, int]:
-            request = self.request
-            return request, bool(request is not None and request.headers_finished), len(self.requests)
 
-        def received(self, data: bytes) -> bool:
-            # A phase's clock restarts when the request moves on (a new request, its head complete,
-            # a request handed to a thread), not on every byte: a client sending one byte a second
-            # must still meet the head timeout. A new connection's first head counts from accept.
-            before, fresh = self._progress(), self.fresh
-            self.fresh = False
-            self.receiving = threading.get_ident()
-            try:
-                result = super().received(data)
-            finally:
-                self.receiving = None
-            after = self._progress()
-            if after != before and not (fresh and after[0] is not None and not after[1]):
-                self.waiting_since = time.monotonic()
-            return result
+class Channel(HTTPChannel):
+    """Waitress' channel with the runner's loop hooks, phase clocks, JSON errors, lingering close and 100-continue.
 
-        def send_continue(self) -> None:
-            request = self.request
-            if request.completed:
-                # Nothing to wait for: the parser refused the head (a declared body over the limit) or
-                # there is no body. Waitress would send 100 Continue and mark the request incomplete,
-                # and it was never answered.
-                request.expect_continue = False
-                return
-            refusal = runner.refusal(self, request)
-            if refusal is None:
-                super().send_continue()
-                return
+    Its listener carries the runner (`server.runner`), set by GracefulServer.
+    """
+
+    task_class = ClosingTask
+    error_task_class = JsonErrorTask
+    linger = False  # set by an error answered before the request was read whole
+    linger_until = 0.0
+    fresh = True  # nothing received yet
+    receiving: int | None = None  # the thread inside received(), whose loop queues completed requests
+
+    def __init__(self, server: BaseWSGIServer, sock: socket.socket, addr: Any, adj: Any,
+                 map: dict[int, Any] | None = None) -> None:
+        self.waiting_since = time.monotonic()  # since when the client's current phase runs
+        super().__init__(server, sock, addr, adj, map)
+
+    def add_channel(self, map: dict[int, Any] | None = None) -> None:
+        super().add_channel(map)
+        self.server.runner.watch(self._fileno)
+
+    def del_channel(self, map: dict[int, Any] | None = None) -> None:
+        fd = self._fileno
+        super().del_channel(map)
+        self.server.runner.forget(fd)
+
+    def _progress(self) -> tuple[Any, bool, int]:
+        request = self.request
+        return request, bool(request is not None and request.headers_finished), len(self.requests)
+
+    def received(self, data: bytes) -> bool:
+        # A phase's clock restarts when the request moves on (a new request, its head complete,
+        # a request handed to a thread), not on every byte: a client sending one byte a second
+        # must still meet the head timeout. A new connection's first head counts from accept.
+        before, fresh = self._progress(), self.fresh
+        self.fresh = False
+        self.receiving = threading.get_ident()
+        try:
+            result = super().received(data)
+        finally:
+            self.receiving = None
+        after = self._progress()
+        if after != before and not (fresh and after[0] is not None and not after[1]):
+            self.waiting_since = time.monotonic()
+        return result
+
+    def send_continue(self) -> None:
+        request = self.request
+        if request.completed:
+            # Nothing to wait for: the parser refused the head (a declared body over the limit) or
+            # there is no body. Waitress would send 100 Continue and mark the request incomplete,
+            # and it was never answered.
             request.expect_continue = False
-            request.refusal = refusal
-            request.completed = True
-            if self.receiving != threading.get_ident():  # by a request thread after a pipelined one
-                self.request = None
-                self.requests.append(request)
-                self.server.add_task(self)
+            return
+        refusal = self.server.runner.refusal(self, request)
+        if refusal is None:
+            super().send_continue()
+            return
+        request.expect_continue = False
+        request.refusal = refusal
+        request.completed = True
+        if self.receiving != threading.get_ident():  # by a request thread after a pipelined one
+            self.request = None
+            self.requests.append(request)
+            self.server.add_task(self)
 
-        def writable(self) -> bool:
-            return not self.linger_until and super().writable()
+    def writable(self) -> bool:
+        return not self.linger_until and super().writable()
 
-        def handle_close(self) -> None:
-            # Closing a socket with unread input makes the kernel send a reset, which can destroy
-            # the error response on its way and fails a client still sending its body. So, like
-            # nginx's lingering close: shut down our side, then read and drop for a while.
-            if self.linger and not self.linger_until and self.connected:
-                try:
-                    self.socket.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                else:
-                    self.linger_until = time.monotonic() + _LINGER
-                    self.will_close = self.close_when_flushed = False
-                    runner.watch(self._fileno)
-                    return
-            super().handle_close()
-
-        def readable(self) -> bool:
-            return bool(self.linger_until) or super().readable()
-
-        def handle_read(self) -> None:
-            if not self.linger_until:
-                super().handle_read()
-                return
+    def handle_close(self) -> None:
+        # Closing a socket with unread input makes the kernel send a reset, which can destroy
+        # the error response on its way and fails a client still sending its body. So, like
+        # nginx's lingering close: shut down our side, then read and drop for a while.
+        if self.linger and not self.linger_until and self.connected:
             try:
-                data = self.socket.recv(65536)
+                self.socket.shutdown(socket.SHUT_WR)
             except OSError:
-                data = b""
-            if not data or time.monotonic() > self.linger_until:
-                HTTPChannel.handle_close(self)
+                pass
+            else:
+                self.linger_until = time.monotonic() + _LINGER
+                self.will_close = self.close_when_flushed = False
+                self.server.runner.watch(self._fileno)
+                return
+        super().handle_close()
 
-    return Channel
+    def readable(self) -> bool:
+        return bool(self.linger_until) or super().readable()
+
+    def handle_read(self) -> None:
+        if not self.linger_until:
+            super().handle_read()
+            return
+        try:
+            data = self.socket.recv(65536)
+        except OSError:
+            data = b""
+        if not data or time.monotonic() > self.linger_until:
+            HTTPChannel.handle_close(self)

@@ -16,7 +16,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
-from service import contract
+from service import contract, state
 from service.batching import Unavailable
 from service.classifier import (
     WIDE_CLIP_CHARS_PER_TOKEN,
@@ -27,7 +27,6 @@ from service.classifier import (
     apply_function,
     rank,
 )
-from service.config import Settings
 from service.contract import Param
 from service.errors import ApiError, handle_http_exception, request_id
 from service.inference import infer
@@ -92,7 +91,7 @@ def _string(value: Any, name: str) -> str:
 
 def _batch_size(size: int) -> None:
     """Refuse an empty batch (400) or one over SERVICE_MAX_BATCH (422), as TEI does."""
-    settings: Settings = current_app.extensions["service.settings"]
+    settings = state.settings()
     if size == 0:
         raise ApiError(400, "Batch is empty", EMPTY)
     if size > settings.max_batch:
@@ -143,7 +142,7 @@ def _logits(inputs: list[Input], options: Options) -> np.ndarray:
 
 def _classifier(route: str) -> Any:
     """Return the model if it classifies texts or pairs, else raise TEI's 424 for a model of another kind."""
-    classifier = current_app.extensions["service.classifier"]
+    classifier = state.classifier()
     if not classifier.task.can(CLASSIFY):
         raise ApiError(424, f"model is not a classifier model: {route} needs one label per input, this model "
                             f"{classifier.task.describe()}", BACKEND)
@@ -210,7 +209,7 @@ def tokenize() -> Response:
     add_special_tokens = contract.read(body, TOKENIZE_OPTIONS, 422, VALIDATION).get("add_special_tokens", True)
     if body.get("prompt_name") is not None:
         raise _invalid("'prompt_name' is not supported: this service applies no prompts")
-    classifier = current_app.extensions["service.classifier"]
+    classifier = state.classifier()
     limit = classifier.max_length * WIDE_CLIP_CHARS_PER_TOKEN
     for index, text in enumerate(texts):
         if len(text) > limit:

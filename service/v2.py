@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from service import answers, api, contract
+from service import answers, api, contract, state
 from service.classifier import Direction, Input, InputTooLong, apply_function
-from service.config import Settings
 from service.contract import Param
 from service.errors import ApiError
 from service.inference import infer
@@ -96,7 +95,7 @@ def _bad(message: str) -> ApiError:
 
 def _model(model_name: str, model_version: str | None) -> Any:
     """Return the classifier if the path names it (and version "1", if any), else raise 404."""
-    classifier = current_app.extensions["service.classifier"]
+    classifier = state.classifier()
     if model_name != classifier.name:
         raise ApiError(404, f"Request for unknown model: '{_shown(model_name)}' is not found")
     if model_version is not None and model_version != VERSION:
@@ -169,7 +168,7 @@ def model_ready(model_name: str, model_version: str | None) -> tuple[Response, i
 def model_infer(model_name: str, model_version: str | None) -> Response:
     """Classify the texts (or pairs) of a JSON or binary-extension request."""
     classifier = _model(model_name, model_version)
-    settings: Settings = current_app.extensions["service.settings"]
+    settings = state.settings()
     header, binary = read_body()
     body = read_request(header, binary, settings.max_batch, classifier.name, classifier.task)
     texts = [item for item in body.inputs if isinstance(item, str)]

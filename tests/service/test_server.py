@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import http.client
+import importlib
+import inspect
 import json
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPMessage
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from service.serve import WAITRESS_INTERNALS, WAITRESS_VERSION
 from tests.testkit import NEGATIVE, POSITIVE, REPO, Server, running_server, service_env, write_manifest
 
 TIMEOUT = 30  # seconds, for every request
@@ -193,3 +198,22 @@ def test_a_body_of_exactly_the_limit_reaches_the_app(server: Server) -> None:
     payload += b" " * (2 * 1024 * 1024 - len(payload))  # trailing whitespace is valid JSON
     status, _, body = request(server, "POST", "/sentiment", payload, {"Content-Type": "application/json"})
     assert status == 200 and body["label"] == "POSITIVE"
+
+
+def _mentions(where: str, name: str) -> bool:
+    """Return whether a Waitress class or function has `name` as attribute, parameter or self.<name>."""
+    module, _, attribute = where.rpartition(".")
+    target = getattr(importlib.import_module(module), attribute)
+    if hasattr(target, name):
+        return True
+    if inspect.isfunction(target):
+        return name in inspect.signature(target).parameters
+    source = "".join(inspect.getsource(cls) for cls in target.__mro__ if cls.__module__.startswith("waitress"))
+    return re.search(rf"\bself\.{re.escape(name)}\s*=", source) is not None
+
+
+@pytest.mark.parametrize(("where", "name", "why"), WAITRESS_INTERNALS,
+                         ids=[f"{where}.{name}" for where, name, _ in WAITRESS_INTERNALS])
+def test_every_waitress_internal_the_runner_relies_on_is_still_there(where: str, name: str, why: str) -> None:
+    assert version("waitress") == WAITRESS_VERSION, "a new Waitress: check service/serve.py's WAITRESS_INTERNALS"
+    assert _mentions(where, name), f"{where} no longer has {name} ({why})"

@@ -1,0 +1,69 @@
+"""The app's state, reached one way: typed accessors over Flask's `app.extensions`.
+
+`create_app` stores each object once (`store`); the routes, the runner and the scheduler's hooks read
+them through these functions, as the Flask tutorial's `get_db()` does, and never spell a storage key.
+Without `app`, each reads the app of the current request (`flask.current_app`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, current_app
+
+if TYPE_CHECKING:  # the serving modules import this one: no import cycle at run time
+    from service.batching import Scheduler
+    from service.classifier import Classifier
+    from service.config import Settings
+    from service.metrics import Metrics
+
+# The storage keys, named once; tests may read them (app.extensions[...]) to reach an app's objects.
+SETTINGS, CLASSIFIER, SCHEDULER, METRICS, DRAINING, TRACING = (
+    "service.settings", "service.classifier", "service.scheduler", "service.metrics", "service.draining",
+    "service.tracing")
+_KEYS = {"settings": SETTINGS, "classifier": CLASSIFIER, "scheduler": SCHEDULER, "metrics": METRICS,
+         "draining": DRAINING, "tracing": TRACING}
+
+
+def store(app: Flask, **objects: Any) -> None:
+    """Keep the app's objects under their keys (settings=, classifier=, scheduler=, metrics=, draining=, tracing=)."""
+    unknown = set(objects) - set(_KEYS)
+    if unknown:
+        raise TypeError(f"no such app state: {', '.join(sorted(unknown))}")
+    app.extensions.update({_KEYS[name]: value for name, value in objects.items()})
+
+
+def _extensions(app: Flask | None) -> dict[str, Any]:
+    """Return the extensions of app, or of the current request's app."""
+    return (app if app is not None else current_app).extensions
+
+
+def settings(app: Flask | None = None) -> Settings:
+    """Return the validated settings."""
+    return _extensions(app)[SETTINGS]
+
+
+def classifier(app: Flask | None = None) -> Classifier:
+    """Return the model (the reference backends answer the same calls as the onnx Classifier)."""
+    return _extensions(app)[CLASSIFIER]
+
+
+def scheduler(app: Flask | None = None) -> Scheduler | None:
+    """Return the batch scheduler, or None when requests are not batched."""
+    return _extensions(app).get(SCHEDULER)
+
+
+def metrics(app: Flask | None = None) -> Metrics:
+    """Return the app's Prometheus instruments."""
+    return _extensions(app)[METRICS]
+
+
+def draining(app: Flask | None = None) -> threading.Event:
+    """Return the event the runner sets on SIGTERM (/ready answers 503 from then on)."""
+    return _extensions(app)[DRAINING]
+
+
+def tracing(app: Flask | None = None) -> Any:
+    """Return the app's OpenTelemetry tracing (service.tracing), or None when tracing is off."""
+    return _extensions(app).get(TRACING)
