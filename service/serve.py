@@ -71,6 +71,7 @@ logger = logging.getLogger(__name__)
 _TICK = 0.1  # seconds the socket loop may sleep before it looks at the stop flag
 _DRAIN_TICK = 0.02  # the same while draining, to exit soon after the last response
 _SWEEP = 0.5  # seconds between two looks at every connection's clock
+_SAME_STOP = 1.0  # seconds within which a second stop signal is taken for the same stop
 _HANDSHAKE_GRACE = 0.2  # seconds a stopping server still accepts the handshakes begun before it stopped
 _IDLE_GRACE = 0.5  # seconds a keep-alive connection must have been quiet before a stop closes it
 _BACKLOG = 2048  # connections the kernel holds for accept(): bursts land here first
@@ -232,6 +233,7 @@ class GracefulServer:
         self._next_report = 0.0
         self._loop_thread = threading.get_ident()  # the selector and the watch set are this thread's
         self._stop = threading.Event()
+        self._stopped_at = 0.0
 
     def urls(self) -> list[str]:
         """Return the URLs Waitress actually listens on (the bound port when SERVICE_PORT=0)."""
@@ -240,9 +242,16 @@ class GracefulServer:
         return [f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}" for host, port in listen]
 
     def request_stop(self, signum: int | None = None, frame: Any = None) -> None:
-        """Ask run() to drain and return; a second request stops at once (signal handler)."""
+        """Ask run() to drain and return; a second request stops at once (signal handler).
+
+        A second one within _SAME_STOP seconds is the same stop: a stop sent to every process of the
+        service at once (systemd's control-group kill, `pkill`) also reaches a child from its parent.
+        """
         if self._stop.is_set():
+            if time.monotonic() - self._stopped_at < _SAME_STOP:
+                return
             raise KeyboardInterrupt  # the operator insists: main() exits without draining
+        self._stopped_at = time.monotonic()
         self._stop.set()
 
     def run(self) -> bool:

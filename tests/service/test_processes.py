@@ -189,7 +189,8 @@ def test_a_process_that_stopped_accepting_leaves_the_connections_to_the_other(mo
             os.kill(pids[0], signal.SIGCONT)
 
 
-def test_sigterm_drains_every_process_and_exits_0(model_dir: Path) -> None:
+@pytest.mark.parametrize("to", ["parent", "every process"])  # every process: systemd's control-group kill
+def test_sigterm_drains_every_process_and_exits_0(model_dir: Path, to: str) -> None:
     with running_server(SERVICE_MODEL_DIR=str(model_dir), SERVICE_PROCESSES="2") as server:
         pids = wait_for(lambda: len(found := children(server.process.pid)) == 2 and found, 30, "two children")
         port = urlsplit(server.url).port
@@ -205,6 +206,8 @@ def test_sigterm_drains_every_process_and_exits_0(model_dir: Path) -> None:
         sent.wait()
         time.sleep(0.1)  # on the wire and read
         server.process.send_signal(signal.SIGTERM)
+        for pid in pids if to == "every process" else []:
+            os.kill(pid, signal.SIGTERM)
         for thread in threads:
             thread.join(60)
         assert server.process.wait(timeout=20) == 0
