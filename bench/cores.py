@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import LoadError, run_wrk, wrk_path
+from bench.load import LoadError, run_wrk, taskset, wrk_path
 from bench.servers import REPO, ServerError, ServerSpec, start, stop
 from bench.workloads import WORKLOADS
 from service.config import available_cpus
@@ -61,11 +61,6 @@ def core_counts(cores: int) -> list[int]:
         counts.append(n)
         n *= 2
     return [*counts, cores]
-
-
-def taskset(cpus: list[int]) -> list[str]:
-    """Return the command prefix that pins a program to cpus."""
-    return ["taskset", "-c", ",".join(str(cpu) for cpu in cpus)]
 
 
 def in_process_limit(model_dir: str, cpus: list[int], seconds: float, turn: int) -> dict[str, float]:

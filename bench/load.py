@@ -78,6 +78,11 @@ def lua_script(workload: Workload, protocol: Protocol = SENTIMENT) -> str:
     return LUA % {"bodies": bodies, "marker": MARKER, "path": protocol.path}
 
 
+def taskset(cpus: list[int]) -> list[str]:
+    """Return the command prefix that pins a program to cpus."""
+    return ["taskset", "-c", ",".join(str(cpu) for cpu in cpus)]
+
+
 def wrk_path() -> str:
     """Return the wrk executable or raise LoadError saying how to install it."""
     path = shutil.which("wrk")
@@ -96,7 +101,7 @@ def run_wrk(port: int, workload: Workload, connections: int, duration_s: int,
         script.flush()
         # One wrk thread: it sustains far more requests than these servers answer, and every
         # client core-second is taken from the two cores the server runs on.
-        pin = ["taskset", "-c", ",".join(str(cpu) for cpu in cpus)] if cpus else []
+        pin = taskset(cpus) if cpus else []
         command = [*pin, wrk_path(), "-t1", f"-c{connections}", f"-d{duration_s}s", f"--timeout={WRK_TIMEOUT}",
                    "--latency", "-s", script.name, f"http://127.0.0.1:{port}{protocol.path}"]
         # wrk is the only child that exits during the run, so the children's rusage delta is its CPU

@@ -372,13 +372,13 @@ class Scheduler:
         owner.lead.append((batch, express))
         owner.wake.set()
 
-    def _express_open_after(self) -> bool:
-        """Return whether the express slot just used may run again (lock held, the slot still held)."""
-        return bool(self._heap) and not self._free and self._long_runs >= self.workers
+    def _every_slot_runs_long(self) -> bool:
+        """Return whether every regular slot runs a text over EXPRESS_TOKENS (lock held)."""
+        return not self._free and self._long_runs >= self.workers
 
     def _express_open(self) -> bool:
         """Return whether the express slot is free and every regular slot runs a long text (lock held)."""
-        return self._express_free and not self._free and self._long_runs >= self.workers
+        return self._express_free and self._every_slot_runs_long()
 
     def _start_express(self) -> None:
         """Start a run of queued short texts in the express slot, if it is open (lock held)."""
@@ -412,7 +412,7 @@ class Scheduler:
                 if long:
                     self._long_runs -= 1
                 if express:  # on while the regular slots still run long texts, else given back
-                    self._hand_over(self._take(short=True) if self._express_open_after() else [], express=True)
+                    self._hand_over(self._take(short=True) if self._every_slot_runs_long() else [], express=True)
                 else:
                     self._hand_over(self._take() if self._heap else [])
 
