@@ -315,6 +315,11 @@ class Shares:
         return all(open_connections <= self._values[i * self._SLOT]
                    for i in range(self.processes) if i != self.index)
 
+    def surplus(self, open_connections: int) -> int:
+        """Return how many more open connections this child has than the child with fewest (0 alone)."""
+        others = [self._values[i * self._SLOT] for i in range(self.processes) if i != self.index]
+        return open_connections - min(others) if others else 0
+
 
 class Forked:
     """A child forked from this process, behind the part of subprocess.Popen's interface used here."""

@@ -78,6 +78,8 @@ _BACKLOG = 2048  # connections the kernel holds for accept(): bursts land here f
 _LINGER = 2.0  # seconds to read and drop what a client still sends after an early error response
 _ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener
 _LEAVE = 0.005  # seconds a process with more connections than another leaves a new one to it
+_REBALANCE = 0.05  # seconds between two keep-alive connections a process hands back for balance
+_REBALANCE_RETRY = 1.0  # the same when the last one handed back was not taken by another process
 _SHED_BATCH = 16  # connections closed at once at the connection limit (one scan, several slots)
 _EXPIRE_BATCH = 128  # connections answered or closed per sweep: a mass timeout must not stall the loop
 _REPORT_EVERY = 10.0  # seconds between two log lines about slow clients or a full connection budget
@@ -229,6 +231,9 @@ class GracefulServer:
         self.shares = shares
         # when this process last left a connection to the others, and how many they had accepted then
         self._left: tuple[float, int] | None = None
+        # when this process last closed a connection for balance (hand_back), and the others' accepts then
+        self._handed_back: tuple[float, int] | None = None
+        self._hand_back_lock = threading.Lock()
         self._tally: Counter[str] = Counter()  # slow clients answered or shed since the last report
         self._next_report = 0.0
         self._loop_thread = threading.get_ident()  # the selector and the watch set are this thread's
@@ -312,6 +317,8 @@ class GracefulServer:
                     self._accept(dispatcher, self._accept_batch)
             else:
                 _handle(dispatcher, events, lambda fd=key.fd, d=dispatcher: self.map.get(fd) is d)
+        if self.shares is not None:  # connections closed by these events: before the others' next accept
+            self.shares.publish(self._open())
 
     def _interest(self, dispatcher: Any) -> int:
         """Return the events a dispatcher waits for, as wasyncore's poll loop would ask it."""
@@ -403,6 +410,27 @@ class GracefulServer:
         self._left = (now, others)
         self._accept_paused_until = now + _LEAVE
         return True
+
+    def hand_back(self) -> bool:
+        """Return whether to close a keep-alive connection after its answer, for its client to reconnect
+        to a process with fewer connections (request threads call it; at most one every _REBALANCE s).
+
+        Accepting balances a burst only as far as the counts it reads are current: connections whose
+        client has gone but whose answers are still being written count, and a busy process may take
+        a while to accept. A client's keep-alive connection would stay where it landed; handing one
+        back whenever this process has two more than another evens them out within a few answers.
+        """
+        if self.shares is None or self.shares.surplus(self._open()) < 2:
+            return False
+        with self._hand_back_lock:
+            now, others = time.monotonic(), self.shares.others_accepted()
+            if self._handed_back is not None:
+                at, before = self._handed_back
+                # the last client handed back came back here (the others are busy or stopped): wait longer
+                if now - at < (_REBALANCE if others > before else _REBALANCE_RETRY):
+                    return False
+            self._handed_back = (now, others)
+            return True
 
     def _make_room(self) -> bool:
         """Close the connections that cost least to lose to admit new clients; return whether any was."""
@@ -691,7 +719,8 @@ class ClosingTask(WSGITask):
         # client then opens a new connection (refused: the listener is closed) instead of
         # sending another request on one about to be closed under it. Requests already received
         # behind this one (pipelined) are answered first; the last answer carries the close.
-        if self.channel.server.runner.draining.is_set() and len(self.channel.requests) <= 1:
+        runner = self.channel.server.runner
+        if len(self.channel.requests) <= 1 and (runner.draining.is_set() or runner.hand_back()):
             self.set_close_on_finish()
         return super().build_response_header()
 
