@@ -80,6 +80,7 @@ _ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener
 _LEAVE = 0.005  # seconds a process with more connections than another leaves a new one to it
 _REBALANCE = 0.05  # seconds between two keep-alive connections a process hands back for balance
 _REBALANCE_RETRY = 1.0  # the same when the last one handed back was not taken by another process
+_UNEVEN = 0.5  # seconds an imbalance of connections lasts before a process hands one back
 _SHED_BATCH = 16  # connections closed at once at the connection limit (one scan, several slots)
 _EXPIRE_BATCH = 128  # connections answered or closed per sweep: a mass timeout must not stall the loop
 _REPORT_EVERY = 10.0  # seconds between two log lines about slow clients or a full connection budget
@@ -234,6 +235,7 @@ class GracefulServer:
         # when this process last closed a connection for balance (hand_back), and the others' accepts then
         self._handed_back: tuple[float, int] | None = None
         self._hand_back_lock = threading.Lock()
+        self._uneven_since: float | None = None  # since when hand_back has found two connections more here
         self._tally: Counter[str] = Counter()  # slow clients answered or shed since the last report
         self._next_report = 0.0
         self._loop_thread = threading.get_ident()  # the selector and the watch set are this thread's
@@ -418,12 +420,20 @@ class GracefulServer:
         Accepting balances a burst only as far as the counts it reads are current: connections whose
         client has gone but whose answers are still being written count, and a busy process may take
         a while to accept. A client's keep-alive connection would stay where it landed; handing one
-        back whenever this process has two more than another evens them out within a few answers.
+        back while this process has had two more than another for _UNEVEN s evens them out within a
+        few answers.
         """
-        if self.shares is None or self.shares.surplus(self._open()) < 2:
+        if self.shares is None:
             return False
+        uneven = self.shares.surplus(self._open()) >= 2
         with self._hand_back_lock:
             now, others = time.monotonic(), self.shares.others_accepted()
+            # only an imbalance that lasts: connections just closed by their clients count for a moment
+            if not uneven or self._uneven_since is None:
+                self._uneven_since = now if uneven else None
+                return False
+            if now - self._uneven_since < _UNEVEN:
+                return False
             if self._handed_back is not None:
                 at, before = self._handed_back
                 # the last client handed back came back here (the others are busy or stopped): wait longer
