@@ -104,6 +104,8 @@ WAITRESS_INTERNALS = (
     ("waitress.server.BaseWSGIServer", "active_channels", "the open connections, to count, sweep and drain"),
     ("waitress.server.BaseWSGIServer", "fix_addr", "a new connection's address, as Waitress' accept sets it"),
     ("waitress.server.BaseWSGIServer", "set_socket_options", "a new connection's socket options"),
+    ("waitress.server.BaseWSGIServer", "pull_trigger", "how a request thread wakes the loop after changing its "
+     "connection's state: the runner marks that connection first"),
     ("waitress.server.MultiSocketServer", "effective_listen", "the bound addresses when a host has several"),
     ("waitress.channel.HTTPChannel", "requests", "requests received and not yet answered (pipelined)"),
     ("waitress.channel.HTTPChannel", "request", "the request being received"),
@@ -122,6 +124,9 @@ WAITRESS_INTERNALS = (
     ("waitress.wasyncore.dispatcher", "_fileno", "a dispatcher's descriptor, for the selector"),
     ("waitress.wasyncore.dispatcher", "accepting", "a listener that accepts"),
 )
+
+# The connection a request thread is serving (Channel.service), marked when the thread wakes the loop.
+_serving = threading.local()
 
 # What a connection waits for from its client (None: the server is working on it).
 FRESH, HEAD, BODY, IDLE, SEND = "fresh", "head", "body", "idle", "send"
@@ -178,6 +183,23 @@ class LastIdleFirst(ThreadedTaskDispatcher):
         self.queue_cv = _LatestWaiterFirst(self.lock)  # type: ignore[assignment]
 
 
+def _marking(pull_trigger: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a listener's pull_trigger: mark the connection the calling request thread serves, then wake the loop.
+
+    Waitress' request threads call it after each change of their connection's state (output queued,
+    request done); the mark tells the loop which connection to look at, so it need not look at every
+    connection in service on every turn.
+    """
+
+    def pull() -> None:
+        channel = getattr(_serving, "channel", None)
+        if channel is not None:
+            channel.pulled += 1
+        pull_trigger()
+
+    return pull
+
+
 def raise_open_files_limit() -> int:
     """Raise the soft open-files limit to the hard one, as Go does at start-up; return the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -225,9 +247,11 @@ class GracefulServer:
         for listener in self.listeners:  # Waitress' own extension point, and the way back to this runner
             listener.channel_class = Channel
             listener.runner = self
+            listener.pull_trigger = _marking(listener.pull_trigger)
         self.selector = selectors.DefaultSelector()
         self._registered: dict[int, tuple[int, Any]] = {}  # fd -> the events and dispatcher registered
         self._watch: set[int] = set(self.map)  # fds whose interest must be looked at on the next turn
+        self._stirred: set[int] = set()  # those changed by this loop's thread: looked at even while in service
         self._accept_paused_until = 0.0
         self.shares = shares
         # when this process last left a connection to the others, and how many they had accepted then
@@ -281,6 +305,7 @@ class GracefulServer:
         # A request thread's connection is looked at on every turn anyway (it has a request).
         if fd is not None and threading.get_ident() == self._loop_thread:
             self._watch.add(fd)
+            self._stirred.add(fd)
 
     def forget(self, fd: int | None) -> None:
         """Drop a closing connection from the selector."""
@@ -303,17 +328,27 @@ class GracefulServer:
             if dispatcher is None:
                 self.forget(fd)
                 continue
+            if fd not in self._stirred and isinstance(dispatcher, Channel) and dispatcher.requests:
+                # A request thread serves it: its state changes only in that thread, which wakes the loop
+                # after each change and marks it first (Channel.pulled). Not marked since the last look:
+                # nothing to look at (looking costs Python for every connection in service, every turn).
+                if dispatcher.pulled == dispatcher.seen:
+                    self._watch.add(fd)
+                    continue
+                dispatcher.seen = dispatcher.pulled  # before looking: a change after this marks it again
             events = self._interest(dispatcher)
             self._register(fd, dispatcher, events)
             # A connection that only waits to read and has no request in a thread changes state only
             # through its own events or this loop's sweeps: it needs no look until then.
             if not (events == READ and isinstance(dispatcher, HTTPChannel) and not dispatcher.requests):
                 self._watch.add(fd)
+        self._stirred = set()
         for key, events in self.selector.select(timeout):
             dispatcher = key.data
             if self.map.get(key.fd) is not dispatcher:  # closed (and its fd maybe reused) this turn
                 continue
             self._watch.add(key.fd)
+            self._stirred.add(key.fd)  # changed on this thread: looked at next turn whatever its marks
             if dispatcher in self.listeners:
                 if self.shares is None or not self._leave():
                     self._accept(dispatcher, self._accept_batch)
@@ -766,6 +801,8 @@ class Channel(HTTPChannel):
 
     task_class = ClosingTask
     error_task_class = JsonErrorTask
+    pulled = 0  # times a request thread serving it woke the loop after changing its state
+    seen = -1  # `pulled` when the loop last looked at its interest
     linger = False  # set by an error answered before the request was read whole
     linger_until = 0.0
     fresh = True  # nothing received yet
@@ -775,6 +812,13 @@ class Channel(HTTPChannel):
                  map: dict[int, Any] | None = None) -> None:
         self.waiting_since = time.monotonic()  # since when the client's current phase runs
         super().__init__(server, sock, addr, adj, map)
+
+    def service(self) -> None:
+        _serving.channel = self  # this thread's pull_trigger marks this connection (see _marking)
+        try:
+            super().service()
+        finally:
+            _serving.channel = None
 
     def add_channel(self, map: dict[int, Any] | None = None) -> None:
         super().add_channel(map)
