@@ -168,6 +168,7 @@ def p50_of_short_requests(server: Server, name: str, count: int) -> float:
     return float(np.median(seconds))
 
 
+@pytest.mark.slow  # noisy where other work shares the cores (docs/serving.md#sharing-the-machine)
 def test_a_flood_of_long_texts_on_one_model_does_not_starve_another(repository: Path, tmp_path: Path) -> None:
     """The default model twice, under two names, at the default settings: the quiet one's short-text p50 beside
     8 clients flooding the other with batches of long texts, against its p50 with no flood. The target is 5x
