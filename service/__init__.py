@@ -87,7 +87,8 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None,
         app.add_url_rule(prefix + rule, f"models_api.{view.__name__}", view_func=view, methods=[method])
     app.register_blueprint(tei.bp, url_prefix=prefix, name=f"models_{tei.bp.name}")
     app.register_blueprint(v2.bp)  # the Open Inference Protocol v2 (KServe, Triton)
-    app.register_blueprint(v2_repository.bp)  # its model repository extension
+    if models.repository is not None:
+        app.register_blueprint(v2_repository.bp)  # its model repository extension, for a repository
     _route_models(app, models)
     return app
 

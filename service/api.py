@@ -144,7 +144,7 @@ def openapi() -> Response:
     document = openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
                                 models.default, task)
     locked = (401,) if settings.api_key is not None else ()
-    return jsonify(with_models(document, models.names(), locked))
+    return jsonify(with_models(document, models.names(), locked, models.repository is not None))
 
 
 def _version(distribution: str) -> str | None:

@@ -442,9 +442,10 @@ _REPOSITORY_SUMMARIES = {"index": "List the repository's models with their state
                          "unload": "Unload a model in every server process once its requests in flight are answered"}
 
 
-def with_models(document: dict[str, Any], names: list[str], locked: tuple[int, ...]) -> dict[str, Any]:
-    """Add each model's routes (/models/{served_model}/...) and the repository extension to a document of the
-    default model's routes; v2's model_name takes every name."""
+def with_models(document: dict[str, Any], names: list[str], locked: tuple[int, ...],
+                repository: bool) -> dict[str, Any]:
+    """Add each model's routes (/models/{served_model}/...) and, when serving a repository, the repository
+    extension to a document of the default model's routes; v2's model_name takes every name."""
     paths = document["paths"]
     for item in paths.values():
         for operation in item.values():
@@ -461,6 +462,8 @@ def with_models(document: dict[str, Any], names: list[str], locked: tuple[int, .
         paths[prefixed] = {method: {**operation, "parameters": [served], "summary": operation["summary"] + " (this "
                                     "model)", "responses": {**unknown, **operation["responses"]}}
                            for method, operation in paths[route].items()}
+    if not repository:
+        return document
     name = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "A folder directly inside the repository (SERVICE_MODEL_DIR)"}
     done = _json({"type": "object"}, "Done: {}")

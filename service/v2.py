@@ -36,7 +36,8 @@ bp = Blueprint("v2", __name__, url_prefix="/v2")
 
 SERVER_NAME = "onnx-classifier"
 SERVER_VERSION = "1"  # the API version, as /openapi.json's info.version
-EXTENSIONS = ("binary_tensor_data", "classification", "model_repository")  # Triton's names for them
+EXTENSIONS = ("binary_tensor_data", "classification")  # Triton's names for them
+REPOSITORY_EXTENSION = "model_repository"  # when SERVICE_MODEL_DIR is a repository (service/v2_repository.py)
 VERSION = "1"  # the one model version served
 HEADER_LENGTH = "Inference-Header-Content-Length"
 TEXT, TEXT_PAIR, CANDIDATES = "text", "text_pair", "candidate_labels"
@@ -114,7 +115,9 @@ def _not_ready() -> str | None:
 @bp.get("", strict_slashes=False)
 def server_metadata() -> Response:
     """Describe the server: name, version and the protocol extensions it implements."""
-    return jsonify(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+    repository = state.models().repository is not None
+    return jsonify(name=SERVER_NAME, version=SERVER_VERSION,
+                   extensions=[*EXTENSIONS, *([REPOSITORY_EXTENSION] if repository else [])])
 
 
 @bp.get("/health/live")

@@ -274,7 +274,8 @@ def test_load_takes_only_folders_inside_the_repository(changing: FlaskClient, tm
     assert answer.status_code == 400 and "not supported" in answer.get_json()["error"]
 
 
-def test_a_single_model_folder_has_nothing_to_load(client: FlaskClient) -> None:
+def test_a_single_model_folder_has_no_repository_routes(client: FlaskClient) -> None:
     answer = client.post("/v2/repository/models/minilm-l6-sentiment/unload")
-    assert answer.status_code == 400 and "not a repository" in answer.get_json()["error"]
+    assert answer.status_code == 404 and answer.get_json() == {"error": "not found"}
+    assert "model_repository" not in client.get("/v2").get_json()["extensions"]
     assert client.post("/sentiment", json={"text": "a"}).status_code == 200

@@ -84,7 +84,7 @@ def test_server_metadata_names_the_extensions(client: FlaskClient) -> None:
         response = client.get(path)
         assert response.status_code == 200
         assert response.get_json() == {"name": "onnx-classifier", "version": "1",
-                                       "extensions": ["binary_tensor_data", "classification", "model_repository"]}
+                                       "extensions": ["binary_tensor_data", "classification"]}
 
 
 @pytest.mark.parametrize("path", [f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/versions/1"])

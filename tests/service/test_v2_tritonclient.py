@@ -71,7 +71,7 @@ def test_metadata_health_and_readiness(client: triton.InferenceServerClient) -> 
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
     assert client.get_server_metadata() == {"name": "onnx-classifier", "version": "1",
-                                            "extensions": ["binary_tensor_data", "classification", "model_repository"]}
+                                            "extensions": ["binary_tensor_data", "classification"]}
     metadata = client.get_model_metadata(MODEL, "1")
     assert (metadata["name"], metadata["versions"], metadata["platform"]) == (MODEL, ["1"], "onnxruntime_onnx")
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == \
