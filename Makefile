@@ -6,9 +6,11 @@ BIN := $(VENV)/bin
 # export
 MODEL ?=
 NAME ?=
+OUTPUT_DIR ?=
 EXPORT_ARGS ?=
-# serve
+# serve (MODEL_DIR: a model folder, or a repository of them such as onnx_models; docs/serving.md#several-models)
 MODEL_DIR ?= onnx_models/minilm-l6-sentiment
+DEFAULT_MODEL ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 THREADS ?=
@@ -42,11 +44,13 @@ install: $(VENV)/.serve-installed ## Install what serving needs (no torch) into 
 
 install-dev: $(VENV)/.dev-installed ## Install export and test dependencies (torch CPU, optimum) into .venv
 
-export: $(VENV)/.dev-installed ## Export MODEL (hub id or local folder; default: train the offline sentiment model) to onnx_models/NAME
-	$(BIN)/python -m export $(if $(MODEL),--model "$(MODEL)") $(if $(NAME),--name "$(NAME)") $(EXPORT_ARGS)
+export: $(VENV)/.dev-installed ## Export MODEL (hub id or local folder; default: train the offline sentiment model) to OUTPUT_DIR/NAME (default onnx_models/NAME)
+	$(BIN)/python -m export $(if $(MODEL),--model "$(MODEL)") $(if $(NAME),--name "$(NAME)") \
+	$(if $(OUTPUT_DIR),--output-dir "$(OUTPUT_DIR)") $(EXPORT_ARGS)
 
-serve: $(VENV)/.serve-installed ## Serve MODEL_DIR with Waitress on HOST:PORT (THREADS, ORT_THREADS optional)
+serve: $(VENV)/.serve-installed ## Serve MODEL_DIR (a model folder or a repository; DEFAULT_MODEL) on HOST:PORT (THREADS, ORT_THREADS optional)
 	SERVICE_MODEL_DIR="$(MODEL_DIR)" SERVICE_HOST="$(HOST)" SERVICE_PORT="$(PORT)" \
+	$(if $(DEFAULT_MODEL),SERVICE_DEFAULT_MODEL="$(DEFAULT_MODEL)") \
 	$(if $(THREADS),SERVICE_THREADS="$(THREADS)") $(if $(ORT_THREADS),SERVICE_ORT_THREADS="$(ORT_THREADS)") \
 	$(BIN)/python -m service
 

@@ -43,36 +43,80 @@ from service.config import DEFAULTS, Settings  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 
 
-def create_app(config: dict[str, Any] | None = None, classifier: Any = None) -> Flask:
-    """Build the app: defaults, SERVICE_* env, then `config`; load and warm the classifier once."""
+def create_app(config: dict[str, Any] | None = None, classifier: Any = None,
+               loaded: list[Any] | None = None) -> Flask:
+    """Build the app: defaults, SERVICE_* env, then `config`; load and warm the model(s) once.
+
+    `classifier` serves one model already loaded; `loaded` (service.models.Loaded) the models a parent
+    process loaded before forking; neither: the model folder or repository of SERVICE_MODEL_DIR.
+    """
     app = Flask(__name__, static_folder=None)
     settings = configure(app.config, config)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length  # Werkzeug answers 413 above it
 
-    if classifier is None:
-        classifier = load_classifier(settings)
-
-    from service import tei, v2
+    from service import api, tei, v2, v2_repository
+    from service import models as repository
     from service.api import bp
 
+    if classifier is not None:
+        loaded = [repository.Loaded(classifier.name, settings.model_dir, classifier)]
+    elif loaded is None:
+        loaded = repository.load_repository(settings)
+    names = repository.repository_names(settings.model_dir) if classifier is None else None
+    default = repository.default_model(settings, names) if names is not None else loaded[0].name
+
     metrics = Metrics()
-    scheduler = start_scheduler(settings, classifier, metrics)
-    if settings.warmup and not classifier.ready:
-        if scheduler is None:
-            classifier.warmup()
-        else:  # through the queue, so the worker's first batch is not a client's
-            scheduler.warmup()
+    models = repository.Models(settings, metrics, loaded, default, settings.model_dir if names is not None else None)
+    first = models.get(default)
+    assert first is not None and first.classifier is not None  # load_repository refuses a default it cannot load
     # draining: set by the Waitress runner on SIGTERM, /ready answers 503 from then on
-    state.store(app, settings=settings, classifier=classifier, metrics=metrics, draining=threading.Event())
+    state.store(app, settings=settings, classifier=first.classifier, metrics=metrics, draining=threading.Event(),
+                models=models)
     metrics.init_app(app)
-    observe.init_app(app, settings, classifier.name)  # before auth's hook, which may refuse
+    observe.init_app(app, settings, first.classifier.name)  # before auth's hook, which may refuse
     errors.init_app(app)
-    batching.init_app(app, scheduler)
+    batching.init_app(app, first.scheduler)
     auth.init_app(app, settings.api_key)
     app.register_blueprint(bp)
     app.register_blueprint(tei.bp)
+    # every model under its name: the Inference API at /models/{name} (its base_url, posted to verbatim),
+    # /sentiment, /ready, /info and TEI's routes below it
+    prefix = f"/models/<{MODEL_PREFIX}>"
+    for rule, view, method in (("", api.inference_api, "POST"), ("/sentiment", api.sentiment, "POST"),
+                               ("/ready", api.ready, "GET"), ("/info", api.info, "GET")):
+        app.add_url_rule(prefix + rule, f"models_api.{view.__name__}", view_func=view, methods=[method])
+    app.register_blueprint(tei.bp, url_prefix=prefix, name=f"models_{tei.bp.name}")
     app.register_blueprint(v2.bp)  # the Open Inference Protocol v2 (KServe, Triton)
+    if models.repository is not None:
+        app.register_blueprint(v2_repository.bp)  # its model repository extension, for a repository
+    _route_models(app, models)
     return app
+
+
+MODEL_PREFIX = "served_model"  # the variable of /models/<served_model>/...
+
+
+def _route_models(app: Flask, models: Any) -> None:
+    """Give each request the model its path names, count it in flight until it ends, and count it per model."""
+    from flask import g
+
+    @app.url_value_preprocessor
+    def pick(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        if values and MODEL_PREFIX in values:
+            state.select(values.pop(MODEL_PREFIX))
+
+    @app.after_request
+    def count(response: Any) -> Any:
+        model = g.get("model")
+        if model is not None and g.get("started") is not None:
+            models.observe(model, response.status_code, time.perf_counter() - g.started)
+        return response
+
+    @app.teardown_request
+    def leave(exc: BaseException | None) -> None:
+        model = g.pop("model", None)
+        if model is not None:
+            models.leave(model)
 
 
 def configure(config: Any, overrides: dict[str, Any] | None = None) -> Settings:

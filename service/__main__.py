@@ -6,17 +6,20 @@ import argparse
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from flask import Config, Flask
 
 from service import _stopped_while_importing, configure, create_app, logs, observe, state
+from service import models as repository
 from service.classifier import InferenceError, ModelLoadError
 from service.config import ConfigError, Settings, help_text, markdown_table, usable_cores
 from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_spool_folder()
         if not args.listen_fds:
             settings = configure(Config(os.getcwd()))
+            repository.check_layout(settings)  # before any process starts or any model loads
             if settings.processes > 1:
                 return supervise(settings)
         app = create_app()
@@ -89,6 +93,11 @@ def serve(app: Flask, sockets: list[socket.socket] | None = None, watcher: _Pare
     signal.signal(signal.SIGINT, server.request_stop)
     if watcher is not None:
         watcher.server = server
+    models = state.models(app)
+    if models.repository is not None:
+        logger.info("models of %s: %s", models.repository, ", ".join(
+            f"{row['name']} ({row['state']}{', default' if row['name'] == models.default else ''})"
+            for row in models.index()))
     batching = (f"batching up to {settings.batch_max_texts} texts" if state.scheduler(app)
                 else "no batching")
     served = getattr(state.classifier(app), "model_path", None)
@@ -119,20 +128,33 @@ def supervise(settings: Settings) -> int:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
     how = "each loading the model"
-    if can_fork(settings):
-        try:
-            classifier = preload(settings)
-        except (ConfigError, ModelLoadError, InferenceError) as exc:
-            supervisor.close()
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        supervisor.serve = lambda sockets, shares: serve_forked(classifier, sockets, shares)
-        how = "forked after loading the model"
-    signal.signal(signal.SIGTERM, supervisor.request_stop)
-    signal.signal(signal.SIGINT, supervisor.request_stop)
-    logger.info("starting %d server processes (%s) on %s: %s", settings.processes, how, " ".join(supervisor.urls()),
-                supervisor.layout())
-    code = supervisor.run()
+    names = repository.repository_names(settings.model_dir)
+    sync = None
+    if names is not None:  # the children share the repository's loads and unloads through this folder
+        sync = tempfile.mkdtemp(prefix="onnx-classifier-repository-")
+        os.environ[repository.SYNC_FOLDER] = sync
+    try:
+        if can_fork(settings):
+            try:
+                loaded = preload(settings)
+            except (ConfigError, ModelLoadError, InferenceError) as exc:
+                supervisor.close()
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if names is not None:
+                names = [model.name for model in loaded if model.classifier is not None]
+            supervisor.serve = lambda sockets, shares: serve_forked(loaded, sockets, shares)
+            how = "forked after loading the model" + ("s" if len(loaded) > 1 else "")
+        if sync is not None and names is not None:
+            repository.Sync.create(Path(sync), names)
+        signal.signal(signal.SIGTERM, supervisor.request_stop)
+        signal.signal(signal.SIGINT, supervisor.request_stop)
+        logger.info("starting %d server processes (%s) on %s: %s", settings.processes, how,
+                    " ".join(supervisor.urls()), supervisor.layout())
+        code = supervisor.run()
+    finally:
+        if sync is not None:
+            shutil.rmtree(sync, ignore_errors=True)
     if code == 0:
         logger.info("stopped")
     else:
@@ -140,28 +162,30 @@ def supervise(settings: Settings) -> int:
     return code
 
 
-def preload(settings: Settings) -> Any:
-    """Load and warm the model in the parent of forked children; return the classifier they share."""
+def preload(settings: Settings) -> list[repository.Loaded]:
+    """Load and warm the model(s) in the parent of forked children; return what they share."""
     # Each child has its own share of the cores; encoding in parallel would also leave tokenizers'
     # thread pool in the parent, which a fork does not copy.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from service import api, load_classifier, tei, v2  # noqa: F401 - imported once, shared by the children
+    from service import api, tei, v2, v2_repository  # noqa: F401 - imported once, shared by the children
 
-    classifier = load_classifier(settings)
+    loaded = repository.load_repository(settings)
     if settings.warmup:
-        classifier.warmup()
+        for model in loaded:
+            if model.classifier is not None:
+                model.classifier.warmup()
     # Objects that exist now are left out of the children's collections, so collecting does not write
     # to (and copy) the pages they share with the parent.
     gc.collect()
     gc.freeze()
-    return classifier
+    return loaded
 
 
-def serve_forked(classifier: Any, sockets: list[socket.socket], shares: Shares) -> int:
-    """Serve the parent's loaded classifier on its sockets in a forked child; return the exit code."""
+def serve_forked(loaded: list[repository.Loaded], sockets: list[socket.socket], shares: Shares) -> int:
+    """Serve the parent's loaded model(s) on its sockets in a forked child; return the exit code."""
     watcher = _ParentWatch(None)
     try:
-        app = create_app(classifier=classifier)
+        app = create_app(loaded=loaded)
     except (ConfigError, ModelLoadError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -190,25 +214,31 @@ class _ParentWatch:
 
 
 def prepare() -> int:
-    """Load the configured model as the service would, writing its memory-mapped copy; return the exit code."""
+    """Load the configured model(s) as the service would, writing their memory-mapped copies; return the exit code."""
+    from dataclasses import replace
+
     from service import load_classifier
     from service.weights import has_inline_weights
 
     try:
         settings = configure(Config(os.getcwd()))
-        classifier = load_classifier(settings)
+        names = repository.repository_names(settings.model_dir)
+        folders = [settings.model_dir] if names is None else [settings.model_dir / name for name in names]
+        code = 0
+        for folder in folders:
+            classifier = load_classifier(replace(settings, model_dir=folder))
+            source = folder / "model.onnx"
+            served = getattr(classifier, "model_path", source)
+            if served != source:
+                print(f"serving {source} from {served}")
+            elif settings.backend == "onnx" and settings.cache_dir is not None and has_inline_weights(source):
+                code = 1  # the copy could not be written: the warning above says why
+            else:
+                print(f"serving {source} as it is (SERVICE_MAP_WEIGHTS is false, or its weights are not inline)")
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    source = settings.model_dir / "model.onnx"
-    served = getattr(classifier, "model_path", source)
-    if served != source:
-        print(f"serving {source} from {served}")
-        return 0
-    if settings.backend == "onnx" and settings.cache_dir is not None and has_inline_weights(source):
-        return 1  # the copy could not be written: the warning above says why
-    print(f"serving {source} as it is (SERVICE_MAP_WEIGHTS is false, or its weights are not inline)")
-    return 0
+    return code
 
 
 def _check_spool_folder() -> None:

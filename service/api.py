@@ -13,7 +13,7 @@ from service import answers, state
 from service.config import available_cpus
 from service.errors import ApiError
 from service.inference import infer
-from service.openapi import openapi_document
+from service.openapi import openapi_document, with_models
 from service.schemas import (
     ClassifyRequest,
     json_object,
@@ -79,27 +79,36 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> tuple[Response, int]:
-    """Say whether requests will be served: the model has answered, the worker runs, no shutdown."""
+    """Say whether requests will be served: every loaded model (or the path's model) has answered, its
+    scheduler runs, and no shutdown is under way."""
     if state.draining().is_set():
         return jsonify(status="stopping", error="shutting down"), 503
-    scheduler = state.scheduler()
-    if scheduler is not None and not scheduler.alive:
-        return jsonify(status="failed", error="the batch scheduler has stopped"), 503
-    if state.classifier().ready:
-        return jsonify(status="ready"), 200
-    return jsonify(status="loading", error="model not warmed up yet"), 503
+    models = [state.model()] if state.selected() is not None else state.models().loaded()
+    for model in models:
+        if model.scheduler is not None and not model.scheduler.alive:
+            return jsonify(status="failed", error=f"the batch scheduler of model '{model.name}' has stopped"), 503
+        if not model.classifier.ready:
+            return jsonify(status="loading", error="model not warmed up yet"), 503
+    return jsonify(status="ready"), 200
 
 
 @bp.get("/info")
 def info() -> Response:
-    """Describe the model, the runtime versions, threads, limits, batching and whether a key is needed."""
+    """Describe the model(s), the runtime versions, threads, limits, batching and whether a key is needed."""
     settings = state.settings()
-    classifier = state.classifier()
-    names = _RUNTIME + _REFERENCE.get(classifier.backend, ())
-    batching = state.scheduler() is not None
+    models = state.models()
+    chosen = state.model() if state.selected() is not None else models.get(models.default)
+    classifier = chosen.classifier if chosen is not None and chosen.classifier is not None else None
+    backend = classifier.backend if classifier is not None else settings.backend
+    names = _RUNTIME + _REFERENCE.get(backend, ())
+    batching = chosen is not None and chosen.scheduler is not None
     return jsonify(
-        model=classifier.info(),
-        backend=classifier.backend,
+        model=classifier.info() if classifier is not None else None,  # the path's model, else the default one
+        models=models.describe(),
+        default_model=models.default,
+        # a repository's models share one budget of runs at once per process (service/models.py); None: one model
+        run_budget=models.gate.budget if models.gate is not None else None,
+        backend=backend,
         versions={name: _version(name) for name in names} | {"python": platform.python_version()},
         # per process: with SERVICE_PROCESSES, each of them has these
         threads={"processes": settings.processes, "waitress": settings.threads,
@@ -127,11 +136,15 @@ def metrics() -> Response:
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    """Return the OpenAPI 3.1 document of these routes."""
+    """Return the OpenAPI 3.1 document of these routes, for every model."""
     settings = state.settings()
-    return jsonify(openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
-                                    state.classifier().name,
-                                    state.classifier().task))
+    models = state.models()
+    default = models.get(models.default)
+    task = default.classifier.task if default is not None and default.classifier is not None else None
+    document = openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
+                                models.default, task)
+    locked = (401,) if settings.api_key is not None else ()
+    return jsonify(with_models(document, models.names(), locked, models.repository is not None))
 
 
 def _version(distribution: str) -> str | None:

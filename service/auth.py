@@ -10,6 +10,7 @@ from flask import Flask, Response, jsonify, request
 # authenticate, so a client needs it before it has the key. /metrics and /info stay closed: they
 # describe traffic and versions, and Prometheus sends a bearer token (`authorization` in scrape_config).
 OPEN_ENDPOINTS = frozenset({"api.health", "api.ready", "api.openapi",
+                            "models_api.ready",  # /models/{name}/ready
                             "v2.live", "v2.ready"})  # the Open Inference Protocol's /health and /ready
 REALM = "onnx-classifier"
 

@@ -130,6 +130,16 @@ def _model_dir(config: Mapping[str, Any], key: str) -> Path:
     return resolve_model_dir(_value(config, key))
 
 
+def _default_model(config: Mapping[str, Any], key: str) -> str | None:
+    """Return the default model's name, or None when unset (checked against the repository at start-up)."""
+    if _unset(config, key):
+        return None
+    value = _value(config, key)
+    if not isinstance(value, str) or "/" in value or value.strip() in (".", ".."):
+        raise ConfigError(f"SERVICE_{key} must be the name of a model folder in SERVICE_MODEL_DIR, got {value!r}")
+    return value.strip()
+
+
 def _cache_dir(config: Mapping[str, Any], key: str) -> Path | None:
     """Return the folder of the memory-mapped model copies, or None when MAP_WEIGHTS is off."""
     if not _boolean(config, "MAP_WEIGHTS"):
@@ -277,8 +287,13 @@ def _url(value: Any, variable: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_DIR", "onnx_models/minilm-l6-sentiment", _model_dir,
-            "exported model folder; a relative path not found from the working directory is looked up "
-            "from the repository root"),
+            "exported model folder, or a repository: a folder of model folders, each served under its folder "
+            "name (/models/NAME/..., /v2/models/NAME/...); a relative path not found from the working "
+            "directory is looked up from the repository root"),
+    Setting("DEFAULT_MODEL", None, _default_model,
+            "the model of a repository that the unprefixed routes (/, /sentiment, /predict, /rerank, /tokenize) "
+            "serve; needed when the repository holds more than one model",
+            computed="unset: the repository's only model"),
     Setting("HOST", "127.0.0.1", _host, "listen address; 0.0.0.0 accepts other machines"),
     Setting("PORT", 8000, integer(0, 65535, "an integer 0-65535 (0: any free port)"),
             "listen port; 0 takes a free one, shown in the start-up line"),
@@ -380,6 +395,7 @@ class Settings:
     """Validated settings of one service process: one field per entry of SETTINGS."""
 
     model_dir: Path
+    default_model: str | None
     host: str
     port: int
     backend: str

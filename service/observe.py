@@ -51,7 +51,9 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
             route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
             identifier = g.request_id
             if access:
-                log_access(timing, ended, route, model, response.status_code, identifier)
+                served = g.get("model")  # the request's model (service.models), if it reached one
+                log_access(timing, ended, route, served.name if served is not None else model, response.status_code,
+                           identifier)
             if tracing is not None:
                 try:
                     tracing.record(timing, ended, request.method, route, response.status_code, identifier,

@@ -432,3 +432,56 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         # every operation needs the key unless it says "security": [] (the probes and this document)
         **({"security": [{"bearerAuth": []}]} if api_key_required else {}),
     }
+
+
+# The unprefixed routes each model also answers under /models/{served_model} (service/__init__.py).
+MODEL_ROUTES = ("/", "/sentiment", "/ready", "/info", "/predict", "/rerank", "/tokenize")
+_REPOSITORY_SUMMARIES = {"index": "List the repository's models with their state (Triton's model repository "
+                                  "extension)",
+                         "load": "Load (or reload) a model folder of the repository in every server process",
+                         "unload": "Unload a model in every server process once its requests in flight are answered"}
+
+
+def with_models(document: dict[str, Any], names: list[str], locked: tuple[int, ...],
+                repository: bool) -> dict[str, Any]:
+    """Add each model's routes (/models/{served_model}/...) and, when serving a repository, the repository
+    extension to a document of the default model's routes; v2's model_name takes every name."""
+    paths = document["paths"]
+    for item in paths.values():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("name") == "model_name":
+                    parameter["schema"] = {"enum": names}
+                    parameter["description"] = "A model's name (GET /info: models); another is 404, one not " \
+                                               "loaded 503."
+    served = {"name": "served_model", "in": "path", "required": True, "schema": {"enum": names},
+              "description": "A model's name (GET /info: models); another is 404, one not loaded 503."}
+    unknown = {"404": _json(_ref("Error"), "Unknown model"), "503": _json(_ref("Error"), "Model not loaded")}
+    for route in MODEL_ROUTES:
+        prefixed = "/models/{served_model}" + ("" if route == "/" else route)
+        paths[prefixed] = {method: {**operation, "parameters": [served], "summary": operation["summary"] + " (this "
+                                    "model)", "responses": {**unknown, **operation["responses"]}}
+                           for method, operation in paths[route].items()}
+    if not repository:
+        return document
+    name = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "A folder directly inside the repository (SERVICE_MODEL_DIR)"}
+    done = _json({"type": "object"}, "Done: {}")
+    failed = _errors(400, *locked)
+    failed["400"]["description"] = "A bad name, a folder outside the repository, a folder that fails to load, or " \
+                                   "SERVICE_MODEL_DIR is one model folder"
+    paths["/v2/repository/index"] = {"post": {
+        "summary": _REPOSITORY_SUMMARIES["index"],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"ready": {"type": "boolean"}}}}}},
+        "responses": {"200": _json({"type": "array", "items": {
+            "type": "object", "required": ["name", "version", "state"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                           "state": {"enum": ["READY", "UNAVAILABLE", "LOADING", "UNLOADING"]},
+                           "reason": {"type": "string"}}}}, "The models"), **_errors(400, *locked)}}}
+    for action in ("load", "unload"):
+        paths[f"/v2/repository/models/{{model_name}}/{action}"] = {"post": {
+            "summary": _REPOSITORY_SUMMARIES[action], "parameters": [name],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {"200": done, **failed, "404": _json(_ref("Error"), "No such folder in the repository")}}}
+    return document

@@ -1,7 +1,8 @@
-"""The Open Inference Protocol v2 over REST (KServe, Triton), with Triton's binary tensor data and
-classification extensions.
+"""The Open Inference Protocol v2 over REST (KServe, Triton), with Triton's binary tensor data,
+classification and model repository (service/v2_repository.py) extensions.
 
-One model is served: the classifier, under its manifest name, as version "1". It takes `text` and an
+Every model is served as version "1", under its name (service.models: the manifest's name of a
+single model folder, the folder's name in a repository). It takes `text` and an
 optional `text_pair` (BYTES, shape [n]) and returns `label` (BYTES [n], the top label), `score`
 (FP32 [n], its probability), `probabilities` (FP32 [n, labels], the model's function applied) and
 `logits` (FP32 [n, labels]). A token classifier takes `text` and returns `entities` (BYTES [n]: each text's
@@ -36,6 +37,7 @@ bp = Blueprint("v2", __name__, url_prefix="/v2")
 SERVER_NAME = "onnx-classifier"
 SERVER_VERSION = "1"  # the API version, as /openapi.json's info.version
 EXTENSIONS = ("binary_tensor_data", "classification")  # Triton's names for them
+REPOSITORY_EXTENSION = "model_repository"  # when SERVICE_MODEL_DIR is a repository (service/v2_repository.py)
 VERSION = "1"  # the one model version served
 HEADER_LENGTH = "Inference-Header-Content-Length"
 TEXT, TEXT_PAIR, CANDIDATES = "text", "text_pair", "candidate_labels"
@@ -94,10 +96,9 @@ def _bad(message: str) -> ApiError:
 
 
 def _model(model_name: str, model_version: str | None) -> Any:
-    """Return the classifier if the path names it (and version "1", if any), else raise 404."""
+    """Return the model the path names (and version "1", if any); 404 when unknown, 503 when not loaded."""
+    state.select(model_name)
     classifier = state.classifier()
-    if model_name != classifier.name:
-        raise ApiError(404, f"Request for unknown model: '{_shown(model_name)}' is not found")
     if model_version is not None and model_version != VERSION:
         raise ApiError(404, f"Request for unknown model: '{_shown(model_name)}' version '{_shown(model_version)}' "
                             "is not found "
@@ -114,7 +115,9 @@ def _not_ready() -> str | None:
 @bp.get("", strict_slashes=False)
 def server_metadata() -> Response:
     """Describe the server: name, version and the protocol extensions it implements."""
-    return jsonify(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+    repository = state.models().repository is not None
+    return jsonify(name=SERVER_NAME, version=SERVER_VERSION,
+                   extensions=[*EXTENSIONS, *([REPOSITORY_EXTENSION] if repository else [])])
 
 
 @bp.get("/health/live")
@@ -155,7 +158,7 @@ def model_metadata(model_name: str, model_version: str | None) -> Response:
 @bp.get("/models/<model_name>/ready", defaults={"model_version": None})
 @bp.get("/models/<model_name>/versions/<model_version>/ready")
 def model_ready(model_name: str, model_version: str | None) -> tuple[Response, int]:
-    """Say whether the model will serve inference requests (it is the only one: as the server)."""
+    """Say whether the model will serve inference requests: loaded, warmed up, and the server not stopping."""
     classifier = _model(model_name, model_version)
     error = _not_ready()
     if error is None:

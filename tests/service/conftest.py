@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from flask.testing import FlaskClient
 
 from service import create_app
 from service.classifier import Classifier
+from tests.export.tiny import SENTENCES, build_token_checkpoint
 from tests.testkit import DEFAULT_MODEL, Server, build_tiny_model, running_server
+
+SENTIMENT, TINY, NER = "sentiment", "tiny", "ner"  # the models of the `repository` fixture
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +62,33 @@ def server(model_dir: Path) -> Iterator[Server]:
     """Return a real Waitress process serving the default model, for the whole session."""
     with running_server(SERVICE_MODEL_DIR=str(model_dir), SERVICE_THREADS="8") as started:
         yield started
+
+
+def link_copy(source: Path, target: Path) -> Path:
+    """Copy a model folder into a repository as hard links (no second copy of the weights on disk)."""
+    shutil.copytree(source, target, copy_function=os.link)
+    return target
+
+
+def export_tagger(root: Path) -> Path:
+    """Return a tiny token classifier exported by the export's own code path (as tests/export/test_tasks.py does)."""
+    from export.pipeline import ExportOptions, run
+    from export.quantize import QuantizationSettings
+
+    checkpoint = build_token_checkpoint(root / "ner-checkpoint", "bert")
+    texts = root / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    return run(ExportOptions(model=str(checkpoint), name="ner", output_dir=root / "ner-out", validation_file=texts,
+                             quantization=QuantizationSettings(mode="none")))
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, tiny_models: dict[int, Path]) -> Path:
+    """Return a repository of the default model, a tiny 3-label classifier and a tiny token classifier."""
+    root = tmp_path_factory.mktemp("repository")
+    folder = root / "models"
+    folder.mkdir()
+    link_copy(model_dir, folder / SENTIMENT)
+    link_copy(tiny_models[3], folder / TINY)
+    link_copy(export_tagger(root), folder / NER)
+    return folder

@@ -85,7 +85,8 @@ def test_with_an_api_key_the_document_asks_for_it_except_on_probes(model_dir: Pa
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     for path, item in document["paths"].items():
         for operation in item.values():
-            if path in ("/health", "/ready", "/openapi.json", "/v2/health/live", "/v2/health/ready"):
+            if path in ("/health", "/ready", "/models/{served_model}/ready", "/openapi.json", "/v2/health/live",
+                        "/v2/health/ready"):
                 assert operation["security"] == [] and "401" not in operation["responses"]
             else:
                 assert "security" not in operation  # the document-wide requirement applies
