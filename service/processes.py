@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import select
 import shutil
 import signal
 import socket
@@ -80,6 +81,11 @@ class Supervisor:
         self.serve: Callable[[list[socket.socket], Shares], int] | None = None
         self.shares = Shares(settings.processes)
         self._signals = 0
+        # written by a stop: ends the watch loop's wait between two looks (a pipe, which a signal
+        # handler may write whatever the loop was doing; an Event's lock could be held by the loop)
+        self._wake = os.pipe()
+        for fd in self._wake:
+            os.set_blocking(fd, False)
         self._restarts: deque[float] = deque()
         self._affinity = available_cpus()
         # Children must not work the core-dependent defaults out again: a pinned child sees only its
@@ -110,6 +116,10 @@ class Supervisor:
         # Passed on from the loop, not from here: a handler runs between any two lines, for example
         # after a child is started and before it is recorded, which would then never be told.
         self._signals += 1
+        try:  # the watch loop passes it on now, not after its poll interval
+            os.write(self._wake[1], b"\0")
+        except OSError:  # the pipe is full: the loop is woken already
+            pass
 
     def run(self) -> int:
         """Start the children and watch them until they have stopped; return the exit code."""
@@ -124,6 +134,8 @@ class Supervisor:
         """Close the sockets and remove the metrics folder (the parent, once its children are gone)."""
         for sock in self.sockets:
             sock.close()
+        for fd in self._wake:
+            os.close(fd)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _start(self, number: int) -> None:
@@ -173,6 +185,8 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, signals)  # a stop that came meanwhile ends it now
+            for fd in self._wake:  # the parent's
+                os.close(fd)
             os.setpgid(0, 0)  # as a started child: a Ctrl-C in the terminal reaches the parent only
             cpus = self._cpus(self.shares.index)
             if cpus:  # before any thread starts: the threads it makes inherit the mask
@@ -241,7 +255,9 @@ class Supervisor:
                     for process in running.values():
                         process.kill()
                     killed = True
-            time.sleep(_POLL)
+            if select.select([self._wake[0]], [], [], _POLL)[0]:
+                while len(os.read(self._wake[0], 64)) == 64:
+                    pass
 
     def _may_restart(self) -> bool:
         """Return whether another restart fits in the window."""
