@@ -1,158 +1,22 @@
-"""ONNX Runtime inference service for Hugging Face text classifiers."""
+"""ONNX Runtime inference service for Hugging Face text classifiers.
+
+The app is built by service.app.create_app(); `python -m service` (service/__main__.py) serves it.
+Importing this package loads nothing: `python -m service` imports it before its own first line, and
+a Ctrl-C during the imports that follow is handled there. `from service import create_app` still
+works: the names of service.app below are looked up when first asked for (PEP 562).
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import threading
-import time
 from typing import Any
 
-
-def _stopped_while_importing(signum: int, frame: Any) -> None:
-    """Exit on Ctrl-C during the imports of `python -m service`, without Python's traceback."""
-    message = "stopped before serving"
-    if os.environ.get("SERVICE_LOG_FORMAT", "").strip().lower() == "json":  # logging is not set up yet
-        # written by hand: importing json before the handler is set would widen the window it closes
-        now = time.time()
-        stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z"
-        message = f'{{"time": "{stamp}", "level": "WARNING", "logger": "service", "message": "{message}"}}'
-    print(message, file=sys.stderr, flush=True)
-    os._exit(128 + signum)  # nothing runs yet: no thread to stop, no file to flush
+_APP_NAMES = frozenset({"create_app", "configure", "load_classifier", "start_scheduler", "MODEL_PREFIX"})
 
 
-def _launched_as_main() -> bool:
-    """Return whether `python -m service` is importing this package, before its __main__ runs."""
-    # while -m locates the module, sys.argv[0] is "-m" (the docs of the -m option)
-    arguments = list(getattr(sys, "orig_argv", []))
-    module = arguments[arguments.index("-m") + 1:][:1] if "-m" in arguments else []
-    return sys.argv[:1] == ["-m"] and module == ["service"]
+def __getattr__(name: str) -> Any:
+    """Return one of service.app's names, importing it then (the Flask app and its libraries)."""
+    if name in _APP_NAMES:
+        from service import app
 
-
-# Importing the serving libraries is most of the start; __main__ restores Python's handler
-# once they are in, and catches KeyboardInterrupt from there on.
-if _launched_as_main() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _stopped_while_importing)
-
-from flask import Flask  # noqa: E402
-
-from service import auth, batching, errors, observe, state  # noqa: E402
-from service.batching import Scheduler  # noqa: E402
-from service.config import DEFAULTS, Settings  # noqa: E402
-from service.metrics import Metrics  # noqa: E402
-
-
-def create_app(config: dict[str, Any] | None = None, classifier: Any = None,
-               loaded: list[Any] | None = None) -> Flask:
-    """Build the app: defaults, SERVICE_* env, then `config`; load and warm the model(s) once.
-
-    `classifier` serves one model already loaded; `loaded` (service.models.Loaded) the models a parent
-    process loaded before forking; neither: the model folder or repository of SERVICE_MODEL_DIR.
-    """
-    app = Flask(__name__, static_folder=None)
-    settings = configure(app.config, config)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length  # Werkzeug answers 413 above it
-
-    from service import api, tei, v2, v2_repository
-    from service import models as repository
-    from service.api import bp
-
-    if classifier is not None:
-        loaded = [repository.Loaded(classifier.name, settings.model_dir, classifier)]
-    elif loaded is None:
-        loaded = repository.load_repository(settings)
-    names = repository.repository_names(settings.model_dir) if classifier is None else None
-    default = repository.default_model(settings, names) if names is not None else loaded[0].name
-
-    metrics = Metrics()
-    models = repository.Models(settings, metrics, loaded, default, settings.model_dir if names is not None else None)
-    first = models.get(default)
-    assert first is not None and first.classifier is not None  # load_repository refuses a default it cannot load
-    # draining: set by the Waitress runner on SIGTERM, /ready answers 503 from then on
-    state.store(app, settings=settings, classifier=first.classifier, metrics=metrics, draining=threading.Event(),
-                models=models)
-    metrics.init_app(app)
-    observe.init_app(app, settings, first.classifier.name)  # before auth's hook, which may refuse
-    errors.init_app(app)
-    batching.init_app(app, first.scheduler)
-    auth.init_app(app, settings.api_key)
-    app.register_blueprint(bp)
-    app.register_blueprint(tei.bp)
-    # every model under its name: the Inference API at /models/{name} (its base_url, posted to verbatim),
-    # /sentiment, /ready, /info and TEI's routes below it
-    prefix = f"/models/<{MODEL_PREFIX}>"
-    for rule, view, method in (("", api.inference_api, "POST"), ("/sentiment", api.sentiment, "POST"),
-                               ("/ready", api.ready, "GET"), ("/info", api.info, "GET")):
-        app.add_url_rule(prefix + rule, f"models_api.{view.__name__}", view_func=view, methods=[method])
-    app.register_blueprint(tei.bp, url_prefix=prefix, name=f"models_{tei.bp.name}")
-    app.register_blueprint(v2.bp)  # the Open Inference Protocol v2 (KServe, Triton)
-    if models.repository is not None:
-        app.register_blueprint(v2_repository.bp)  # its model repository extension, for a repository
-    _route_models(app, models)
-    return app
-
-
-MODEL_PREFIX = "served_model"  # the variable of /models/<served_model>/...
-
-
-def _route_models(app: Flask, models: Any) -> None:
-    """Give each request the model its path names, count it in flight until it ends, and count it per model."""
-    from flask import g
-
-    @app.url_value_preprocessor
-    def pick(endpoint: str | None, values: dict[str, Any] | None) -> None:
-        if values and MODEL_PREFIX in values:
-            state.select(values.pop(MODEL_PREFIX))
-
-    @app.after_request
-    def count(response: Any) -> Any:
-        model = g.get("model")
-        if model is not None and g.get("started") is not None:
-            models.observe(model, response.status_code, time.perf_counter() - g.started)
-        return response
-
-    @app.teardown_request
-    def leave(exc: BaseException | None) -> None:
-        model = g.pop("model", None)
-        if model is not None:
-            models.leave(model)
-
-
-def configure(config: Any, overrides: dict[str, Any] | None = None) -> Settings:
-    """Fill a Flask config with the defaults, SERVICE_* env, then overrides; return the validated settings."""
-    config.from_mapping(DEFAULTS)
-    # Keep env values as strings: Settings validates them and names the variable when one is wrong.
-    config.from_prefixed_env("SERVICE", loads=str)
-    config.from_mapping(overrides or {})
-    return Settings.from_mapping(config)
-
-
-def start_scheduler(settings: Settings, classifier: Any, metrics: Metrics) -> Scheduler | None:
-    """Return the running batch scheduler, or None when batching is off or the backend cannot batch."""
-    # The reference backends (pytorch, optimum) stand for the original per-request service.
-    if not settings.batching or classifier.backend != "onnx":
-        return None
-    scheduler = Scheduler(classifier, max_texts=settings.batch_max_texts, max_tokens=settings.batch_max_tokens,
-                          max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,
-                          wait=settings.batch_wait_ms / 1000, gather=settings.batch_gather_ms / 1000,
-                          workers=settings.batch_workers, express=settings.batch_express, metrics=metrics)
-    scheduler.start()
-    return scheduler
-
-
-def load_classifier(settings: Settings) -> Any:
-    """Return the classifier of the configured backend (the reference ones import torch lazily)."""
-    if settings.backend == "pytorch":
-        from service.reference import ReferenceClassifier
-
-        return ReferenceClassifier(settings.model_dir, settings.ort_threads)
-    if settings.backend == "optimum":
-        from service.reference import OptimumClassifier
-
-        return OptimumClassifier(settings.model_dir, settings.ort_threads)
-    from service.classifier import Classifier
-
-    return Classifier(settings.model_dir, settings.ort_threads, spinning=settings.ort_spinning,
-                      sessions=settings.batch_workers, lone_threads=settings.ort_lone_threads,
-                      cache_dir=settings.cache_dir)
+        return getattr(app, name)
+    raise AttributeError(f"module 'service' has no attribute {name!r}")

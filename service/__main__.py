@@ -2,28 +2,48 @@
 
 from __future__ import annotations
 
-import argparse
-import gc
-import logging
 import os
-import shutil
 import signal
-import socket
 import sys
-import tempfile
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from flask import Config, Flask
 
-from service import _stopped_while_importing, configure, create_app, logs, observe, state
-from service import models as repository
-from service.classifier import InferenceError, ModelLoadError
-from service.config import ConfigError, Settings, help_text, markdown_table, usable_cores
-from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited
-from service.serve import GracefulServer, raise_open_files_limit
+def _stopped_while_importing(signum: int, frame: Any) -> None:
+    """Exit on Ctrl-C during the imports of `python -m service`, without Python's traceback."""
+    message = "stopped before serving"
+    if os.environ.get("SERVICE_LOG_FORMAT", "").strip().lower() == "json":  # logging is not set up yet
+        # written by hand: importing json before the handler is set would widen the window it closes
+        now = time.time()
+        stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z"
+        message = f'{{"time": "{stamp}", "level": "WARNING", "logger": "service", "message": "{message}"}}'
+    print(message, file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # nothing runs yet: no thread to stop, no file to flush
+
+
+# Importing the serving libraries is most of the start: a Ctrl-C meanwhile ends in one line. The
+# handler goes back to Python's once they are in (below), and main() catches KeyboardInterrupt.
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stopped_while_importing)
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from flask import Config, Flask  # noqa: E402
+
+from service import logs, observe, state  # noqa: E402
+from service import models as repository  # noqa: E402
+from service.app import configure, create_app  # noqa: E402
+from service.classifier import InferenceError, ModelLoadError  # noqa: E402
+from service.config import ConfigError, Settings, help_text, markdown_table, usable_cores  # noqa: E402
+from service.processes import LISTEN_FD_FLAG, PARENT_FLAG, Shares, Supervisor, can_fork, inherited  # noqa: E402
+from service.serve import GracefulServer, raise_open_files_limit  # noqa: E402
 
 logger = logging.getLogger("service")
 
@@ -217,7 +237,7 @@ def prepare() -> int:
     """Load the configured model(s) as the service would, writing their memory-mapped copies; return the exit code."""
     from dataclasses import replace
 
-    from service import load_classifier
+    from service.app import load_classifier
     from service.weights import has_inline_weights
 
     try:

@@ -119,7 +119,7 @@ class Loaded:
 
 def load_model(settings: Settings, name: str, folder: Path) -> Loaded:
     """Load one model folder of a repository under `name`; a bad folder gives a Loaded with its error, never raises."""
-    from service import load_classifier
+    from service.app import load_classifier
 
     before = _rss()
     try:
@@ -138,7 +138,7 @@ def load_repository(settings: Settings) -> list[Loaded]:
     names = repository_names(settings.model_dir)
     if names is None:
         check_layout(settings)
-        from service import load_classifier
+        from service.app import load_classifier
 
         before = _rss()
         classifier = load_classifier(settings)  # one folder: its errors end start-up, as they always have
@@ -270,7 +270,7 @@ class Models:
         if loaded.classifier is None:
             return Model(loaded.name, loaded.folder, UNAVAILABLE, loaded.error or "failed to load",
                          memory=loaded.memory)
-        from service import start_scheduler
+        from service.app import start_scheduler
 
         classifier = loaded.classifier
         runs = Gated(classifier, self.gate, loaded.name) if self.gate is not None else classifier

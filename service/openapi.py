@@ -434,7 +434,7 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
     }
 
 
-# The unprefixed routes each model also answers under /models/{served_model} (service/__init__.py).
+# The unprefixed routes each model also answers under /models/{served_model} (service/app.py).
 MODEL_ROUTES = ("/", "/sentiment", "/ready", "/info", "/predict", "/rerank", "/tokenize")
 _REPOSITORY_SUMMARIES = {"index": "List the repository's models with their state (Triton's model repository "
                                   "extension)",

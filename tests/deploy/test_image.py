@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service import create_app
+from service.app import create_app
 from tests.deploy.conftest import Container, docker, request, running
 from tests.testkit import DEFAULT_MODEL, NEGATIVE, POSITIVE, post_in_flight
 

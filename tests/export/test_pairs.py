@@ -12,7 +12,7 @@ from export.dataset import read_text_file
 from export.pipeline import ExportOptions, run
 from export.quantize import QuantizationSettings
 from export.resolve import ExportError
-from service import create_app
+from service.app import create_app
 from tests.export.tiny import build_checkpoint
 from tests.testkit import pytorch_pair_logits
 

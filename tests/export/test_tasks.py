@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from export.pipeline import ExportOptions, run
 from export.quantize import QuantizationSettings
 from export.resolve import ExportError
-from service import create_app
+from service.app import create_app
 from tests.export.tiny import NER_LABELS, NLI_LABELS, SENTENCES, build_checkpoint, build_token_checkpoint
 
 FAMILIES = ("bert", "roberta", "xlm-roberta")  # WordPiece, byte-level BPE, unigram
@@ -543,7 +543,7 @@ class Recorder:
         return None
 
 sys.meta_path.insert(0, Recorder())
-from service import create_app
+from service.app import create_app
 client = create_app().test_client()
 statuses = [client.post("/", json=json.loads(sys.argv[1])).status_code]
 print(json.dumps({"statuses": statuses, "attempted": attempted}))

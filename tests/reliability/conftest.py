@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier
 from tests.reliability.kit import DEFAULT_MODEL, Server, running_server, send
 

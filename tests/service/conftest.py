@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier
 from tests.export.tiny import SENTENCES, build_token_checkpoint
 from tests.testkit import DEFAULT_MODEL, Server, build_tiny_model, running_server

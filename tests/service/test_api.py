@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier
 from service.config import usable_cores
 from tests.testkit import NEGATIVE, POSITIVE

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier
 from service.config import ConfigError, Settings
 from tests.testkit import POSITIVE, running_server

@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app
+from service.app import create_app
 from service.config import ConfigError
 from tests.export.tiny import SENTENCES
 from tests.service.conftest import NER, SENTIMENT, TINY, link_copy

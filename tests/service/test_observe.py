@@ -29,7 +29,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier, InferenceError
 from service.config import ConfigError, Settings
 from service.logs import ACCESS, JsonFormatter, TextFormatter
@@ -426,7 +426,7 @@ def test_spans_reach_the_collector_and_continue_the_callers_trace(model_dir: Pat
 
 
 def test_with_tracing_off_opentelemetry_is_never_imported(model_dir: Path) -> None:
-    probe = ("import json, sys\nimport service.__main__\nfrom service import create_app\n"
+    probe = ("import json, sys\nimport service.__main__\nfrom service.app import create_app\n"
              "client = create_app().test_client()\n"
              "assert client.post('/sentiment', json={'text': 'fine'}).status_code == 200\n"
              "print(json.dumps(sorted(m for m in sys.modules if m.startswith('opentelemetry'))))\n")

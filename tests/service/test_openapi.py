@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier
 from tests.testkit import NEGATIVE, POSITIVE, schema_errors
 

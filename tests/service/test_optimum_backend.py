@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service import create_app
+from service.app import create_app
 from tests.testkit import NEGATIVE, POSITIVE
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier
 from tests.testkit import NEGATIVE, POSITIVE, Server, running_server
 

@@ -361,7 +361,7 @@ def test_each_process_is_pinned_to_its_own_cpus_unless_told_not_to(model_dir: Pa
 
 
 def test_the_connection_limit_is_the_services_split_between_the_processes(model_dir: Path) -> None:
-    from service import create_app
+    from service.app import create_app
     from service.serve import GracefulServer
 
     app = create_app({"MODEL_DIR": str(model_dir), "PROCESSES": "2", "CONNECTION_LIMIT": "301",

@@ -24,7 +24,7 @@ class Recorder:
 
 sys.meta_path.insert(0, Recorder())
 import service.__main__
-from service import create_app
+from service.app import create_app
 client = create_app().test_client()
 statuses = [client.post("/sentiment", json={"text": "a fine film"}).status_code,
             client.post("/", json={"inputs": ["good", "bad"]}).status_code,

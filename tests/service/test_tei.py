@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app
+from service.app import create_app
 from service.classifier import Classifier, InferenceError, apply_function
 from tests.testkit import NEGATIVE, POSITIVE, build_tiny_model, pytorch_pair_logits
 

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service import create_app
+from service.app import create_app
 from service.batching import Unavailable
 from service.classifier import Classifier
 from tests.testkit import NEGATIVE, POSITIVE, schema_errors
