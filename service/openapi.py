@@ -348,89 +348,100 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         "Ready": {"type": "object", "required": ["status"],
                   "properties": {"status": {"enum": ["ready", "loading", "stopping", "failed"]},
                                  "error": {"type": "string"}}},
-        "Info": {
-            "type": "object",
-            "required": ["model", "backend", "versions", "threads", "cpus", "limits", "batching", "auth"],
-            "properties": {
-                "model": {"type": "object",
-                          "required": ["name", "labels", "max_length", "function_to_apply"],
-                          "properties": {"name": {"type": "string"},
-                                         "labels": {"type": "array", "items": {"type": "string"}},
-                                         "max_length": {"type": "integer"},
-                                         "function_to_apply": {"enum": ["softmax", "sigmoid", "none"]},
-                                         "inputs": {"type": ["array", "null"], "items": {"type": "string"}},
-                                         "source": {}, "quantization": {}, "validation": {},
-                                         "created_at": {"type": ["string", "null"]}}},
-                "backend": {"enum": ["onnx", "pytorch", "optimum"]},
-                "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
-                "threads": {"type": "object",
-                            "required": ["processes", "waitress", "ort_intra_op", "ort_inter_op", "ort_spinning",
-                                         "ort_lone_threads", "batch_workers"],
-                            "properties": {"ort_spinning": {"type": "boolean"}},
-                            "additionalProperties": {"type": "integer"}},
-                "cpus": {"type": "array", "items": {"type": "integer"},
-                         "description": "the CPUs this server process may run on"},
-                "limits": {"type": "object", "required": ["max_batch", "max_content_length", "max_queue",
-                                                          "connection_limit"],
-                           "additionalProperties": {"type": "integer"}},
-                "batching": {"type": "object",
-                             "required": ["enabled", "express", "max_texts", "max_tokens", "wait_ms", "gather_ms",
-                                          "queue_timeout_s"],
-                             "properties": {"enabled": {"type": "boolean"}, "express": {"type": "boolean"},
-                                            "max_texts": {"type": "integer"},
-                                            "max_tokens": {"type": "integer"}, "wait_ms": {"type": "integer"},
-                                            "gather_ms": {"type": "integer"},
-                                            "queue_timeout_s": {"type": "number"}}},
-                "auth": {"type": "object", "required": ["api_key_required"],
-                         "properties": {"api_key_required": {"type": "boolean"}}},
-            },
-        },
+        "Info": _info_schema(),
     }
     return {
         "openapi": "3.1.0",
         "info": {"title": "ONNX text classification service", "version": "1",
                  "description": (f"Every error is JSON {{\"error\": \"...\"}}. Bodies are limited to "
                                  f"{max_content_length} bytes and {max_batch} texts. {_CONTENT_TYPES}")},
-        "paths": {
-            "/sentiment": {"post": {
-                "summary": "Classify one text or a batch (the original service's contract)",
-                "requestBody": _body("SentimentRequest"),
-                "responses": {"200": _json(_ref("SentimentResponse"), "Predictions"), **classify_errors},
-            }},
-            "/": {"post": {
-                "summary": "Answer the Hugging Face Inference API for the model's task "
-                           f"({(task or TextClassification()).name})",
-                "requestBody": _body("InferenceRequest") if not (task and task.can(ZERO_SHOT)) else {
-                    "required": True, "content": {"application/json": {"schema": {
-                        "anyOf": [_ref("InferenceRequest"), _ref("ZeroShotRequest")]}}}},
-                "responses": {"200": _json(_ref("InferenceResponse") if not (task and task.can(ZERO_SHOT)) else {
-                    "anyOf": [_ref("InferenceResponse"), _ref("ZeroShotResponse")]}, "The answer of the model's task"),
-                              **classify_errors},
-            }},
-            **tei_paths(locked),
-            **v2_paths(locked, model_name),
-            "/health": {"get": {"summary": "Liveness", "security": [],
-                                "responses": {"200": _json(_ref("Health"), "Alive")}}},
-            "/ready": {"get": {"summary": "Readiness: the model has answered, the batch scheduler runs and "
-                                          "no shutdown has begun", "security": [],
-                               "responses": {"200": _json(_ref("Ready"), "Ready"),
-                                             "503": _json(_ref("Ready"), "Not ready: loading, stopping (shutting "
-                                                          "down) or failed (the batch scheduler has stopped)")}}},
-            "/info": {"get": {"summary": "Model, versions, threads, limits, batching and authentication",
-                              "responses": {"200": _json(_ref("Info"), "Service description"),
-                                            **_errors(*locked)}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
-                                 "responses": {"200": {"description": "Prometheus text format 0.0.4",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                               **_errors(*locked)}}},
-            "/openapi.json": {"get": {"summary": "This document", "security": [],
-                                      "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document")}}},
-        },
+        "paths": _paths(task, classify_errors, locked, model_name),
         "components": {"schemas": schemas, "securitySchemes": {"bearerAuth": {
             "type": "http", "scheme": "bearer",
             "description": "The key of SERVICE_API_KEY, when the service sets one (see /info auth)."}}},
         # every operation needs the key unless it says "security": [] (the probes and this document)
         **({"security": [{"bearerAuth": []}]} if api_key_required else {}),
+    }
+
+
+def _info_schema() -> dict[str, Any]:
+    """Return the schema of /info's answer."""
+    return {
+        "type": "object",
+        "required": ["model", "backend", "versions", "threads", "cpus", "limits", "batching", "auth"],
+        "properties": {
+            "model": {"type": "object",
+                      "required": ["name", "labels", "max_length", "function_to_apply"],
+                      "properties": {"name": {"type": "string"},
+                                     "labels": {"type": "array", "items": {"type": "string"}},
+                                     "max_length": {"type": "integer"},
+                                     "function_to_apply": {"enum": ["softmax", "sigmoid", "none"]},
+                                     "inputs": {"type": ["array", "null"], "items": {"type": "string"}},
+                                     "source": {}, "quantization": {}, "validation": {},
+                                     "created_at": {"type": ["string", "null"]}}},
+            "backend": {"enum": ["onnx", "pytorch", "optimum"]},
+            "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
+            "threads": {"type": "object",
+                        "required": ["processes", "waitress", "ort_intra_op", "ort_inter_op", "ort_spinning",
+                                     "ort_lone_threads", "batch_workers"],
+                        "properties": {"ort_spinning": {"type": "boolean"}},
+                        "additionalProperties": {"type": "integer"}},
+            "cpus": {"type": "array", "items": {"type": "integer"},
+                     "description": "the CPUs this server process may run on"},
+            "limits": {"type": "object", "required": ["max_batch", "max_content_length", "max_queue",
+                                                      "connection_limit"],
+                       "additionalProperties": {"type": "integer"}},
+            "batching": {"type": "object",
+                         "required": ["enabled", "express", "max_texts", "max_tokens", "wait_ms", "gather_ms",
+                                      "queue_timeout_s"],
+                         "properties": {"enabled": {"type": "boolean"}, "express": {"type": "boolean"},
+                                        "max_texts": {"type": "integer"},
+                                        "max_tokens": {"type": "integer"}, "wait_ms": {"type": "integer"},
+                                        "gather_ms": {"type": "integer"},
+                                        "queue_timeout_s": {"type": "number"}}},
+            "auth": {"type": "object", "required": ["api_key_required"],
+                     "properties": {"api_key_required": {"type": "boolean"}}},
+        },
+    }
+
+
+def _paths(task: Task | None, classify_errors: dict[str, Any], locked: tuple[int, ...],
+           model_name: str) -> dict[str, Any]:
+    """Return the paths of the unprefixed routes: the original contract, the Inference API, TEI, v2, probes."""
+    return {
+        "/sentiment": {"post": {
+            "summary": "Classify one text or a batch (the original service's contract)",
+            "requestBody": _body("SentimentRequest"),
+            "responses": {"200": _json(_ref("SentimentResponse"), "Predictions"), **classify_errors},
+        }},
+        "/": {"post": {
+            "summary": "Answer the Hugging Face Inference API for the model's task "
+                       f"({(task or TextClassification()).name})",
+            "requestBody": _body("InferenceRequest") if not (task and task.can(ZERO_SHOT)) else {
+                "required": True, "content": {"application/json": {"schema": {
+                    "anyOf": [_ref("InferenceRequest"), _ref("ZeroShotRequest")]}}}},
+            "responses": {"200": _json(_ref("InferenceResponse") if not (task and task.can(ZERO_SHOT)) else {
+                "anyOf": [_ref("InferenceResponse"), _ref("ZeroShotResponse")]}, "The answer of the model's task"),
+                          **classify_errors},
+        }},
+        **tei_paths(locked),
+        **v2_paths(locked, model_name),
+        "/health": {"get": {"summary": "Liveness", "security": [],
+                            "responses": {"200": _json(_ref("Health"), "Alive")}}},
+        "/ready": {"get": {"summary": "Readiness: the model has answered, the batch scheduler runs and "
+                                      "no shutdown has begun", "security": [],
+                           "responses": {"200": _json(_ref("Ready"), "Ready"),
+                                         "503": _json(_ref("Ready"), "Not ready: loading, stopping (shutting "
+                                                      "down) or failed (the batch scheduler has stopped)")}}},
+        "/info": {"get": {"summary": "Model, versions, threads, limits, batching and authentication",
+                          "responses": {"200": _json(_ref("Info"), "Service description"),
+                                        **_errors(*locked)}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics",
+                             "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                           **_errors(*locked)}}},
+        "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                  "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document")}}},
     }
 
 
