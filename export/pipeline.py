@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -200,15 +201,7 @@ def run(options: ExportOptions) -> Path:
                           f"to replace it, or choose another --name.")
     stages = Stages(total=5)
     stages.next("locating the model")
-    recipe = None
-    if options.model is None:
-        from export.recipe import ensure_checkpoint
-
-        checkpoint = ensure_checkpoint(retrain=options.retrain)
-        recipe = json.loads((checkpoint / "recipe.json").read_text())
-        source = Source(path=checkpoint, provenance={"kind": "recipe", "path": str(checkpoint), "recipe": recipe})
-    else:
-        source = resolve(options.model, options.revision)
+    source = _locate(options)
     config = check_classifier(source.path)
     task = options.task or tasks.detect(config)
     check_task(config, task, source.path)
@@ -261,23 +254,7 @@ def run(options: ExportOptions) -> Path:
         if task != tasks.TOKEN_CLASSIFICATION:
             _log_summary(report, served)
         if not report["gate"]["passed"] and options.enforce_gate:
-            left_out = quant_record.get("not_done_for_the_budget")
-            measured = (f"agreement with fp32 >= {options.min_agreement:.2%} and accuracy drop <= "
-                        f"{options.max_accuracy_drop * 100:.2f} pt on the selection split; the best agreed on "
-                        f"{report['gate']['agreement']:.2%}" if "agreement" in report["gate"] else
-                        f"{report['gate']['metric']} with fp32 >= {options.min_agreement:.2%}; the best agreed on "
-                        f"{report['gate']['token_agreement']:.2%} of tokens, "
-                        f"{report['gate']['entity_agreement']:.2%} of entities")
-            ranking = report["gate"].get("ranking")
-            if ranking is not None and not ranking["passed"]:
-                measured += (f"; zero-shot: the int8 model put fp32's top candidate label first for "
-                             f"{ranking['top_agreement']:.2%} of texts")
-            raise ExportError(
-                f"No int8 candidate met the gate ({measured}); nothing was written. "
-                + (f"--budget {options.budget_minutes:g} left out {'; '.join(left_out)}: a larger --budget, or "
-                   f"none, tries them. " if left_out else "")
-                + "Serve fp32 with --on-miss fp32 or --quantize none, relax --min-agreement / --max-accuracy-drop, "
-                  "or accept it with --no-gate.")
+            raise ExportError(_gate_missed(options, report, quant_record))
         body["timings_s"] = {**stages.timings}
         body["timings_s"]["total"] = stages.finish()
         manifest.write(folder, body)
@@ -287,6 +264,37 @@ def run(options: ExportOptions) -> Path:
         return target
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _locate(options: ExportOptions) -> Source:
+    """Return the checkpoint to export: the hub id or folder asked for, else the default model's recipe."""
+    if options.model is not None:
+        return resolve(options.model, options.revision)
+    from export.recipe import ensure_checkpoint
+
+    checkpoint = ensure_checkpoint(retrain=options.retrain)
+    recipe = json.loads((checkpoint / "recipe.json").read_text())
+    return Source(path=checkpoint, provenance={"kind": "recipe", "path": str(checkpoint), "recipe": recipe})
+
+
+def _gate_missed(options: ExportOptions, report: dict[str, Any], quant_record: dict[str, Any]) -> str:
+    """Return why no int8 candidate met the gate, and what to do about it."""
+    gate = report["gate"]
+    left_out = quant_record.get("not_done_for_the_budget")
+    measured = (f"agreement with fp32 >= {options.min_agreement:.2%} and accuracy drop <= "
+                f"{options.max_accuracy_drop * 100:.2f} pt on the selection split; the best agreed on "
+                f"{gate['agreement']:.2%}" if "agreement" in gate else
+                f"{gate['metric']} with fp32 >= {options.min_agreement:.2%}; the best agreed on "
+                f"{gate['token_agreement']:.2%} of tokens, {gate['entity_agreement']:.2%} of entities")
+    ranking = gate.get("ranking")
+    if ranking is not None and not ranking["passed"]:
+        measured += (f"; zero-shot: the int8 model put fp32's top candidate label first for "
+                     f"{ranking['top_agreement']:.2%} of texts")
+    return (f"No int8 candidate met the gate ({measured}); nothing was written. "
+            + (f"--budget {options.budget_minutes:g} left out {'; '.join(left_out)}: a larger --budget, or "
+               f"none, tries them. " if left_out else "")
+            + "Serve fp32 with --on-miss fp32 or --quantize none, relax --min-agreement / --max-accuracy-drop, "
+              "or accept it with --no-gate.")
 
 
 def check_task(config: dict, task: str, path: Path) -> None:
