@@ -248,7 +248,7 @@ def prepare() -> int:
         for folder in folders:
             classifier = load_classifier(replace(settings, model_dir=folder))
             source = folder / "model.onnx"
-            served = getattr(classifier, "model_path", source)
+            served = classifier.model_path or source
             if served != source:
                 print(f"serving {source} from {served}")
             elif settings.backend == "onnx" and settings.cache_dir is not None and has_inline_weights(source):

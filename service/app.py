@@ -105,7 +105,7 @@ def configure(config: Any, overrides: dict[str, Any] | None = None) -> Settings:
 def start_scheduler(settings: Settings, classifier: Any, metrics: Metrics) -> Scheduler | None:
     """Return the running batch scheduler, or None when batching is off or the backend cannot batch."""
     # The reference backends (pytorch, optimum) stand for the original per-request service.
-    if not settings.batching or classifier.backend != "onnx":
+    if not settings.batching or not classifier.encodes:
         return None
     scheduler = Scheduler(classifier, max_texts=settings.batch_max_texts, max_tokens=settings.batch_max_tokens,
                           max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,

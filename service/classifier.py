@@ -183,9 +183,17 @@ def verify_files(model_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 class Classifier:
-    """Tokenize, run and post-process texts with an exported ONNX text classifier."""
+    """Tokenize, run and post-process texts with an exported ONNX text classifier.
+
+    Every backend (this one, and the reference ones of service/reference.py) answers `name`, `labels`,
+    `task`, `backend`, `model_path`, `logits()`, `postprocess()`, `classify()`, `warmup()` and `info()`,
+    and declares what else it can do: `encodes`, whether it encodes texts apart from running them
+    (`encode()`, `tokens()`, `collate()`, `run()`), which the batch scheduler, per-stage timing and
+    TEI's /tokenize need.
+    """
 
     backend = "onnx"
+    encodes = True
 
     def __init__(self, model_dir: Path, intra_op_threads: int = 1, spinning: bool = True, *,
                  sessions: int = 1, lone_threads: int = 0, verify: bool = True,

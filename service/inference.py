@@ -26,7 +26,7 @@ def infer(inputs: list[Input], truncate: bool = True, direction: Direction | Non
     timing.texts = len(inputs)
     timing.characters = sum(len(item) if isinstance(item, str) else len(item[0]) + len(item[1]) for item in inputs)
     started = timing.tokenizing = time.perf_counter()
-    if classifier.backend != "onnx":  # the reference pipelines tokenize inside their run
+    if not classifier.encodes:  # the reference pipelines tokenize inside their run
         logits = classifier.logits(inputs, truncate=truncate, direction=direction)
         timing.add_run(started, time.perf_counter(), len(inputs), None)
     else:

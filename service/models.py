@@ -129,7 +129,7 @@ def load_model(settings: Settings, name: str, folder: Path) -> Loaded:
     classifier.name = name  # served under its folder's name, whatever its manifest says
     after = _rss()
     return Loaded(name, folder, classifier, None, {
-        "weights_bytes": _weights_bytes(getattr(classifier, "model_path", None)),
+        "weights_bytes": _weights_bytes(classifier.model_path),
         "loaded_rss_bytes": after - before if before is not None and after is not None else None})
 
 
@@ -144,7 +144,7 @@ def load_repository(settings: Settings) -> list[Loaded]:
         classifier = load_classifier(settings)  # one folder: its errors end start-up, as they always have
         after = _rss()
         return [Loaded(classifier.name, settings.model_dir, classifier, None, {
-            "weights_bytes": _weights_bytes(getattr(classifier, "model_path", None)),
+            "weights_bytes": _weights_bytes(classifier.model_path),
             "loaded_rss_bytes": after - before if before is not None and after is not None else None})]
     default = default_model(settings, names)
     loaded = []

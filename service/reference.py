@@ -35,6 +35,8 @@ class _PipelineClassifier:
     """Classify texts with a transformers text-classification pipeline that a subclass builds."""
 
     backend = ""
+    encodes = False  # the pipeline tokenizes inside its run (see service.classifier.Classifier)
+    model_path = None  # no ONNX file of ours: PyTorch, or Optimum's own export
     task = TextClassification()  # the text-classification pipeline only
 
     def __init__(self, model_dir: Path, intra_op_threads: int = 1) -> None:

@@ -214,7 +214,7 @@ def tokenize() -> Response:
     for index, text in enumerate(texts):
         if len(text) > limit:
             raise _invalid(f"`inputs` must have less than {limit} characters. Given: {len(text)} (input {index})")
-    if classifier.backend != "onnx":
+    if not classifier.encodes:
         raise ApiError(424, f"/tokenize needs the onnx backend, not {classifier.backend}", BACKEND)
     return jsonify(classifier.tokens(texts, add_special_tokens))
 
