@@ -1,5 +1,6 @@
 """The container image on a real docker daemon: same answers as the service, non-root, healthy, drains
-on `docker stop`, read-only root, a mounted model, settings by SERVICE_*, no trace of the host's pip."""
+on `docker stop`, read-only root, a mounted model, a mounted repository of models, settings by SERVICE_*,
+no trace of the host's pip."""
 
 from __future__ import annotations
 
@@ -157,6 +158,37 @@ def test_a_mounted_model_folder_is_served(image: str, tmp_path: Path) -> None:
         status, info = request(f"{container.url}/info")
         assert status == 200 and info["model"]["name"] == "mounted-model"
         assert request(f"{container.url}/sentiment", {"text": POSITIVE})[1]["label"] == "POSITIVE"
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link a model file into a repository, or copy it (another file system, or not readable by 10001)."""
+    if os.stat(source).st_mode & 0o004:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, target)
+    os.chmod(target, 0o644)
+
+
+def test_a_repository_mounted_at_models_serves_each_model_and_the_default(image: str, tmp_path: Path) -> None:
+    # the path docs/deployment.md and the multi-model manifests (deploy/kubernetes/multi-model) use
+    repository, default, other = tmp_path / "repository", DEFAULT_MODEL.name, "second-model"
+    for name in (default, other):
+        shutil.copytree(DEFAULT_MODEL, repository / name, copy_function=_link_or_copy)
+    for folder in (tmp_path, repository, repository / default, repository / other):  # 10001 may enter them
+        folder.chmod(0o755)
+    with running(image, f"--volume={repository}:/models:ro", SERVICE_MODEL_DIR="/models",
+                 SERVICE_DEFAULT_MODEL=default) as container:
+        status, info = request(f"{container.url}/info")
+        assert status == 200 and info["default_model"] == default
+        assert sorted((m["name"], m["state"]) for m in info["models"]) == [(default, "READY"), (other, "READY")]
+        for prefix in (f"/models/{default}", f"/models/{other}", ""):  # "": the default model's routes
+            status, answer = request(f"{container.url}{prefix}/sentiment", {"text": POSITIVE})
+            assert status == 200 and answer["label"] == "POSITIVE" and answer["score"] > 0.9, (prefix, answer)
+            assert request(f"{container.url}{prefix}/ready")[0] == 200
+        assert request(f"{container.url}/models/missing/sentiment", {"text": POSITIVE})[0] == 404
 
 
 def test_onnxruntime_threads_follow_the_containers_cpu_set(image: str) -> None:
