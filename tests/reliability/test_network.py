@@ -19,8 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.reliability.kit import NEGATIVE, POSITIVE, REPO, Server, running_server, service_env
-from tests.reliability.netload import (
+from bench.netload import (
     Answers,
     answered_408,
     close_all,
@@ -32,6 +31,7 @@ from tests.reliability.netload import (
     states,
     timed_requests,
 )
+from tests.reliability.kit import NEGATIVE, POSITIVE, REPO, Server, running_server, service_env
 
 HELD = 600  # half-sent connections: more than the default SERVICE_CONNECTION_LIMIT
 FAST = 1.0  # seconds a normal request may take beside them (the bound)

@@ -1,6 +1,6 @@
-"""Raw-socket clients for the network tests, and the command that measures docs/reliability.md's figures.
+"""Raw-socket clients (the network tests use them), and the command that measures docs/reliability.md's figures.
 
-    .venv/bin/python -m tests.reliability.netload --help
+    .venv/bin/python -m bench.netload --help
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def _server(settings: list[str]) -> Iterator[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Time a normal client beside held connections, and how long slow clients are kept."""
-    parser = argparse.ArgumentParser(prog="python -m tests.reliability.netload", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.netload", description=main.__doc__)
     parser.add_argument("--set", action="append", default=[], metavar="SERVICE_X=VALUE",
                         help="a setting of the server this command starts (repeatable)")
     parser.add_argument("--half", type=int, nargs="*", default=[],
