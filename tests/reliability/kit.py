@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 # The shared helpers (a real Waitress runner, the schema check) are reused, not copied.
+from bench.netload import Answer
 from tests.testkit import (
     DEFAULT_MODEL,
     NEGATIVE,
@@ -35,17 +33,7 @@ LEAKS = re.compile(r"Traceback|File \"|site-packages|/work/|/root/|/usr/lib|\.py
                    r"waitress/|Python/\d|onnxruntime \d", re.IGNORECASE)
 
 
-@dataclass
-class Reply:
-    """One HTTP answer: status, headers (lower-case names) and body bytes."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        """Return the body parsed as JSON."""
-        return json.loads(self.body)
+Reply = Answer  # one HTTP answer: status, headers (lower-case names) and body bytes
 
 
 def port_of(server: Server) -> int:
