@@ -164,6 +164,16 @@ def most_common(settings: list[dict[str, Any]]) -> str:
     return words if len(settings) == 1 else f"{words} ({count} of {len(settings)})"
 
 
+# The targets as data: what each compares with, and by how much (read by _Targets' sections).
+LATENCY_MARGIN_MS = 0.5  # short text, one client: p50 at most the model's best in-process p50 plus this
+LATENCY_PEERS = (OPTIMUM, INFINITY)  # ... and below theirs
+TAIL_FACTOR = 2.0  # short text, one client: p99 at most this x p50
+LIMIT_SHARE = {"short": 0.85, "long": 0.9, "mixed": 0.9}  # req/s at least this x the in-process limit
+LIMIT_CONNECTIONS = (8, 32)  # short text: the concurrencies always checked (not measured: said so)
+PEER_FACTORS = {INFINITY: 2.0, OPTIMUM: 2.0, REFERENCE: 6.0}  # short text: req/s at least this x the peer's
+OBSERVING = {JSON_LOGS: (0.97, "JSON logs"), TRACED: (0.85, "every request traced")}  # short c=8: x the defaults
+
+
 def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
     """Return the issue's targets as met / missed with the measured numbers (medians of the repetitions).
 
@@ -171,59 +181,76 @@ def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
     own time, at its best and at the service's setting; what the HTTP floor costs; server CPU per
     request against what the bound allows on the cores; other jobs' CPU during the cell).
     """
-    cells, servers, limit = summary["cells"], summary["servers"], summary["limit"]
-    skipped: dict[str, str] = summary.get("skipped", {})
-    checks: list[dict[str, Any]] = []
+    run = _Targets(summary, cores)
+    for section in (run.latency, run.throughput, run.workloads, run.observing, run.processes):
+        section()
+    return run.checks
 
+
+class _Targets:
+    """One run's figures that the targets compare, the checks so far, and why a missed one was missed."""
+
+    def __init__(self, summary: dict[str, Any], cores: int) -> None:
+        """Read the run's summary; `cores`: what the server had (the CPU a request a bound allows)."""
+        self.summary, self.cores = summary, cores
+        self.cells, self.servers, self.limit = summary["cells"], summary["servers"], summary["limit"]
+        self.skipped: dict[str, str] = summary.get("skipped", {})
+        self.checks: list[dict[str, Any]] = []
+
+    @staticmethod
     def median(entry: dict[str, Any] | None, key: str) -> float | None:
+        """Return a cell's statistic's median, or None when the cell or the statistic is missing."""
         return entry[key]["median"] if entry and entry.get(key) else None
 
-    def cell(backend: str, workload: str, connections: int) -> dict[str, Any] | None:
-        return cells.get(cell_key(backend, workload, connections))
+    def cell(self, backend: str, workload: str, connections: int) -> dict[str, Any] | None:
+        """Return one cell's statistics, or None when it was not measured."""
+        return self.cells.get(cell_key(backend, workload, connections))
 
-    def limit_of(workload: str, key: str) -> float | None:
-        entry = limit.get(workload, {}).get(key)
+    def limit_of(self, workload: str, key: str) -> float | None:
+        """Return a median of the model alone (the in-process limit) for a workload, or None."""
+        entry = self.limit.get(workload, {}).get(key)
         return entry["median"] if entry else None
 
-    def check(name: str, measured: float | None, bound: float | None, relation: str, unit: str, detail: str,
+    def check(self, name: str, measured: float | None, bound: float | None, relation: str, unit: str, detail: str,
               why: Iterable[str] = (), cell_of: tuple[str, int, str] | None = None,
               missing: str = "") -> None:
+        """Record a target: met, missed (with `why` and this service's variants of the cell) or not measured."""
         if measured is None or bound is None:
-            checks.append({"target": name, "met": None, "unit": unit, "detail": missing or "not measured",
-                           "measured": None if measured is None else round(measured, 3),
-                           "bound": None if bound is None else round(bound, 3), "why": ""})
+            self.checks.append({"target": name, "met": None, "unit": unit, "detail": missing or "not measured",
+                                "measured": None if measured is None else round(measured, 3),
+                                "bound": None if bound is None else round(bound, 3), "why": ""})
             return
         met = {"<=": measured <= bound, "<": measured < bound, ">=": measured >= bound}[relation]
-        reasons = [] if met else [*why, tried(*cell_of) if cell_of else ""]
-        checks.append({"target": name, "met": met, "measured": round(measured, 3), "bound": round(bound, 3),
-                       "unit": unit, "detail": detail, "why": "; ".join(filter(None, reasons))})
+        reasons = [] if met else [*why, self.tried(*cell_of) if cell_of else ""]
+        self.checks.append({"target": name, "met": met, "measured": round(measured, 3), "bound": round(bound, 3),
+                            "unit": unit, "detail": detail, "why": "; ".join(filter(None, reasons))})
 
-    def absent(*backends: str) -> str:
+    def absent(self, *backends: str) -> str:
         """Say why a backend has no figure: skipped with a reason, or not chosen."""
         for backend in backends:
-            if backend in skipped:
-                return f"not measured: {skipped[backend]}"
+            if backend in self.skipped:
+                return f"not measured: {self.skipped[backend]}"
         return ""
 
-    def tried(workload: str, connections: int, key: str) -> str:
+    def tried(self, workload: str, connections: int, key: str) -> str:
         """Return the settings variants of this service measured on the same cell, with their figure."""
         found = []
-        for entry in cells.values():
+        for entry in self.cells.values():
             if (entry["backend"].startswith(f"{OURS}-") and entry["workload"] == workload
                     and entry["connections"] == connections and entry.get(key)):
                 unit = "ms" if key.endswith("_ms") else "req/s"
                 found.append(f"{entry['backend']} {_fmt(entry[key]['median'])} {unit}")
         return f"variants in this run: {', '.join(found)}" if found else ""
 
-    def busy(workload: str, connections: int) -> str:
+    def busy(self, workload: str, connections: int) -> str:
         """Name other jobs' CPU during our cell when it was large enough to matter."""
-        share = cell(OURS, workload, connections)
+        share = self.cell(OURS, workload, connections)
         worst = share["foreign_cpu_share"]["max"] if share and share.get("foreign_cpu_share") else None
         if worst is None or worst < BUSY_SHARE:
             return ""
         return f"other jobs took up to {worst:.1f} cores during this cell"
 
-    def added(ours: float | None, model: float | None) -> str:
+    def added(self, ours: float | None, model: float | None) -> str:
         """Say what the service adds to the model's own in-process p50."""
         if None in (ours, model):
             return ""
@@ -231,148 +258,157 @@ def targets(summary: dict[str, Any], cores: int = 2) -> list[dict[str, Any]]:
             return f"the service adds nothing measurable (p50 {ours:.1f} ms, model alone {model:.1f} ms)"
         return f"the service adds {ours - model:.1f} ms to the model's best in-process p50 ({model:.1f} ms)"
 
-    def model_at_service(workload: str, what: str) -> str:
+    def model_at_service(self, workload: str, what: str) -> str:
         """Say what the model alone does at the service's own session setting."""
-        settings = limit.get(workload, {}).get(f"service_{what}_settings")
+        settings = self.limit.get(workload, {}).get(f"service_{what}_settings")
         key = "service_p50_ms" if what == "latency" else "service_texts_per_s"
-        value = limit_of(workload, key)
+        value = self.limit_of(workload, key)
         if value is None or not settings:
             return ""
         words = most_common(settings).removeprefix("service session: ")
         figure = f"takes {value:.1f} ms" if what == "latency" else f"does {value:.0f} texts/s"
         return f"at the service's own session setting ({words}) the model alone {figure}"
 
-    def floor_latency() -> str:
-        floor_p50 = median(cell(FLOOR, "short", 1), "p50_ms")
+    def floor_latency(self) -> str:
+        """Say what the HTTP floor (Flask + Waitress answering a constant) takes for one client."""
+        floor_p50 = self.median(self.cell(FLOOR, "short", 1), "p50_ms")
         return "" if floor_p50 is None else f"the HTTP floor answers in {floor_p50:.2f} ms (p50)"
 
-    def floor_tail() -> str:
-        floor1 = cell(FLOOR, "short", 1)
-        p50, p99 = median(floor1, "p50_ms"), median(floor1, "p99_ms")
+    def floor_tail(self) -> str:
+        """Say how far the HTTP floor's own p99 is from its p50."""
+        floor1 = self.cell(FLOOR, "short", 1)
+        p50, p99 = self.median(floor1, "p50_ms"), self.median(floor1, "p99_ms")
         return "" if None in (p50, p99) else f"the HTTP floor's p99 is {p99:.2f} ms ({p99 / p50:.1f}x its p50)"
 
-    def cpu_why(workload: str, connections: int, bound_rps: float | None, of: str) -> str:
+    def cpu_why(self, workload: str, connections: int, bound_rps: float | None, of: str) -> str:
         """Explain a throughput miss by server CPU per request against what bound_rps allows on the cores."""
-        cpu = median(cell(OURS, workload, connections), "server_cpu_ms_per_request")
+        cpu = self.median(self.cell(OURS, workload, connections), "server_cpu_ms_per_request")
         if cpu is None or not bound_rps:
             return ""
-        text = (f"{cpu:.1f} ms of server CPU per request; {of} needs at most {1000 * cores / bound_rps:.1f} ms "
-                f"on {cores} cores")
-        floor_cpu = median(cell(FLOOR, "short", connections), "server_cpu_ms_per_request")
+        text = (f"{cpu:.1f} ms of server CPU per request; {of} needs at most {1000 * self.cores / bound_rps:.1f} ms "
+                f"on {self.cores} cores")
+        floor_cpu = self.median(self.cell(FLOOR, "short", connections), "server_cpu_ms_per_request")
         return text if floor_cpu is None else f"{text}, of which the HTTP floor takes {floor_cpu:.2f} ms"
 
-    def ceiling(workload: str, connections: int, limit_rps: float | None, factor: float) -> str:
+    def ceiling(self, workload: str, connections: int, limit_rps: float | None, factor: float) -> str:
         """Say what no server on this stack can pass at this concurrency: the model's best with at most
         `connections` texts in flight, plus the HTTP floor's CPU a request (short bodies) on the cores."""
-        found = limit.get(workload, {}).get("in_flight", {})
+        found = self.limit.get(workload, {}).get("in_flight", {})
         caps = [int(cap) for cap in found if int(cap) <= connections]
         if not caps or not limit_rps:
             return ""
         model = found[str(max(caps))]["median"]
         text = (f"with at most {connections} texts in flight the model alone does {model:.0f} texts/s "
                 f"({model / limit_rps:.2f} x the limit)")
-        floor_cpu = median(cell(FLOOR, "short", connections), "server_cpu_ms_per_request")
+        floor_cpu = self.median(self.cell(FLOOR, "short", connections), "server_cpu_ms_per_request")
         if floor_cpu is None:
             return text
-        top = cores / (cores / model + floor_cpu / 1000)
+        top = self.cores / (self.cores / model + floor_cpu / 1000)
         text = (f"{text}; adding the HTTP floor's {floor_cpu:.2f} ms of CPU a request, a server that cost "
                 f"nothing else would serve {top:.0f} req/s ({top / limit_rps:.2f} x the limit)")
         if top < factor * limit_rps:
             return f"{text}: out of reach on this stack"
-        left = 1000 * (cores / (factor * limit_rps) - cores / model) - floor_cpu
+        left = 1000 * (self.cores / (factor * limit_rps) - self.cores / model) - floor_cpu
         return f"{text}, which leaves {left:.2f} ms of CPU a request for the rest of the server's work"
 
-    def peer_cpu(backend: str, workload: str, connections: int) -> str:
-        theirs = median(cell(backend, workload, connections), "server_cpu_ms_per_request")
+    def peer_cpu(self, backend: str, workload: str, connections: int) -> str:
+        """Say what a peer spends in server CPU a request on the cell."""
+        theirs = self.median(self.cell(backend, workload, connections), "server_cpu_ms_per_request")
         return "" if theirs is None else f"{PEERS[backend]} uses {theirs:.1f} ms of server CPU per request"
 
-    # short text, one client: latency
-    ours1 = cell(OURS, "short", 1)
-    ours_p50, ours_p99 = median(ours1, "p50_ms"), median(ours1, "p99_ms")
-    best_p50 = limit_of("short", "p50_ms")
-    latency_setting = most_common(limit.get("short", {}).get("latency_settings", []))
-    check("short c=1: p50 <= in-process best p50 + 0.5 ms", ours_p50,
-          None if best_p50 is None else best_p50 + 0.5, "<=", "ms",
-          f"best one-call p50 {_fmt(best_p50, 2)} ms: {latency_setting}",
-          [added(ours_p50, best_p50), model_at_service("short", "latency"), floor_latency(), busy("short", 1)],
-          ("short", 1, "p50_ms"))
-    for backend in (OPTIMUM, INFINITY):
-        theirs = median(cell(backend, "short", 1), "p50_ms")
-        check(f"short c=1: p50 < {PEERS[backend]}'s", ours_p50, theirs, "<", "ms",
-              f"{PEERS[backend]} p50 {_fmt(theirs)} ms",
-              [added(ours_p50, best_p50), model_at_service("short", "latency"), floor_latency(),
-               busy("short", 1)], ("short", 1, "p50_ms"), absent(backend))
-    check("short c=1: p99 <= 2 x p50", ours_p99, None if ours_p50 is None else 2 * ours_p50, "<=", "ms",
-          f"p50 {_fmt(ours_p50)} ms",
-          [f"p90 {_fmt(median(ours1, 'p90_ms'))} ms", floor_tail(), busy("short", 1)],
-          ("short", 1, "p99_ms"))
-
-    # short text, 8 and 32 clients: throughput
-    best_rps = limit_of("short", "texts_per_s")
-    throughput_setting = most_common(limit.get("short", {}).get("throughput_settings", []))
-    # the issue's 8 and 32 clients (not measured when left out), and any other concurrency measured
-    short_connections = sorted({8, 32} | {c["connections"] for c in cells.values()
-                                          if c["backend"] == OURS and c["workload"] == "short"
-                                          and c["connections"] > 1})
-    for connections in short_connections:
-        ours_rps = median(cell(OURS, "short", connections), "throughput_rps")
-        bound = None if best_rps is None else 0.85 * best_rps
-        check(f"short c={connections}: req/s >= 0.85 x in-process limit", ours_rps, bound, ">=", "req/s",
-              f"limit {_fmt(best_rps, 0)} texts/s: {throughput_setting}",
-              [ceiling("short", connections, best_rps, 0.85), cpu_why("short", connections, bound, "0.85 x the limit"),
-               model_at_service("short", "throughput"), busy("short", connections)],
-              ("short", connections, "throughput_rps"))
-        for backend, factor in ((INFINITY, 2.0), (OPTIMUM, 2.0), (REFERENCE, 6.0)):
-            theirs = median(cell(backend, "short", connections), "throughput_rps")
-            bound = None if theirs is None else factor * theirs
-            check(f"short c={connections}: req/s >= {factor:g} x {PEERS[backend]}", ours_rps, bound, ">=",
-                  "req/s", f"{PEERS[backend]} {_fmt(theirs)} req/s",
-                  [cpu_why("short", connections, bound, f"{factor:g} x {PEERS[backend]}"),
-                   peer_cpu(backend, "short", connections), busy("short", connections)],
-                  ("short", connections, "throughput_rps"), absent(backend))
-
-    # long and mixed text, 8 clients: throughput against the workload's own limit
-    for workload in ("long", "mixed"):
-        ours_rps = median(cell(OURS, workload, 8), "throughput_rps")
-        workload_rps = limit_of(workload, "texts_per_s")
-        bound = None if workload_rps is None else 0.9 * workload_rps
-        setting = most_common(limit.get(workload, {}).get("throughput_settings", []))
-        check(f"{workload} c=8: req/s >= 0.9 x in-process limit", ours_rps, bound, ">=", "req/s",
-              f"limit {_fmt(workload_rps)} texts/s: {setting}",
-              [ceiling(workload, 8, workload_rps, 0.9), cpu_why(workload, 8, bound, "0.9 x the limit"),
-               model_at_service(workload, "throughput"), busy(workload, 8)], (workload, 8, "throughput_rps"))
-
-    def extra_cpu(backend: str) -> str:
+    def extra_cpu(self, backend: str) -> str:
         """Say what a variant costs in server CPU per request over the defaults, short text at 8 clients."""
-        theirs = median(cell(backend, "short", 8), "server_cpu_ms_per_request")
-        ours = median(cell(OURS, "short", 8), "server_cpu_ms_per_request")
+        theirs = self.median(self.cell(backend, "short", 8), "server_cpu_ms_per_request")
+        ours = self.median(self.cell(OURS, "short", 8), "server_cpu_ms_per_request")
         return "" if None in (theirs, ours) else \
             f"{theirs:.2f} ms of server CPU per request against {ours:.2f} ms at the defaults"
 
-    # the cost of observing, against the defaults in the same repetitions, short text at 8 clients
-    for backend, factor, what in ((JSON_LOGS, 0.97, "JSON logs"), (TRACED, 0.85, "every request traced")):
-        variant = cell(backend, "short", 8)
-        check(f"short c=8 with {what}: req/s >= {factor:g} x the defaults", median(variant, "throughput_vs_onnx"),
-              factor, ">=", "x", f"{_fmt(median(variant, 'throughput_rps'))} against "
-              f"{_fmt(median(cell(OURS, 'short', 8), 'throughput_rps'))} req/s",
-              [extra_cpu(backend), busy("short", 8)],
-              missing=absent(backend) or f"{backend} not among the backends")
+    def latency(self) -> None:
+        """Short text, one client: p50 against the model alone and the peers, p99 against p50."""
+        ours1 = self.cell(OURS, "short", 1)
+        ours_p50, ours_p99 = self.median(ours1, "p50_ms"), self.median(ours1, "p99_ms")
+        best_p50 = self.limit_of("short", "p50_ms")
+        latency_setting = most_common(self.limit.get("short", {}).get("latency_settings", []))
+        why = [self.added(ours_p50, best_p50), self.model_at_service("short", "latency"), self.floor_latency(),
+               self.busy("short", 1)]
+        self.check(f"short c=1: p50 <= in-process best p50 + {LATENCY_MARGIN_MS:g} ms", ours_p50,
+                   None if best_p50 is None else best_p50 + LATENCY_MARGIN_MS, "<=", "ms",
+                   f"best one-call p50 {_fmt(best_p50, 2)} ms: {latency_setting}", why, ("short", 1, "p50_ms"))
+        for backend in LATENCY_PEERS:
+            theirs = self.median(self.cell(backend, "short", 1), "p50_ms")
+            self.check(f"short c=1: p50 < {PEERS[backend]}'s", ours_p50, theirs, "<", "ms",
+                       f"{PEERS[backend]} p50 {_fmt(theirs)} ms", why, ("short", 1, "p50_ms"), self.absent(backend))
+        self.check(f"short c=1: p99 <= {TAIL_FACTOR:g} x p50", ours_p99,
+                   None if ours_p50 is None else TAIL_FACTOR * ours_p50, "<=", "ms", f"p50 {_fmt(ours_p50)} ms",
+                   [f"p90 {_fmt(self.median(ours1, 'p90_ms'))} ms", self.floor_tail(), self.busy("short", 1)],
+                   ("short", 1, "p99_ms"))
 
+    def throughput(self) -> None:
+        """Short text, 8 and 32 clients (and any other measured): req/s against the limit and the peers."""
+        best_rps = self.limit_of("short", "texts_per_s")
+        throughput_setting = most_common(self.limit.get("short", {}).get("throughput_settings", []))
+        share = LIMIT_SHARE["short"]
+        # the issue's concurrencies (not measured when left out), and any other one measured
+        measured = {c["connections"] for c in self.cells.values()
+                    if c["backend"] == OURS and c["workload"] == "short" and c["connections"] > 1}
+        for connections in sorted(set(LIMIT_CONNECTIONS) | measured):
+            ours_rps = self.median(self.cell(OURS, "short", connections), "throughput_rps")
+            bound = None if best_rps is None else share * best_rps
+            self.check(f"short c={connections}: req/s >= {share:g} x in-process limit", ours_rps, bound, ">=",
+                       "req/s", f"limit {_fmt(best_rps, 0)} texts/s: {throughput_setting}",
+                       [self.ceiling("short", connections, best_rps, share),
+                        self.cpu_why("short", connections, bound, f"{share:g} x the limit"),
+                        self.model_at_service("short", "throughput"), self.busy("short", connections)],
+                       ("short", connections, "throughput_rps"))
+            for backend, factor in PEER_FACTORS.items():
+                theirs = self.median(self.cell(backend, "short", connections), "throughput_rps")
+                bound = None if theirs is None else factor * theirs
+                self.check(f"short c={connections}: req/s >= {factor:g} x {PEERS[backend]}", ours_rps, bound, ">=",
+                           "req/s", f"{PEERS[backend]} {_fmt(theirs)} req/s",
+                           [self.cpu_why("short", connections, bound, f"{factor:g} x {PEERS[backend]}"),
+                            self.peer_cpu(backend, "short", connections), self.busy("short", connections)],
+                           ("short", connections, "throughput_rps"), self.absent(backend))
 
-    # the process(es): PSS counts the pages that forked processes share once, where a sum of RSS would not
-    ours_pss = (servers.get(OURS, {}).get("pss_mb") or {}).get("median")
-    libraries = summary.get("libraries", {})
-    check(f"server PSS <= {RSS_BOUND_MB:g} MiB", ours_pss, RSS_BOUND_MB, "<=", "MiB",
-          "after the load, summed over the server's processes",
-          [] if "rss_mb" not in libraries or ours_pss is None else
-          [f"Python with the serving libraries imported, before any model, takes {libraries['rss_mb']:.0f} MiB "
-           "(RSS, one process)"])
-    cold = servers.get(OURS, {}).get("cold_start_s")
-    check(f"cold start <= {COLD_START_BOUND_S:g} s", cold["median"] if cold else None, COLD_START_BOUND_S, "<=",
-          "s", f"min-max {_fmt(cold['min'], 2)}-{_fmt(cold['max'], 2)} s" if cold else "",
-          [] if "import_s" not in libraries else
-          [f"importing the serving libraries alone takes {libraries['import_s']:.2f} s"])
-    return checks
+    def workloads(self) -> None:
+        """Long and mixed text, 8 clients: req/s against the workload's own in-process limit."""
+        for workload in ("long", "mixed"):
+            share = LIMIT_SHARE[workload]
+            ours_rps = self.median(self.cell(OURS, workload, 8), "throughput_rps")
+            workload_rps = self.limit_of(workload, "texts_per_s")
+            bound = None if workload_rps is None else share * workload_rps
+            setting = most_common(self.limit.get(workload, {}).get("throughput_settings", []))
+            self.check(f"{workload} c=8: req/s >= {share:g} x in-process limit", ours_rps, bound, ">=", "req/s",
+                       f"limit {_fmt(workload_rps)} texts/s: {setting}",
+                       [self.ceiling(workload, 8, workload_rps, share),
+                        self.cpu_why(workload, 8, bound, f"{share:g} x the limit"),
+                        self.model_at_service(workload, "throughput"), self.busy(workload, 8)],
+                       (workload, 8, "throughput_rps"))
+
+    def observing(self) -> None:
+        """The cost of JSON logs and of tracing, against the defaults in the same repetitions (short, c=8)."""
+        defaults = _fmt(self.median(self.cell(OURS, "short", 8), "throughput_rps"))
+        for backend, (factor, what) in OBSERVING.items():
+            variant = self.cell(backend, "short", 8)
+            self.check(f"short c=8 with {what}: req/s >= {factor:g} x the defaults",
+                       self.median(variant, "throughput_vs_onnx"), factor, ">=", "x",
+                       f"{_fmt(self.median(variant, 'throughput_rps'))} against {defaults} req/s",
+                       [self.extra_cpu(backend), self.busy("short", 8)],
+                       missing=self.absent(backend) or f"{backend} not among the backends")
+
+    def processes(self) -> None:
+        """The server's PSS (the pages forked processes share counted once, unlike a sum of RSS) and cold start."""
+        ours_pss = (self.servers.get(OURS, {}).get("pss_mb") or {}).get("median")
+        libraries = self.summary.get("libraries", {})
+        self.check(f"server PSS <= {RSS_BOUND_MB:g} MiB", ours_pss, RSS_BOUND_MB, "<=", "MiB",
+                   "after the load, summed over the server's processes",
+                   [] if "rss_mb" not in libraries or ours_pss is None else
+                   [f"Python with the serving libraries imported, before any model, takes "
+                    f"{libraries['rss_mb']:.0f} MiB (RSS, one process)"])
+        cold = self.servers.get(OURS, {}).get("cold_start_s")
+        self.check(f"cold start <= {COLD_START_BOUND_S:g} s", cold["median"] if cold else None, COLD_START_BOUND_S,
+                   "<=", "s", f"min-max {_fmt(cold['min'], 2)}-{_fmt(cold['max'], 2)} s" if cold else "",
+                   [] if "import_s" not in libraries else
+                   [f"importing the serving libraries alone takes {libraries['import_s']:.2f} s"])
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
