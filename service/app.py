@@ -56,9 +56,12 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None,
     # every model under its name: the Inference API at /models/{name} (its base_url, posted to verbatim),
     # /sentiment, /ready, /info and TEI's routes below it
     prefix = f"/models/<{MODEL_PREFIX}>"
-    for rule, view, method in (("", api.inference_api, "POST"), ("/sentiment", api.sentiment, "POST"),
-                               ("/ready", api.ready, "GET"), ("/info", api.info, "GET")):
-        app.add_url_rule(prefix + rule, f"models_api.{view.__name__}", view_func=view, methods=[method])
+    # GET /models/{name} is its /info, as Triton's model URL is its metadata
+    for rule, view, method, endpoint in (("", api.inference_api, "POST", "inference_api"),
+                                         ("", api.info, "GET", "model"),
+                                         ("/sentiment", api.sentiment, "POST", "sentiment"),
+                                         ("/ready", api.ready, "GET", "ready"), ("/info", api.info, "GET", "info")):
+        app.add_url_rule(prefix + rule, f"models_api.{endpoint}", view_func=view, methods=[method])
     app.register_blueprint(tei.bp, url_prefix=prefix, name=f"models_{tei.bp.name}")
     app.register_blueprint(v2.bp)  # the Open Inference Protocol v2 (KServe, Triton)
     if models.repository is not None:

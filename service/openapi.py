@@ -473,6 +473,8 @@ def with_models(document: dict[str, Any], names: list[str], locked: tuple[int, .
         paths[prefixed] = {method: {**operation, "parameters": [served], "summary": operation["summary"] + " (this "
                                     "model)", "responses": {**unknown, **operation["responses"]}}
                            for method, operation in paths[route].items()}
+    paths["/models/{served_model}"]["get"] = {**paths["/models/{served_model}/info"]["get"],
+                                              "summary": "The model's /info (this model)"}
     if not repository:
         return document
     name = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"},

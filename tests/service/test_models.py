@@ -91,6 +91,8 @@ UNKNOWN = [
     ("POST", "/models/nope/rerank", {"query": "a", "texts": ["b"]}),
     ("POST", "/models/nope/tokenize", {"inputs": "a"}),
     ("GET", "/models/nope/info", None),
+    ("GET", "/models/nope", None),
+    ("GET", "/models/[nope'", None),  # what a client sends of a name with '#' or '?' in it
     ("GET", "/v2/models/nope", None),
     ("GET", "/v2/models/nope/ready", None),
     ("POST", "/v2/models/nope/infer", v2_body(["a"])),
@@ -104,7 +106,7 @@ def test_an_unknown_model_is_404_json_on_every_contract(method: str, path: str, 
                                                         together: FlaskClient) -> None:
     answer = together.open(path, method=method, json=body)
     assert answer.status_code == 404
-    assert "'nope'" in answer.get_json()["error"]
+    assert "nope" in answer.get_json()["error"]
 
 
 def test_info_lists_every_model_with_task_labels_state_and_memory(together: FlaskClient) -> None:
@@ -121,6 +123,8 @@ def test_info_lists_every_model_with_task_labels_state_and_memory(together: Flas
     assert models[SENTIMENT]["memory"]["weights_bytes"] > 100 * models[TINY]["memory"]["weights_bytes"] > 0
     assert info["run_budget"] >= 1
     assert together.get(f"/models/{TINY}/info").get_json()["model"]["labels"] == ["negative", "neutral", "positive"]
+    # a model's URL answers GET with its /info, as Triton's model URL answers with its metadata
+    assert together.get(f"/models/{TINY}").get_json() == together.get(f"/models/{TINY}/info").get_json()
 
 
 def test_metrics_count_requests_per_model(together: FlaskClient) -> None:
