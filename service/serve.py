@@ -302,7 +302,7 @@ class GracefulServer:
 
     def watch(self, fd: int | None) -> None:
         """Look at a connection's interest on the next turn (its state changed outside its events)."""
-        # A request thread's connection is looked at on every turn anyway (it has a request).
+        # A connection a request thread serves is looked at when that thread marks it (see _marking).
         if fd is not None and threading.get_ident() == self._loop_thread:
             self._watch.add(fd)
             self._stirred.add(fd)
