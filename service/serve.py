@@ -6,13 +6,16 @@ every byte a client sends; and once clients that never finish a request fill its
 every other client waits in the listen backlog. This runner keeps Waitress' channels, parser and
 request threads but drives them itself:
 - a selector (epoll) in which a connection waiting for its client stays registered and is not
-  looked at again until it has something to read;
+  looked at again until it has something to read, and one a request thread serves is looked at
+  only when that thread has changed it (the thread marks it as it wakes the loop);
 - a clock per request phase: the head, the body, the keep-alive wait between requests. A client
   too slow with its head or body gets a JSON 408 and a lingering close; an idle one is closed;
 - at the connection limit, the accept path closes the connections that cost least to lose
   (lingering after an answer, idle between requests, then the oldest without a whole request yet,
   which get a 408) so a new client is served instead of waiting in the backlog;
-- request threads woken last idle first (LastIdleFirst), so the work stays on few, warm threads.
+- request threads woken last idle first (LastIdleFirst), so the work stays on few, warm threads;
+- with several server processes, a share of the connections each: one that has held two more
+  keep-alive connections than another for a while answers one with `Connection: close`.
 
 On the connection (HTTP/1.1): a request with `Expect: 100-continue` is first shown to the app's
 routing and API-key check, so a refusal (401, 404, 405) is answered without reading the body, and a
