@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -90,6 +91,38 @@ def service_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
     env.update({"SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": "0", **overrides})
     return env
+
+
+@contextmanager
+def flooding(url: str, path: str, body: bytes, clients: int) -> Iterator[list[int]]:
+    """POST body to path from `clients` kept-alive connections, back to back, until the block ends.
+
+    Yields the list of statuses answered so far (appended as answers come); the clients have
+    stopped and their connections closed when the block is left.
+    """
+    address = urlsplit(url)
+    stop, statuses = threading.Event(), []
+
+    def flood() -> None:
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        try:
+            while not stop.is_set():
+                connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=flood) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
 
 
 @contextmanager

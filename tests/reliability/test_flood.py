@@ -10,13 +10,13 @@ from __future__ import annotations
 import http.client
 import json
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.reliability.kit import NEGATIVE, POSITIVE, Server, port_of, running_server
+from tests.testkit import flooding
 
 FLOODERS = 4  # clients sending near-limit texts back to back
 SAMPLES = 25  # short requests measured quiet, then beside the flood
@@ -54,27 +54,9 @@ def _short_latencies(server: Server) -> list[float]:
 def test_short_requests_stay_fast_beside_a_flood_of_huge_texts(server: Server) -> None:
     _short_latencies(server)  # warm: the first requests of a connection pay for set-up
     quiet = statistics.median(_short_latencies(server))
-    stop = threading.Event()
-    statuses: list[int] = []
-
-    def flood() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=60)
-        try:
-            while not stop.is_set():
-                statuses.append(_post(connection, HUGE)[0])
-        finally:
-            connection.close()
-
-    flooders = [threading.Thread(target=flood) for _ in range(FLOODERS)]
-    for thread in flooders:
-        thread.start()
-    try:
+    with flooding(server.url, "/sentiment", HUGE, FLOODERS) as statuses:
         time.sleep(1.0)  # the flood is under way
         loaded = statistics.median(_short_latencies(server))
-    finally:
-        stop.set()
-        for thread in flooders:
-            thread.join(timeout=60)
     print(f"\nshort p50 quiet {quiet * 1e3:.1f} ms, beside {FLOODERS} clients sending ~1.9 MiB texts "
           f"{loaded * 1e3:.1f} ms ({loaded / quiet:.1f}x); {len(statuses)} huge texts answered")
     assert statuses and set(statuses) <= {200, 503}, set(statuses)  # answered, or refused clearly

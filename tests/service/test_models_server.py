@@ -21,7 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import reset_sessions
 
 from tests.service.conftest import NER, SENTIMENT, TINY, link_copy
-from tests.testkit import NEGATIVE, POSITIVE, Server, running_server
+from tests.testkit import NEGATIVE, POSITIVE, Server, flooding, running_server
 
 KEY = "m0dels-k3y"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -178,32 +178,11 @@ def test_a_flood_of_long_texts_on_one_model_does_not_starve_another(repository: 
     with running_server(SERVICE_MODEL_DIR=str(tmp_path), SERVICE_DEFAULT_MODEL="quiet") as server:
         p50_of_short_requests(server, "quiet", 20)  # warm the connection path
         quiet = p50_of_short_requests(server, "quiet", 60)
-        stop = threading.Event()
-        flooded = Counter()
-
-        def flood() -> None:
-            address = urlsplit(server.url)
-            connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
-            try:
-                while not stop.is_set():
-                    connection.request("POST", "/models/busy/sentiment", body=json.dumps({"texts": [LONG] * 4}),
-                                       headers={"Content-Type": "application/json"})
-                    response = connection.getresponse()
-                    response.read()
-                    flooded[response.status] += 1
-            finally:
-                connection.close()
-
-        threads = [threading.Thread(target=flood) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        try:
+        flood = json.dumps({"texts": [LONG] * 4}).encode()
+        with flooding(server.url, "/models/busy/sentiment", flood, 8) as statuses:
             time.sleep(2.0)  # the flood's queues fill
             busy = p50_of_short_requests(server, "quiet", 100)
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=60)
+    flooded = Counter(statuses)
     print(f"\nshort-text p50 of one model: {quiet * 1000:.1f} ms quiet, {busy * 1000:.1f} ms beside a flood of long "
           f"texts on another ({busy / quiet:.1f}x); the flood's answers: {dict(flooded)}")
     assert flooded[200] >= 16  # the flood ran throughout
