@@ -29,14 +29,6 @@ START_TIMEOUT = 60.0  # seconds; loading the model takes ~1 s, but the CI machin
 POSITIVE = "An absolutely wonderful film: moving, funny and beautifully acted. I loved every minute."
 NEGATIVE = "A dull, tedious mess. The plot is stupid and the acting is awful; a total waste of time."
 
-CORPUS = [
-    "a wonderful, moving film with a great cast",
-    "the plot is dull and the acting is terrible",
-    "i loved every minute of it",
-    "boring, predictable and far too long",
-    "an average movie with some good moments",
-] * 4
-
 
 def sha256(path: Path) -> str:
     """Return a file's sha256 hex digest."""
@@ -52,24 +44,13 @@ def write_manifest(folder: Path, name: str) -> None:
 
 
 def build_tiny_model(folder: Path, labels: list[str], model_max_length: int = 32) -> Path:
-    """Train a tiny WordPiece vocab, build a random BERT classifier and export it with optimum."""
-    import torch
+    """Export a tiny random BERT classifier (tests/export/tiny.py's) with optimum, with a manifest."""
     from optimum.exporters.onnx import main_export
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    checkpoint = folder.parent / f"{folder.name}-checkpoint"
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(CORPUS, vocab_size=120, min_frequency=1)
-    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=model_max_length,
-                                  unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]", mask_token="[MASK]")
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=64,
-                        id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).eval().save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    from tests.export.tiny import build_checkpoint
+
+    checkpoint = build_checkpoint(folder.parent / f"{folder.name}-checkpoint", "bert", dict(enumerate(labels)),
+                                  model_max_length=model_max_length)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings of torch.onnx, not ours
         main_export(model_name_or_path=str(checkpoint), output=folder, task="text-classification")
@@ -181,7 +162,6 @@ def wait_ready(url: str, deadline: float) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{url}/ready did not answer 200 in time", pytrace=False)
         time.sleep(0.1)
-
 
 
 

@@ -17,7 +17,8 @@ def _vocab() -> list[str]:
 
 
 def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str] | None = None,
-                     seed: int = 0, bert_tokenizer: bool = False, initializer_range: float = 0.02) -> Path:
+                     seed: int = 0, bert_tokenizer: bool = False, initializer_range: float = 0.02,
+                     model_max_length: int = 128) -> Path:
     """Save a tiny random BERT or DistilBERT classifier with a WordPiece tokenizer, or a RoBERTa one with BPE.
 
     bert_tokenizer: give a DistilBERT model a BERT tokenizer, which also emits token_type_ids.
@@ -53,7 +54,7 @@ def build_checkpoint(folder: Path, family: str = "bert", id2label: dict[int, str
         raise ValueError(family)
     if bert_tokenizer:
         tokenizer_class = BertTokenizerFast
-    tokenizer = tokenizer_class(vocab_file=str(folder / "vocab.txt"), model_max_length=128)
+    tokenizer = tokenizer_class(vocab_file=str(folder / "vocab.txt"), model_max_length=model_max_length)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
