@@ -464,6 +464,8 @@ class GracefulServer:
         if self.shares is None:
             return False
         uneven = self.shares.surplus(self._open()) >= 2
+        if not uneven and self._uneven_since is None:
+            return False  # even now and before: every answer asks, so no lock on this path
         with self._hand_back_lock:
             now, others = time.monotonic(), self.shares.others_accepted()
             # only an imbalance that lasts: connections just closed by their clients count for a moment
