@@ -67,20 +67,20 @@ def service_settings(model_dir: Path) -> Settings:
     return Settings.from_mapping({"MODEL_DIR": str(model_dir)})
 
 
-def settings_grid(cores: int, service: Settings) -> list[Setting]:
+def settings_grid(cores: int, service: Settings, batches: Sequence[int] = BATCHES) -> list[Setting]:
     """Return the sweep (intra-op 1 and the usable cores) and the service's own rows.
 
-    Besides batch 1 and 8 on each number of calling threads, the largest batch is also split over
-    the most threads (2 x 4): the most texts in flight that 8 clients can give a server.
+    Besides each batch (by default 1 and 8) on each number of calling threads, the largest batch is
+    also split over the most threads (2 x 4): the most texts in flight that 8 clients can give a server.
     """
-    shapes = [(threads, batch) for threads in CALLING_THREADS for batch in BATCHES]
-    shapes.append((max(CALLING_THREADS), max(BATCHES) // max(CALLING_THREADS)))
+    shapes = [(threads, batch) for threads in CALLING_THREADS for batch in batches]
+    shapes.append((max(CALLING_THREADS), max(batches) // max(CALLING_THREADS)))
     grid = [Setting("bench", intra, spinning, threads, batch)
             for intra in sorted({1, cores}) for spinning in (True, False)
             for threads, batch in dict.fromkeys(shapes)]
     # the service's session at its own setting: its batch workers call it, and one call alone for latency
     grid += [Setting("service", service.ort_threads, service.ort_spinning, threads, batch)
-             for threads in sorted({1, service.batch_workers}) for batch in BATCHES]
+             for threads in sorted({1, service.batch_workers}) for batch in batches]
     return grid
 
 
@@ -156,7 +156,7 @@ def finalists(result: dict[str, Any], places: int = 2) -> dict[str, list[str]]:
 
 
 def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], turn: int = 0,
-          only: dict[str, list[str]] | None = None) -> dict[str, Any]:
+          only: dict[str, list[str]] | None = None, batches: Sequence[int] = BATCHES) -> dict[str, Any]:
     """Measure the settings on every workload in alternating windows; return rows and limits.
 
     `only` restricts a workload's sweep rows to the given keys; the service's rows always run.
@@ -166,7 +166,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
     # the service's classifier: its session is the "service" rows, its tokenizer pool serves every row
     classifier = Classifier(model_dir, intra_op_threads=settings.ort_threads, spinning=settings.ort_spinning,
                             sessions=settings.batch_workers, cache_dir=settings.cache_dir)
-    grid = settings_grid(usable_cores(), settings)
+    grid = settings_grid(usable_cores(), settings, batches)
     for name, keys in (only or {}).items():
         known = {s.key(): s for s in grid if s.session == "bench"}
         if unknown := sorted(set(keys) - set(known)):
@@ -190,7 +190,7 @@ def sweep(model_dir: Path, seconds: float, rounds: int, workloads: list[str], tu
         return runners[setting.intra_op, setting.spinning]
 
     for infer in [classifier.run, *(r for group in runners.values() for r in group)]:  # ORT's one-off costs
-        for batch in (["warm up"], [LONG] * max(BATCHES)):
+        for batch in (["warm up"], [LONG] * max(batches)):
             infer(classifier.tokenize(batch))
     results: dict[str, Any] = {}
     for name in workloads:
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turn", type=int, default=0, help="odd: start with the grid backwards (the repetition)")
     parser.add_argument("--only", nargs="*", default=[], metavar="WORKLOAD=KEY",
                         help="measure only these sweep settings of a workload, e.g. short=bench/intra1/spin0/thr2/b8")
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), metavar="N",
+                        help=f"texts per call of the sweep (default {' '.join(map(str, BATCHES))})")
     args = parser.parse_args(argv)
     only: dict[str, list[str]] = {}
     for item in args.only:
@@ -235,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         if workload not in WORKLOADS or not key:
             parser.error(f"--only takes WORKLOAD=KEY, got {item!r}")
         only.setdefault(workload, []).append(key)
-    if args.seconds <= 0 or args.rounds < 1:
-        parser.error("--seconds must be > 0 and --rounds at least 1")
+    if args.seconds <= 0 or args.rounds < 1 or min(args.batches) < 1:
+        parser.error("--seconds must be > 0, --rounds and every --batches at least 1")
     try:
-        result = sweep(args.model_dir, args.seconds, args.rounds, args.workloads, args.turn, only or None)
+        result = sweep(args.model_dir, args.seconds, args.rounds, args.workloads, args.turn, only or None,
+                       sorted(set(args.batches)))
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(result))

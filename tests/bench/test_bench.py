@@ -169,6 +169,17 @@ def test_the_sweep_covers_every_setting_and_the_services_own() -> None:
     assert {(s.intra_op, s.spinning) for s in served} == {(service.ort_threads, service.ort_spinning)}
     assert {s.threads for s in served} == {1, service.batch_workers}
     assert {s.intra_op for s in inprocess.settings_grid(1, service) if s.session == "bench"} == {1}
+    # --batches: other run sizes, on the sweep and the service's rows alike
+    sizes = inprocess.settings_grid(1, service, (1, 2, 4))
+    assert {(s.threads, s.batch) for s in sizes if s.session == "bench"} == {
+        (t, b) for t in (1, 2) for b in (1, 2, 4)}
+    assert {s.batch for s in sizes if s.session == "service"} == {1, 2, 4}
+
+
+def test_the_sweep_command_refuses_a_batch_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        inprocess.main(["--batches", "0"])
+    assert exited.value.code == 2 and "--batches" in capsys.readouterr().err
 
 
 def test_the_limits_are_the_best_rows_and_latency_comes_from_one_call_alone() -> None:
