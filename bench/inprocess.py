@@ -18,14 +18,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING, Any
 
 from bench.report import best_in_flight
 from bench.workloads import LONG, WORKLOADS
+from service import runtime
 from service.classifier import Classifier
 from service.config import Settings, usable_cores
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "onnx_models" / "minilm-l6-sentiment"
 CALLING_THREADS = (1, 2)
@@ -52,6 +54,7 @@ class Setting:
 
 def bench_session(model: Path, intra_op: int, spinning: bool) -> ort.InferenceSession:
     """Return a CPU session of the model file with the given intra-op threads and spinning."""
+    ort = runtime.onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op
     options.inter_op_num_threads = 1

@@ -19,6 +19,7 @@ from export.pipeline import STOP, ExportOptions, run
 from export.quantize import MODES, QuantizationSettings
 from export.resolve import ExportError
 from export.sources import SourceError
+from service import runtime
 from service.tasks import TASKS
 
 logger = logging.getLogger("export")
@@ -100,7 +101,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
 
 
 def _quiet_libraries() -> None:
-    """Keep library chatter (and its progress bars) out of the stage lines."""
+    """Keep library chatter (and its progress bars) out of the stage lines, and onnxruntime's telemetry off
+    (before optimum or the export import onnxruntime)."""
+    runtime.telemetry_off()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("optimum", "transformers", "onnxruntime", "huggingface_hub", "torch"):

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service import runtime
+
 GELU_MIN = 0.17  # the GELU's minimum is -0.16997 (at x = -0.75)
 MIN_OPSET = 13  # QuantizeLinear / DequantizeLinear with a per-axis scale
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength; 0.3-0.85 measured, 0.5-0.7 best
@@ -99,7 +101,8 @@ def activation_ranges(model: Path, batches: Sequence[Mapping[str, np.ndarray]]) 
     mask: their values never reach an output.
     """
     import onnx
-    import onnxruntime as ort
+
+    ort = runtime.onnxruntime()
 
     proto = onnx.load(str(model))
     graph = _Graph(proto.graph, 0)

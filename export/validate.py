@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from export.dataset import Example
+from service import runtime
 from service.classifier import Input, apply_function
 from service.config import usable_cores  # the service's rule: affinity, capped by the cgroup's quota
 
@@ -88,8 +89,7 @@ def ort_session(model: Path, threads: int | None = None, spinning: bool = True):
 
     spinning=False stops idle pool threads from busy-waiting, as the service runs them.
     """
-    import onnxruntime as ort
-
+    ort = runtime.onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or usable_cores()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -5,24 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import numpy as np
-
-# onnxruntime's telemetry writes a device id and events under ~/.cache on Linux unless told not to;
-# a service for offline machines sends nothing home (set before onnxruntime is imported)
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-import onnxruntime as ort  # noqa: E402
 from tokenizers import Encoding, Tokenizer
 
-from service import tasks, weights  # noqa: E402
+from service import runtime, tasks, weights
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +315,7 @@ class Classifier:
     def _options(self, threads: int | None = None) -> ort.SessionOptions:
         """Return the session options of the service: threads (default: intra_op_threads), spinning,
         full graph optimization."""
+        ort = runtime.onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -363,13 +361,13 @@ class Classifier:
         try:
             return self._new_session(path)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
+            raise ModelLoadError(f"{path} cannot be loaded by onnxruntime {runtime.onnxruntime().__version__} "
                                  f"({type(exc).__name__})") from None
 
     def _new_session(self, path: Path, threads: int | None = None) -> ort.InferenceSession:
         """Return a CPU session of the file at path with the service's options."""
-        return ort.InferenceSession(str(path), sess_options=self._options(threads),
-                                    providers=["CPUExecutionProvider"])
+        return runtime.onnxruntime().InferenceSession(str(path), sess_options=self._options(threads),
+                                                      providers=["CPUExecutionProvider"])
 
     def _more_sessions(self, threads: list[int]) -> list[ort.InferenceSession]:
         """Return more sessions of the loaded file, one per intra-op thread count, built side by side and
@@ -425,7 +423,7 @@ class Classifier:
                                  f"{vocab_size}: tokenizer and model do not match")
         # ORT's Gather rejects out-of-range ids, so the highest id probes the embedding table size.
         probe = np.array([[0, tokens - 1]], dtype=np.int64)
-        quiet = ort.RunOptions()
+        quiet = runtime.onnxruntime().RunOptions()
         quiet.log_severity_level = 4  # the failure is reported in one line below, not by ORT's logger too
         try:
             (logits,) = self.session.run(["logits"], self._feeds(probe, np.ones_like(probe)), quiet)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service import runtime
 from service.classifier import (
     Direction,
     InferenceError,
@@ -146,8 +147,8 @@ class OptimumClassifier(_PipelineClassifier):
 
     def _build_pipeline(self) -> Any:
         """Load an exported ONNX folder (model.onnx, config.json, tokenizer) into a pipeline."""
+        ort = runtime.onnxruntime()  # before optimum imports it, so with its telemetry off
         try:
-            import onnxruntime as ort
             import torch
             from optimum.onnxruntime import ORTModelForSequenceClassification
             from transformers import AutoTokenizer, pipeline

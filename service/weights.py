@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import onnxruntime as ort
+from service import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def existing_copy(sha256: str, cache_dir: Path) -> Path | None:
 
 def _folder(sha256: str, cache_dir: Path) -> Path:
     """Return the folder of a model's copy: named after its sha256 and this onnxruntime version."""
-    return cache_dir / f"{sha256.lower()[:32]}-onnxruntime-{ort.__version__}"
+    return cache_dir / f"{sha256.lower()[:32]}-onnxruntime-{runtime.onnxruntime().__version__}"
 
 
 def discard(copy: Path) -> None:
@@ -139,6 +139,7 @@ def _complete(folder: Path) -> bool:
 
 def _write(model: Path, target: Path) -> None:
     """Write model's unoptimized graph to target, its initializers to DATA_FILE beside it."""
+    ort = runtime.onnxruntime()
     options = ort.SessionOptions()
     # no graph rewriting: the copy is the model's own graph, only its weights move
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
