@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_files_limit()  # before the settings check SERVICE_CONNECTION_LIMIT against it
     try:
         _check_spool_folder()
+        settings = None  # a child started with the parent's sockets reads them in create_app
         if not args.listen_fds:
             settings = configure(Config(os.getcwd()))
             repository.check_layout(settings)  # before any process starts or any model loads
             if settings.processes > 1:
                 return supervise(settings)
-        app = create_app()
+        app = create_app(settings=settings)
     except (ConfigError, ModelLoadError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -163,7 +164,7 @@ def supervise(settings: Settings) -> int:
                 return 2
             if names is not None:
                 names = [model.name for model in loaded if model.classifier is not None]
-            supervisor.serve = lambda sockets, shares: serve_forked(loaded, sockets, shares)
+            supervisor.serve = lambda sockets, shares: serve_forked(loaded, settings, sockets, shares)
             how = "forked after loading the model" + ("s" if len(loaded) > 1 else "")
         if sync is not None and names is not None:
             repository.Sync.create(Path(sync), names)
@@ -201,11 +202,12 @@ def preload(settings: Settings) -> list[repository.Loaded]:
     return loaded
 
 
-def serve_forked(loaded: list[repository.Loaded], sockets: list[socket.socket], shares: Shares) -> int:
-    """Serve the parent's loaded model(s) on its sockets in a forked child; return the exit code."""
+def serve_forked(loaded: list[repository.Loaded], settings: Settings, sockets: list[socket.socket],
+                 shares: Shares) -> int:
+    """Serve the parent's loaded model(s) with its settings on its sockets in a forked child; return the exit code."""
     watcher = _ParentWatch(None)
     try:
-        app = create_app(loaded=loaded)
+        app = create_app(loaded=loaded, settings=settings)
     except (ConfigError, ModelLoadError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,14 +18,19 @@ from service.metrics import Metrics
 
 
 def create_app(config: dict[str, Any] | None = None, classifier: Any = None,
-               loaded: list[Any] | None = None) -> Flask:
+               loaded: list[Any] | None = None, settings: Settings | None = None) -> Flask:
     """Build the app: defaults, SERVICE_* env, then `config`; load and warm the model(s) once.
 
+    `settings` are settings validated already (by `python -m service`, which reads them before it
+    decides on processes), used instead of reading them again; `config` is then not allowed.
     `classifier` serves one model already loaded; `loaded` (service.models.Loaded) the models a parent
     process loaded before forking; neither: the model folder or repository of SERVICE_MODEL_DIR.
     """
     app = Flask("service", static_folder=None)  # its name is its logger's: the service's
-    settings = configure(app.config, config)
+    if settings is None:
+        settings = configure(app.config, config)
+    elif config is not None:
+        raise TypeError("create_app takes config or settings, not both")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length  # Werkzeug answers 413 above it
 
     from service import api, tei, v2, v2_repository
