@@ -431,9 +431,16 @@ def _range(stats: dict[str, float] | None, digits: int = 1) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """Return the results as markdown tables."""
-    meta, summary = result["meta"], result["summary"]
-    labels = {name: spec["label"] for name, spec in result["backends"].items()}
+    """Return the results as markdown tables: the run, its targets, the cells, the processes, the
+    in-process limit and the installed sizes."""
+    lines = [*_run_section(result), *_targets_section(result), *_cells_section(result), *_processes_section(result),
+             *_limit_section(result), *_sizes_section(result)]
+    return "\n".join(lines) + "\n"
+
+
+def _run_section(result: dict[str, Any]) -> list[str]:
+    """Return the title and how the run was made, and what it left out."""
+    meta = result["meta"]
     lines = [f"# Benchmark {meta['date']}", "",
              f"`{meta['command']}`: {meta['repetitions']} repetition(s) of {meta['duration_s']:g} s per cell, "
              f"backends alternating cell by cell; model `{meta['model']['dir']}` (model.onnx sha256 "
@@ -446,18 +453,30 @@ def markdown(result: dict[str, Any]) -> str:
              "machine), the worst repetition. Targets compare medians of the repetitions of this run.", ""]
     for name, reason in result.get("skipped", {}).items():
         lines += [f"Not measured in this run: **{name}**: {reason}.", ""]
-    lines += ["## Targets", "", "| target | measured | bound | result | why, where missed (same run) |",
-              "|---|---|---|---|---|"]
+    return lines
+
+
+def _targets_section(result: dict[str, Any]) -> list[str]:
+    """Return the targets table: each target, what was measured, its bound and the verdict."""
+    lines = ["## Targets", "", "| target | measured | bound | result | why, where missed (same run) |",
+             "|---|---|---|---|---|"]
     for check in result["targets"]:
         verdict = {True: "met", False: "**missed**", None: "not measured"}[check["met"]]
         measured = "n/a" if check["measured"] is None else f"{check['measured']:g} {check['unit']}"
         bound = "n/a" if check["bound"] is None else f"{check['bound']:g} {check['unit']}"
         lines.append(f"| {check['target']} | {measured} | {bound} ({check['detail']}) | {verdict} "
                      f"| {check.get('why', '')} |")
-    lines += ["", "## Latency and throughput", "",
-              "| workload | c | backend | p50 ms | p90 ms | p99 ms | req/s | req/s ÷ PyTorch | p50 ÷ PyTorch "
-              "| req/s ÷ limit | errors | wrk CPU | server CPU ms/req | other CPU (max) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _cells_section(result: dict[str, Any]) -> list[str]:
+    """Return the latency and throughput of every cell, then the variants of this service against its defaults."""
+    summary = result["summary"]
+    labels = {name: spec["label"] for name, spec in result["backends"].items()}
+    lines = ["", "## Latency and throughput", "",
+             "| workload | c | backend | p50 ms | p90 ms | p99 ms | req/s | req/s ÷ PyTorch | p50 ÷ PyTorch "
+             "| req/s ÷ limit | errors | wrk CPU | server CPU ms/req | other CPU (max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ordered = sorted(summary["cells"].values(), key=lambda c: (
         list(result["workloads"]).index(c["workload"]), c["connections"], list(labels).index(c["backend"])))
     for c in ordered:
@@ -479,29 +498,42 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {c['workload']} | {c['connections']} | {labels[c['backend']]} | "
                          f"{_range(c['throughput_vs_onnx'], 2)} | {_range(c['p50_vs_onnx'], 2)} | "
                          f"{_fmt(_median(c, 'p99_ms'))} / {_fmt(_median(ours, 'p99_ms'))} |")
-    lines += ["", "## Processes", "",
-              "RSS and PSS are summed over a server's processes: the RSS sum counts a page that several of "
-              "them share once for each, the PSS sum once in all.", "",
-              "| backend | cold start s | RSS after load MiB | peak RSS MiB | PSS after load MiB | RSS ÷ PyTorch "
-              "| installed MiB |",
-              "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _processes_section(result: dict[str, Any]) -> list[str]:
+    """Return each server's start-up time, memory and installed size."""
+    summary = result["summary"]
+    lines = ["", "## Processes", "",
+             "RSS and PSS are summed over a server's processes: the RSS sum counts a page that several of "
+             "them share once for each, the PSS sum once in all.", "",
+             "| backend | cold start s | RSS after load MiB | peak RSS MiB | PSS after load MiB | RSS ÷ PyTorch "
+             "| installed MiB |",
+             "|---|---|---|---|---|---|---|"]
     reference_rss = summary["servers"].get(REFERENCE, {}).get("rss_mb", {}).get("median")
-    for name, label in labels.items():
+    for name, spec in result["backends"].items():
         server = summary["servers"].get(name)
         if not server:
             continue
-        size = result["sizes"].get(result["backends"][name].get("size_key") or "", {}).get("total_mb")
+        size = result["sizes"].get(spec.get("size_key") or "", {}).get("total_mb")
         ratio = _fmt(server["rss_mb"]["median"] / reference_rss, 2) if reference_rss else "n/a"
-        lines.append(f"| {label} | {_range(server['cold_start_s'], 2)} | {_range(server['rss_mb'], 0)} | "
+        lines.append(f"| {spec['label']} | {_range(server['cold_start_s'], 2)} | {_range(server['rss_mb'], 0)} | "
                      f"{_range(server['peak_rss_mb'], 0)} | {_range(server.get('pss_mb'), 0)} | {ratio} | "
                      f"{_fmt(size, 0)} |")
-    lines += ["", "## In-process limit (tokenize + session.run, no HTTP)", "",
-              "Best of the sweep (intra-op threads x spinning x calling threads x batch, each setting its own "
-              "session) and the session the service itself builds, at its default setting. Setting: the one "
-              "chosen most often over the repetitions.", "",
-              "| workload | session | texts/s (throughput limit) | its setting | one-call p50 ms (latency limit) "
-              "| its setting |", "|---|---|---|---|---|---|"]
-    for workload, limit in summary["limit"].items():
+    return lines
+
+
+def _limit_section(result: dict[str, Any]) -> list[str]:
+    """Return the in-process limit: the best of the sweep and the service's session, by texts in flight,
+    then every setting of the sweep."""
+    limits = result["summary"]["limit"]
+    lines = ["", "## In-process limit (tokenize + session.run, no HTTP)", "",
+             "Best of the sweep (intra-op threads x spinning x calling threads x batch, each setting its own "
+             "session) and the session the service itself builds, at its default setting. Setting: the one "
+             "chosen most often over the repetitions.", "",
+             "| workload | session | texts/s (throughput limit) | its setting | one-call p50 ms (latency limit) "
+             "| its setting |", "|---|---|---|---|---|---|"]
+    for workload, limit in limits.items():
         lines.append(f"| {workload} | best of the sweep | {_range(limit['texts_per_s'], 0)} "
                      f"| {most_common(limit['throughput_settings'])} | {_range(limit['p50_ms'], 2)} "
                      f"| {most_common(limit['latency_settings'])} |")
@@ -509,39 +541,48 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {most_common(limit['service_throughput_settings']).removeprefix('service session: ')} "
                      f"| {_range(limit['service_p50_ms'], 2)} "
                      f"| {most_common(limit['service_latency_settings']).removeprefix('service session: ')} |")
-    caps = sorted({int(cap) for limit in summary["limit"].values() for cap in limit.get("in_flight", {})})
+    caps = sorted({int(cap) for limit in limits.values() for cap in limit.get("in_flight", {})})
     if caps:
         lines += ["", "### The model's best with at most n texts in flight (texts/s)", "",
                   "n = calling threads x batch. A server whose clients keep n texts in flight cannot give "
                   "the model more: 8 clients at most 8.", "",
                   "| workload | " + " | ".join(f"n <= {cap}" for cap in caps) + " |", "|---|" + "---|" * len(caps)]
-        for workload, limit in summary["limit"].items():
+        for workload, limit in limits.items():
             found = limit.get("in_flight", {})
             lines.append(f"| {workload} | " + " | ".join(_range(found.get(str(cap)), 0) for cap in caps) + " |")
-    if summary["limit"]:
-        workloads = list(summary["limit"])
-        lines += ["", "### Every in-process setting (median over the repetitions: texts/s, p50 ms per call)", "",
-                  "The first repetition measures every setting; the others re-measure its finalists (the two "
-                  "fastest, the two lowest one-call p50s and the fastest at each n texts in flight of each "
-                  "workload) and the service's rows. "
-                  "A figure marked * comes from the first repetition alone.", "",
-                  "| setting | " + " | ".join(f"{w} texts/s | {w} p50 ms" for w in workloads) + " |",
-                  "|---|" + "---|---|" * len(workloads)]
-        for setting in summary["limit"][workloads[0]]["sweep"]:
-            figures = []
-            for workload in workloads:
-                row = summary["limit"][workload]["sweep"].get(setting, {})
-                rate, p50 = row.get("texts_per_s") or {}, row.get("p50_ms") or {}
-                repetitions = (summary["limit"][workload]["texts_per_s"] or {}).get("n", 1)
-                once = "*" if repetitions > 1 and rate.get("n") == 1 else ""
-                figures += [_fmt(rate.get("median"), 0) + once, _fmt(p50.get("median"), 2) + once]
-            lines.append(f"| {setting} | " + " | ".join(figures) + " |")
-    lines += ["", "## Installed size of the serving dependencies (MiB on disk)", "",
-              "| serving set | total | largest |", "|---|---|---|"]
+    return lines + (_sweep_table(limits) if limits else [])
+
+
+def _sweep_table(limits: dict[str, Any]) -> list[str]:
+    """Return every in-process setting's texts/s and p50 per workload."""
+    workloads = list(limits)
+    lines = ["", "### Every in-process setting (median over the repetitions: texts/s, p50 ms per call)", "",
+             "The first repetition measures every setting; the others re-measure its finalists (the two "
+             "fastest, the two lowest one-call p50s and the fastest at each n texts in flight of each "
+             "workload) and the service's rows. "
+             "A figure marked * comes from the first repetition alone.", "",
+             "| setting | " + " | ".join(f"{w} texts/s | {w} p50 ms" for w in workloads) + " |",
+             "|---|" + "---|---|" * len(workloads)]
+    for setting in limits[workloads[0]]["sweep"]:
+        figures = []
+        for workload in workloads:
+            row = limits[workload]["sweep"].get(setting, {})
+            rate, p50 = row.get("texts_per_s") or {}, row.get("p50_ms") or {}
+            repetitions = (limits[workload]["texts_per_s"] or {}).get("n", 1)
+            once = "*" if repetitions > 1 and rate.get("n") == 1 else ""
+            figures += [_fmt(rate.get("median"), 0) + once, _fmt(p50.get("median"), 2) + once]
+        lines.append(f"| {setting} | " + " | ".join(figures) + " |")
+    return lines
+
+
+def _sizes_section(result: dict[str, Any]) -> list[str]:
+    """Return the installed size of each serving set and its largest distributions."""
+    lines = ["", "## Installed size of the serving dependencies (MiB on disk)", "",
+             "| serving set | total | largest |", "|---|---|---|"]
     for name, size in result["sizes"].items():
         top = ", ".join(f"{pkg} {mb:g}" for pkg, mb in list(size["packages"].items())[:4])
         lines.append(f"| {name} ({len(size['packages'])} distributions) | {size['total_mb']:g} | {top} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(result: dict[str, Any], folder: Path, stem: str) -> list[Path]:
