@@ -15,18 +15,18 @@ from export import progress
 from export.budget import DEFAULT_MINUTES
 from export.convert import TARGETS
 from export.gate import Gate
-from export.pipeline import STOP, ExportOptions, run
+from export.pipeline import PROBE_LABELS, STOP, ExportOptions, run
 from export.quantize import MODES, QuantizationSettings
 from export.resolve import ExportError
 from export.sources import SourceError
-from service import runtime
+from service import runtime, tasks
 from service.tasks import TASKS
 
 logger = logging.getLogger("export")
 
 
-def parse_args(argv: list[str] | None) -> ExportOptions:
-    """Turn the command line into ExportOptions."""
+def _parser() -> argparse.ArgumentParser:
+    """Return the command line's parser."""
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description="Convert a Hugging Face text classifier into a validated, quantized ONNX model folder. "
@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                         help="what the model does (default: detected from the checkpoint: *ForTokenClassification "
                              "is token-classification, a sequence classifier with an entailment label "
                              "zero-shot-classification, any other text-classification)")
+    parser.add_argument("--candidate-labels", metavar="LABELS",
+                        help="zero-shot: comma-separated labels the int8 gate ranks for each text, as your requests "
+                             f"will (default: {','.join(PROBE_LABELS)}); at least two")
+    parser.add_argument("--hypothesis-template", metavar="TEMPLATE",
+                        help="zero-shot: the hypothesis the gate fills with each label, its place marked {} "
+                             f"(default: {tasks.DEFAULT_TEMPLATE!r})")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's for the architecture)")
     parser.add_argument("--retrain", action="store_true", help="default model: train even if cached")
     parser.add_argument("--budget", type=float, metavar="MINUTES",
@@ -80,6 +86,12 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                              f"inputs are planned for {DEFAULT_MINUTES:g} minutes, the search is not cut short")
     parser.add_argument("--quiet", action="store_true",
                         help="print only warnings, errors and the model folder (no stage or progress lines)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> ExportOptions:
+    """Turn the command line into ExportOptions; a value out of range exits 2 with its one-line reason."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.budget is not None and args.budget <= 0:
         parser.error("--budget must be a positive number of minutes")
@@ -89,6 +101,14 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
         parser.error("--max-accuracy-drop must lie between 0 and 1")
     if not 0.0 <= args.smoothing <= 1.0:
         parser.error("--smoothing must lie between 0 and 1")
+    try:
+        labels = None if args.candidate_labels is None else tuple(tasks.parse_labels(args.candidate_labels))
+        template = None if args.hypothesis_template is None else tasks.parse_template(args.hypothesis_template)
+    except tasks.TaskError as exc:
+        parser.error(str(exc).replace("parameter 'candidate_labels'", "--candidate-labels")
+                     .replace("parameter 'hypothesis_template'", "--hypothesis-template"))
+    if labels is not None and len(set(labels)) < 2:
+        parser.error("--candidate-labels needs at least two different labels: the gate compares their ranking")
     quantization = QuantizationSettings(
         mode=args.quantize, target=args.target, per_channel=args.per_channel, reduce_range=args.reduce_range,
         nodes_to_exclude=[n.strip() for n in args.exclude_nodes.split(",") if n.strip()], smoothing=args.smoothing)
@@ -96,7 +116,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                          force=args.force, quantization=quantization, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, on_miss=args.on_miss,
                          enforce_gate=args.enforce_gate, validation_file=args.validation_file,
-                         pairs=args.pairs, task=args.task, opset=args.opset, retrain=args.retrain,
+                         pairs=args.pairs, task=args.task, candidate_labels=labels, hypothesis_template=template,
+                         opset=args.opset, retrain=args.retrain,
                          budget_minutes=args.budget, quiet=args.quiet)
 
 

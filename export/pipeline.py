@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ class ExportOptions:
     validation_file: Path | None = None
     pairs: bool = False  # a pair model: validation_file holds text pairs
     task: str | None = None  # None: detected from the checkpoint (service.tasks.detect)
+    # zero-shot: the labels and template its int8 gate ranks (the user's own; None: PROBE_LABELS, the default)
+    candidate_labels: tuple[str, ...] | None = None
+    hypothesis_template: str | None = None
     opset: int | None = None
     retrain: bool = False
     budget_minutes: float | None = None  # --budget; None: planned for budget.DEFAULT_MINUTES, search not cut
@@ -137,16 +141,21 @@ def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
     return sets
 
 
-# Labels a zero-shot model is asked about when the validation inputs are single texts: what it reads in
-# service is (text, hypothesis) pairs, and these cover topics and sentiment.
+# Labels a zero-shot model is asked about when the validation inputs are single texts and the user named
+# none (--candidate-labels): what it reads in service is (text, hypothesis) pairs, and these cover topics
+# and sentiment.
 PROBE_LABELS = ("positive", "negative", "sports", "politics", "technology")
 
 
-def hypotheses(examples: list[Example]) -> list[Example]:
-    """Return each single text paired with the default hypothesis of every probe label, as zero-shot reads it."""
-    template = tasks.DEFAULT_TEMPLATE
+def probe(options: ExportOptions) -> tuple[list[str], str]:
+    """Return the candidate labels and the hypothesis template a zero-shot model's gate ranks."""
+    return (list(options.candidate_labels or PROBE_LABELS), options.hypothesis_template or tasks.DEFAULT_TEMPLATE)
+
+
+def hypotheses(examples: list[Example], labels: Sequence[str], template: str) -> list[Example]:
+    """Return each single text paired with the hypothesis of every label, as zero-shot reads it."""
     return [Example(text=e.text, label=None, domain=e.domain, text_pair=template.format(label))
-            for e in examples for label in PROBE_LABELS]
+            for e in examples for label in labels]
 
 
 def _pool(fp32: Path, sets: dict[str, list[Example]]):
@@ -187,6 +196,17 @@ def _plan(options: ExportOptions, pool, fp32: Path, started: float) -> Plan:
     return budget
 
 
+def _check_task_options(config: dict, task: str, path: Path, options: ExportOptions) -> None:
+    """Raise ExportError if the checkpoint cannot do the task, or an option does not apply to it."""
+    check_task(config, task, path)
+    if task == tasks.TOKEN_CLASSIFICATION and options.pairs:
+        raise ExportError("--pairs does not apply to token classification: it tags the tokens of single texts.")
+    if (options.candidate_labels or options.hypothesis_template) and (
+            task != tasks.ZERO_SHOT_CLASSIFICATION or options.pairs):
+        raise ExportError("--candidate-labels and --hypothesis-template apply to a zero-shot model exported from "
+                          f"single texts: this export is {task}{' from text pairs' if options.pairs else ''}.")
+
+
 def run(options: ExportOptions) -> Path:
     """Export, validate and write onnx_models/<name>/; return the folder. Raise ExportError on failure."""
     name = options.name or default_name(options.model)
@@ -204,9 +224,7 @@ def run(options: ExportOptions) -> Path:
     source = _locate(options)
     config = check_classifier(source.path)
     task = options.task or tasks.detect(config)
-    check_task(config, task, source.path)
-    if task == tasks.TOKEN_CLASSIFICATION and options.pairs:
-        raise ExportError("--pairs does not apply to token classification: it tags the tokens of single texts.")
+    _check_task_options(config, task, source.path, options)
     logger.info("      %s (%s, %s, labels %s)", source.path, config.get("model_type"), task,
                 ", ".join(str(v) for v in (config.get("id2label") or {}).values()))
 
@@ -370,7 +388,7 @@ def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp3
     stages.next(f"quantizing to int8 ({options.quantization.mode})" if quantize else "skipping quantization")
     sets = validation_sets(options)
     if zero_shot and not options.pairs:
-        sets = {name: hypotheses(examples) for name, examples in sets.items()}
+        sets = {name: hypotheses(examples, *probe(options)) for name, examples in sets.items()}
     if not quantize:  # only the gate and the quantizer read these
         sets.pop("calibration")
         sets.pop("selection_extra", None)
@@ -390,9 +408,9 @@ def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp3
         quant_record = {"mode": "none"}
     ranking = None
     if zero_shot and not options.pairs and "onnx_int8" in models:
-        ranking = ranking_figures(pool, models["onnx_int8"])
-        logger.info("      zero-shot ranking of %d texts' probe labels: top label agreement %.4f, order %.4f",
-                    ranking["texts"], ranking["top_agreement"], ranking["order_agreement"])
+        ranking = ranking_figures(pool, models["onnx_int8"], *probe(options))
+        logger.info("      zero-shot ranking of %d texts' %d candidate labels: top label agreement %.4f, order %.4f",
+                    ranking["texts"], len(ranking["labels"]), ranking["top_agreement"], ranking["order_agreement"])
         if ranking["top_agreement"] < options.min_agreement and options.on_miss == "fp32":
             del models["onnx_int8"]
             quant_record["served"] = "fp32"
@@ -427,19 +445,19 @@ def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp3
     return models, quant_record, report, pool.max_length, budget.describe()
 
 
-RANKING_TEXTS = 500  # texts whose probe labels are ranked by both models (5 pairs each)
+RANKING_TEXTS = 500  # texts whose candidate labels are ranked by both models (a pair per label)
 
 
-def ranking_figures(pool, int8: Path) -> dict:
-    """Return how often int8 ranks a text's probe labels as fp32 does: the same top label, the same order.
+def ranking_figures(pool, int8: Path, labels: Sequence[str], template: str) -> dict:
+    """Return how often int8 ranks a text's candidate labels as fp32 does: the same top label, the same order.
 
     Single-label zero-shot ranks candidates by their entailment logit, so both models' entailment
     logits of each text's (text, hypothesis) pairs are compared, on the selection split.
     """
     from export.validate import ort_runner, ort_session
 
-    # hypotheses() wrote each text's pairs one after the other, in PROBE_LABELS' order
-    wanted = [tasks.DEFAULT_TEMPLATE.format(label) for label in PROBE_LABELS]
+    # hypotheses() wrote each text's pairs one after the other, in the labels' order
+    wanted = [template.format(label) for label in labels]
     kept = set(pool.indices("validation", "selection_extra").tolist())
     complete = []
     for start in sorted(kept):
@@ -458,9 +476,10 @@ def ranking_figures(pool, int8: Path) -> dict:
             found.update(zip(chunk.tolist(), run(batch)[:, entail].tolist(), strict=True))
         logits[name] = np.array([[found[i] for i in group] for group in complete])
     if not complete:
-        return {"texts": 0, "top_agreement": 1.0, "order_agreement": 1.0}
+        return {"texts": 0, "labels": list(labels), "template": template, "top_agreement": 1.0,
+                "order_agreement": 1.0}
     orders = {name: np.argsort(-values, axis=1, kind="stable") for name, values in logits.items()}
-    return {"texts": len(complete), "labels": list(PROBE_LABELS),
+    return {"texts": len(complete), "labels": list(labels), "template": template,
             "top_agreement": round(float((orders["fp32"][:, 0] == orders["int8"][:, 0]).mean()), 5),
             "order_agreement": round(float((orders["fp32"] == orders["int8"]).all(axis=1).mean()), 5)}
 

@@ -83,6 +83,19 @@ def test_out_of_range_settings_are_refused(run_cli, tmp_path, option, value):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    (("--candidate-labels", "billing"), "--candidate-labels needs at least two different labels"),
+    (("--candidate-labels", "a,a"), "--candidate-labels needs at least two different labels"),
+    (("--candidate-labels", " , "), "--candidate-labels must name at least one label"),
+    (("--hypothesis-template", "no place for the label"), "--hypothesis-template 'no place for the label' must hold"),
+    (("--hypothesis-template", "{0.upper}"), "--hypothesis-template"),
+])
+def test_the_zero_shot_gates_labels_and_template_are_checked_first(run_cli, tmp_path, arguments, message):
+    result = run_cli(*arguments, "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_that_is_not_a_sequence_classifier_is_refused(run_cli, tmp_path):
     from transformers import BertConfig, BertModel
 
@@ -270,7 +283,8 @@ def test_help_lists_the_options(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
     for option in ("--model", "--name", "--force", "--quantize", "--target", "--min-agreement",
-                   "--max-accuracy-drop", "--on-miss", "--no-gate", "--smoothing", "--budget", "--quiet", "--task"):
+                   "--max-accuracy-drop", "--on-miss", "--no-gate", "--smoothing", "--budget", "--quiet", "--task",
+                   "--candidate-labels", "--hypothesis-template"):
         assert option in result.stdout
 
 

@@ -217,6 +217,9 @@ def test_the_task_can_be_forced_and_a_wrong_one_is_refused(tmp_path: Path) -> No
     sentiment = build_checkpoint(tmp_path / "sentiment", "bert")
     with pytest.raises(ExportError, match="none of its labels"):
         _export(sentiment, tmp_path / "nope", task="zero-shot-classification")
+    # the zero-shot gate's labels are for zero-shot models only
+    with pytest.raises(ExportError, match="apply to a zero-shot model.*this export is text-classification"):
+        _export(sentiment, tmp_path / "labels", candidate_labels=("a", "b"))
 
 
 # zero-shot
@@ -274,6 +277,19 @@ def test_an_int8_zero_shot_model_is_gated_on_its_ranking_of_labels(tmp_path: Pat
     if not gate["ranking"]["passed"]:
         with pytest.raises(ExportError, match="top candidate label first for"):
             _export(tied, tmp_path / "strict", mode="dynamic", min_agreement=0.99, max_accuracy_drop=1.0)
+
+
+def test_the_zero_shot_gate_ranks_the_users_own_labels_and_template(tmp_path: Path) -> None:
+    decisive = build_checkpoint(tmp_path / "decisive", "roberta", NLI_LABELS, seed=2, initializer_range=0.5)
+    labels, template = ("billing", "refund", "delivery", "login"), "The customer writes about {}."
+    # a random tiny model ranks some label sets as int8 does and not others: the gate judges the ones given
+    folder = _export(decisive, tmp_path / "out", mode="dynamic", min_agreement=0.9, max_accuracy_drop=1.0,
+                     candidate_labels=labels, hypothesis_template=template, enforce_gate=False)
+    gate = json.loads((folder / "manifest.json").read_text())["validation"]["gate"]
+    ranking = gate["ranking"]
+    # every text's pairs were found and ranked: none is left out for not matching the hypotheses written
+    assert ranking["labels"] == list(labels) and ranking["template"] == template and ranking["texts"] > 0
+    assert ranking["passed"] == (ranking["top_agreement"] >= 0.9) and gate["passed"] == ranking["passed"]
 
 
 @pytest.mark.parametrize("family", NLI_FAMILIES)
