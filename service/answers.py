@@ -21,6 +21,10 @@ def tag(request: TagRequest) -> list[Any]:
     classifier = state.classifier()
     limit = state.settings().max_batch
     task = classifier.task
+    for text in request.texts:  # a text that alone is far over the limit is refused before it is tokenized whole
+        if (least := task.windows_over(text, request.stride or 0, limit)) is not None:
+            raise ApiError(413, f"texts too long: they make at least {least} windows of {classifier.max_length} "
+                                f"tokens, the limit is {limit} per request")
     windows = [task.windows(text, request.stride or 0) for text in request.texts]
     count = sum(len(own) for own in windows)
     if count > limit:  # each window is one text against the request and queue limits

@@ -152,6 +152,11 @@ def parse_labels(value: Any) -> list[str]:
     return labels
 
 
+# windows_over reads at most this many characters a token (English averages 4-5) before it counts windows
+HEAD_CHARS_PER_TOKEN = 8
+WHITESPACE = (" ", "\n", "\t", "\r")
+
+
 class TokenClassification(Task):
     """A label per token, grouped into entities with character offsets into the text sent."""
 
@@ -187,6 +192,23 @@ class TokenClassification(Task):
         encoding.truncate(self.max_length - self.specials, stride=stride, direction="right")
         final = self.tokenizer.post_process(encoding, None, add_special_tokens=True)
         return [final, *final.overflowing]
+
+    def windows_over(self, text: str, stride: int, limit: int) -> int | None:
+        """Return how many windows the start of a long text already makes, if more than limit; else None.
+
+        A request's windows count against its limit of texts, and tokenizing a text of megabytes takes
+        seconds: this reads only as many characters as limit + 1 windows could take, up to the last
+        whitespace among them. Words are tokenized apart from each other, so that start's tokens are the
+        whole text's first tokens, and its windows a lower bound of the text's.
+        """
+        width = self.max_length - self.specials
+        tokens = width + limit * max(1, width - stride)  # more than this make more than limit windows
+        head = text[:tokens * HEAD_CHARS_PER_TOKEN]
+        cut = max(head.rfind(space) for space in WHITESPACE) if len(head) < len(text) else -1
+        if cut <= 0:  # the text is short, or no whitespace to cut at: count its windows whole
+            return None
+        count = len(self.windows(text[:cut], stride))
+        return count if count > limit else None
 
     def entities(self, text: str, windows: Sequence[Encoding], rows: Sequence[np.ndarray], strategy: Strategy,
                  ignore_labels: Sequence[str]) -> list[dict[str, Any]]:

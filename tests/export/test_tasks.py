@@ -187,6 +187,34 @@ def test_routes_of_other_tasks_say_what_the_model_does(tag_clients) -> None:
     assert client.post("/", json={"inputs": ""}).get_json() == {"error": "text cannot be empty"}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_texts_over_the_window_limit_are_refused_and_a_huge_one_from_its_start(family, tag_clients,
+                                                                            tag_pipelines) -> None:
+    client, tokenizer = tag_clients[family], tag_pipelines[family].tokenizer
+    limit = client.get("/info").get_json()["limits"]["max_batch"]  # a window counts as a text
+
+    def windows(text: str) -> int:  # transformers' own cut, as the pipeline makes it
+        return len(tokenizer(text, truncation=True, return_overflowing_tokens=True)["input_ids"])
+
+    def refused(text: str) -> str:
+        response = client.post("/", json={"inputs": text, "parameters": {"aggregation_strategy": "simple"}})
+        assert response.status_code == 413, response.get_json()
+        return response.get_json()["error"]
+
+    words = 1
+    while windows("alpha beta " * words) <= limit:
+        words *= 2
+    just_over = "alpha beta " * words  # fewer characters than the start the service reads first: counted whole
+    assert refused(just_over) == (f"texts too long: they make {windows(just_over)} windows of "
+                                  f"{tokenizer.model_max_length} tokens, the limit is {limit} per request")
+    assert client.post("/", json={"inputs": "alpha beta " * (words // 4)}).status_code == 200
+    # about 2 MB: refused from its start, whose windows are a lower bound of the text's
+    huge = "alpha beta " * 180_000
+    message = refused(huge)
+    least = int(message.split("at least ")[1].split()[0])
+    assert limit < least <= windows(huge[:len(huge) // 100]) < windows(huge[:len(huge) // 50])
+
+
 def test_an_int8_token_classifier_is_gated_on_tokens_and_entities(tmp_path: Path) -> None:
     checkpoint = build_token_checkpoint(tmp_path / "ner", "bert", seed=1)
     # A random tiny model's labels are close calls that int8 flips more often than a trained model's:
