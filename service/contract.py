@@ -1,15 +1,30 @@
-"""Request parameters declared once: each one's JSON Schema, description and message drive both the
-validation of a request and the OpenAPI document.
+"""Requests declared once: each body field's and parameter's JSON Schema, description and messages drive
+both the validation of a request and the OpenAPI document (service/openapi.py builds its request schemas
+from these declarations, never from a copy).
 
-A parameter's schema is the JSON Schema subset the service uses (type, enum, minimum, maximum,
-items, minItems, anyOf); a value that breaks it is refused with the parameter's message. Null or
-absent means the default. Rules across parameters stay with the route's reader.
+A declaration's schema is the JSON Schema subset the service uses: type, enum, minimum, maximum,
+minLength, pattern, items, minItems, maxItems, required, properties, additionalProperties: false and
+anyOf. A value is checked in a fixed order and the first rule it breaks picks the message:
+- its type, then enum, minimum and maximum; a string's minLength and pattern;
+- an object's required and additionalProperties, then each declared property's rules, named
+  "properties.NAME.RULE";
+- an array's minItems and maxItems, then each item's other rules, named "items.RULE" (with the index);
+- anyOf: the rules of the option whose type the value has.
+A rule may have a message (and a status) of its own, formatted with `index`, `count` and `limit`;
+every other rule takes the declaration's message. A JSON Schema integer is also an integral float (2.0),
+as JSON Schema counts it.
+
+Parameters (the Inference API's "parameters", TEI's and v2's options) are read with `read`: null or
+absent means the default. Body fields are checked with `check` by their route's reader, which also
+applies the rules across fields (which are required, which exclude each other).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from service.errors import ApiError
@@ -19,35 +34,110 @@ _TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "boolean": bool, "a
 
 @dataclass(frozen=True)
 class Param:
-    """One request parameter: its name, the schema of a value other than null, what it means, and the 400
-    message when a value breaks the schema."""
+    """One body field or request parameter: its name, the schema of a value other than null, what it means,
+    and the message (400 unless the reader says otherwise) when a value breaks the schema."""
 
     name: str
     schema: dict[str, Any]
     description: str
     message: str
     fold_case: bool = False  # a string is read in lower case (the schema names the lower-case values)
+    messages: Mapping[str, str] = field(default_factory=dict)  # a rule's own message, e.g. "items.pattern"
+    statuses: Mapping[str, int] = field(default_factory=dict)  # a rule's own status, e.g. 413 for maxItems
 
 
-def conforms(value: Any, schema: dict[str, Any]) -> bool:
-    """Return whether value meets schema (the subset above; an integral float counts as an integer)."""
+def problem(value: Any, schema: dict[str, Any]) -> tuple[str, dict[str, int]] | None:
+    """Return the first rule of schema that value breaks, with what its message may quote; None if it conforms."""
     if "anyOf" in schema:
-        return any(conforms(value, option) for option in schema["anyOf"])
+        options = schema["anyOf"]
+        if any(problem(value, option) is None for option in options):
+            return None
+        typed = [option for option in options if _typed(value, option)]
+        return problem(value, typed[0]) if typed else ("type", {})
+    if not _typed(value, schema):
+        return "type", {}
     if "enum" in schema and value not in schema["enum"]:
-        return False
+        return "enum", {}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for rule, broken in (("minimum", value < schema.get("minimum", value)),
+                             ("maximum", value > schema.get("maximum", value))):
+            if broken:
+                return rule, {}
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            return "minLength", {}
+        if "pattern" in schema and _compiled(schema["pattern"]).search(value) is None:
+            return "pattern", {}
+    if isinstance(value, dict):
+        return _object_problem(value, schema)
+    if isinstance(value, list):
+        return _array_problem(value, schema)
+    return None
+
+
+@cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    """Return a schema's pattern compiled once."""
+    return re.compile(pattern)
+
+
+def _typed(value: Any, schema: dict[str, Any]) -> bool:
+    """Return whether value has schema's type (any option's, for anyOf)."""
+    if "anyOf" in schema:
+        return any(_typed(value, option) for option in schema["anyOf"])
     kind = schema.get("type")
-    if kind == "integer":
-        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+    if kind == "null":
+        return value is None
+    if kind in ("integer", "number"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if kind == "integer" and isinstance(value, float) and not value.is_integer():
             return False
     elif kind is not None and (isinstance(value, bool) != (kind == "boolean") or not isinstance(value, _TYPES[kind])):
         return False
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
-            return False
-    if isinstance(value, list):
-        return len(value) >= schema.get("minItems", 0) and all(conforms(item, schema.get("items", {}))
-                                                               for item in value)
     return True
+
+
+def _object_problem(value: dict[str, Any], schema: dict[str, Any]) -> tuple[str, dict[str, int]] | None:
+    """Return the first rule an object breaks: a required property missing, one not declared, then its properties'."""
+    properties = schema.get("properties", {})
+    if any(name not in value for name in schema.get("required", ())):
+        return "required", {}
+    if schema.get("additionalProperties") is False and any(name not in properties for name in value):
+        return "additionalProperties", {}
+    for name, declared in properties.items():
+        if name in value and (found := problem(value[name], declared)) is not None:
+            return f"properties.{name}.{found[0]}", found[1]
+    return None
+
+
+def _array_problem(value: list[Any], schema: dict[str, Any]) -> tuple[str, dict[str, int]] | None:
+    """Return the first rule an array breaks: its length, then its items' rules (with the index)."""
+    if len(value) < schema.get("minItems", 0):
+        return "minItems", {"count": len(value), "limit": schema["minItems"]}
+    if "maxItems" in schema and len(value) > schema["maxItems"]:
+        return "maxItems", {"count": len(value), "limit": schema["maxItems"]}
+    items = schema.get("items", {})
+    for index, item in enumerate(value):
+        if (found := problem(item, items)) is not None:
+            return f"items.{found[0]}", {**found[1], "index": index}
+    return None
+
+
+def conforms(value: Any, schema: dict[str, Any]) -> bool:
+    """Return whether value meets schema."""
+    return problem(value, schema) is None
+
+
+def check(value: Any, declared: Param, status: int = 400, error_type: str | None = None) -> Any:
+    """Return value if it meets the declaration's schema; else raise ApiError with the broken rule's message
+    and status (the declaration's own, or `status`)."""
+    found = problem(value, declared.schema)
+    if found is None:
+        return value
+    rule, quoted = found
+    raise ApiError(declared.statuses.get(rule, status), declared.messages.get(rule, declared.message).format(**quoted),
+                   error_type)
 
 
 def read(parameters: dict[str, Any], declared: Sequence[Param], status: int = 400,
@@ -61,10 +151,14 @@ def read(parameters: dict[str, Any], declared: Sequence[Param], status: int = 40
             continue
         if param.fold_case and isinstance(value, str):
             value = value.lower()
-        if not conforms(value, param.schema):
-            raise ApiError(status, param.message, error_type)
+        check(value, param, status, error_type)
         values[param.name] = int(value) if param.schema.get("type") == "integer" else value
     return values
+
+
+def field_schema(declared: Param) -> dict[str, Any]:
+    """Return the JSON Schema of a body field: its schema and description (null is not a value of it)."""
+    return {**declared.schema, "description": declared.description}
 
 
 def schema(declared: Sequence[Param], required: Sequence[str] = ()) -> dict[str, Any]:

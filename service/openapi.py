@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from service import contract
-from service.schemas import CLASSIFY_PARAMETERS, TOP_K, ZERO_SHOT_PARAMETERS, tag_parameters
+from service.schemas import (
+    CLASSIFY_PARAMETERS,
+    PAIR,
+    ZERO_SHOT_PARAMETERS,
+    classify_inputs,
+    sentiment_fields,
+    tag_parameters,
+    task_inputs,
+)
 from service.tasks import TAG, ZERO_SHOT, Task, TextClassification
 from service.tei import OPTIONS, RERANK_OPTIONS, TOKENIZE_OPTIONS
 
@@ -255,16 +263,12 @@ def v2_paths(locked: tuple[int, ...], model_name: str) -> dict[str, Any]:
     }
 
 
-# A text must hold a character that str.strip() keeps; this class lists every one Python calls whitespace.
-NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
-
-
-def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dict[str, Any]:
+def task_schemas(task: Task, max_batch: int) -> dict[str, Any]:
     """Return the Inference API's request and answer for a token classifier or a zero-shot model (none else).
 
-    The parameters come from their declarations in service/schemas.py, which also validate them.
+    The inputs and parameters come from their declarations in service/schemas.py, which also validate them.
     """
-    inputs = {"anyOf": [text, texts], "description": "A text, or a list of texts (then a list of answers)."}
+    inputs = task_inputs(max_batch)
     if task.can(TAG):
         entity = {"type": "object", "required": ["score", "word", "start", "end"], "properties": {
             "entity": {"type": "string", "description": "The token's label (aggregation_strategy none)."},
@@ -299,10 +303,10 @@ def task_schemas(task: Task, text: dict[str, Any], texts: dict[str, Any]) -> dic
 def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False,
                      model_name: str = "model", task: Task | None = None) -> dict[str, Any]:
     """Return the OpenAPI document with this instance's limits, authentication and model's task filled in."""
-    top_k = contract.schema([TOP_K])["properties"]["top_k"]
-    text = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
-    texts = {"type": "array", "items": text, "minItems": 1,
-             "maxItems": max_batch, "description": f"At most {max_batch} non-blank texts."}
+    text, texts, top_k = sentiment_fields(max_batch)
+    # the Inference API's inputs: a text, texts, a pair or pairs, a pair as the TextPair component
+    one_text, many_texts, _, pairs = (contract.field_schema(form) for form in classify_inputs(max_batch))
+    inputs = [one_text, many_texts, _ref("TextPair"), {**pairs, "items": _ref("TextPair")}]
     # 401 only where this instance can answer it, so a schema-driven fuzzer sees no surprise
     locked = (401,) if api_key_required else ()
     classify_errors = _errors(400, *locked, 413, 415, 500, 503)
@@ -314,7 +318,8 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
         "SentimentRequest": {
             "type": "object",
             "description": "Exactly one of text or texts. " + _CONTENT_TYPES,
-            "properties": {"text": text, "texts": texts, "top_k": top_k},
+            "properties": {"text": contract.field_schema(text), "texts": contract.field_schema(texts),
+                           "top_k": contract.schema([top_k])["properties"]["top_k"]},
             "oneOf": [{"required": ["text"]}, {"required": ["texts"]}],
         },
         "SentimentResponse": {
@@ -329,20 +334,17 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
             "description": ("The Hugging Face Inference API text-classification body. A sentence pair is "
                             "{\"text\", \"text_pair\"}, as transformers' pipeline takes it. " + _CONTENT_TYPES),
             "properties": {
-                "inputs": {"anyOf": [text, texts, _ref("TextPair"),
-                                     {"type": "array", "items": _ref("TextPair"), "minItems": 1,
-                                      "maxItems": max_batch}]},
+                "inputs": {"anyOf": inputs},
                 "parameters": {"anyOf": [{"type": "null"}, contract.schema(CLASSIFY_PARAMETERS)]},
             },
         },
-        "TextPair": {"type": "object", "required": ["text"], "additionalProperties": False,
-                     "properties": {"text": text, "text_pair": {"anyOf": [text, {"type": "null"}]}}},
+        "TextPair": PAIR,
         **tei_schemas(max_batch),
         **v2_schemas(max_batch, task),
         "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
                               "description": "One Ranked list per input, also for a single string input; "
                                              "all labels unless top_k is given."},
-        **task_schemas(task or TextClassification(), text, texts),
+        **task_schemas(task or TextClassification(), max_batch),
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status"],

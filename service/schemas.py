@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 from flask import current_app, request
@@ -46,6 +47,69 @@ def json_object(error_type: str | None = None) -> dict[str, Any]:
         raise ApiError(400, "the JSON body must be an object", error_type)
     return body
 
+
+# ---- body fields: a text, a list of texts, a sentence pair, declared once for validation and the document ----
+
+# A text must hold a character that str.strip() keeps; this class lists every one Python calls whitespace.
+NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+TEXT = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
+BLANK = "text cannot be empty"
+_ITEM_BLANK = "text at index {index} cannot be empty"
+
+
+@cache
+def text_field(name: str) -> Param:
+    """Declare a body field holding one non-blank text."""
+    return Param(name, TEXT, "A text (not blank).", f"field '{name}' must be a string",
+                 messages={"minLength": BLANK, "pattern": BLANK})
+
+
+@cache
+def texts_field(name: str, max_batch: int) -> Param:
+    """Declare a body field holding a list of 1 to max_batch non-blank texts (413 beyond max_batch)."""
+    return Param(name, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_batch},
+                 f"At most {max_batch} non-blank texts.", f"field '{name}' must be a list of strings",
+                 messages={"minItems": f"field '{name}' cannot be an empty list",
+                           "maxItems": "batch too large: {count} texts, the limit is {limit} per request",
+                           "items.minLength": _ITEM_BLANK, "items.pattern": _ITEM_BLANK},
+                 statuses={"maxItems": 413})
+
+
+# A sentence pair, as transformers' pipeline takes it; without text_pair, a single text.
+PAIR = {"type": "object", "required": ["text"], "additionalProperties": False,
+        "properties": {"text": TEXT, "text_pair": {"anyOf": [TEXT, {"type": "null"}]}}}
+
+
+def _pair_messages(name: str, rule: str = "") -> dict[str, str]:
+    """Return the messages of a pair's rules (each prefixed with rule), for the field called name."""
+    shape = f"field '{name}' must be an object with 'text' and optional 'text_pair'"
+    return {f"{rule}{key}": message for key, message in {
+        "type": shape, "required": shape, "additionalProperties": shape,
+        "properties.text.type": f"field '{name}.text' must be a string",
+        "properties.text.minLength": BLANK, "properties.text.pattern": BLANK,
+        "properties.text_pair.type": f"field '{name}.text_pair' must be a string",
+        "properties.text_pair.minLength": BLANK, "properties.text_pair.pattern": BLANK}.items()}
+
+
+@cache
+def pair_field(name: str) -> Param:
+    """Declare a body field holding one {"text", "text_pair"} pair."""
+    messages = _pair_messages(name)
+    return Param(name, PAIR, 'A sentence pair {"text", "text_pair"}; without text_pair, one text.',
+                 messages["type"], messages=messages)
+
+
+@cache
+def pairs_field(name: str, max_batch: int) -> Param:
+    """Declare a body field holding a list of 1 to max_batch sentence pairs (413 beyond max_batch)."""
+    return Param(name, {"type": "array", "items": PAIR, "minItems": 1, "maxItems": max_batch},
+                 f"At most {max_batch} sentence pairs.", f"field '{name}' must be a list of sentence pairs",
+                 messages={"maxItems": "batch too large: {count} texts, the limit is {limit} per request",
+                           **_pair_messages(f"{name}[{{index}}]", "items.")},
+                 statuses={"maxItems": 413})
+
+
+# ---- parameters ----
 
 # JSON Schema (and so the OpenAPI document) counts 2.0 as the integer 2; 1e400 parses to inf, which is not.
 TOP_K = Param("top_k", {"type": "integer", "minimum": 1}, "Return this many labels sorted by score (null: all labels).",
@@ -104,16 +168,23 @@ def parameters_of(body: dict[str, Any]) -> dict[str, Any]:
     return parameters
 
 
+def task_inputs(max_batch: int) -> dict[str, Any]:
+    """Return the schema of a token-classification or zero-shot body's "inputs": a text or a list of texts."""
+    return {"anyOf": [contract.field_schema(text_field("inputs")),
+                      contract.field_schema(texts_field("inputs", max_batch))],
+            "description": "A text, or a list of texts (then a list of answers)."}
+
+
 def _texts_of_inputs(body: dict[str, Any], max_batch: int) -> tuple[list[str], bool]:
     """Return the texts of "inputs" (a string or a list of strings) and whether it was a list."""
     if "inputs" not in body:
         raise ApiError(400, "missing field 'inputs'")
     inputs = body["inputs"]
     if isinstance(inputs, str):
-        return [_text(inputs, "inputs")], False
+        return [_text(inputs, text_field("inputs"))], False
     if not isinstance(inputs, list):
         raise ApiError(400, "field 'inputs' must be a string or a list of strings")
-    return _texts(inputs, "inputs", max_batch), True
+    return _texts(inputs, texts_field("inputs", max_batch)), True
 
 
 def tag_parameters(max_stride: int) -> list[Param]:
@@ -187,17 +258,31 @@ def read_zero_shot_request(body: dict[str, Any], max_batch: int, user_agent: str
     return ZeroShotRequest(texts, batch, Candidates(labels, template, bool(multi_label)), pipeline_shape)
 
 
+@cache
+def sentiment_fields(max_batch: int) -> tuple[Param, Param, Param]:
+    """Return the fields of /sentiment's body: text or texts (exactly one), and top_k."""
+    return text_field("text"), texts_field("texts", max_batch), TOP_K
+
+
 def _sentiment(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     """Validate {"text": str} or {"texts": [str, ...]}, with optional "top_k"."""
     if "text" in body and "texts" in body:
         raise ApiError(400, "send either 'text' or 'texts', not both")
+    text, texts, top = sentiment_fields(max_batch)
     ranked = "top_k" in body
-    top_k = contract.read(body, [TOP_K]).get("top_k") if ranked else 1  # null: every label
+    top_k = contract.read(body, [top]).get("top_k") if ranked else 1  # null: every label
     if "texts" in body:
-        return ClassifyRequest(_texts(body["texts"], "texts", max_batch), True, top_k, ranked)
+        return ClassifyRequest(_texts(body["texts"], texts), True, top_k, ranked)
     if "text" not in body:
         raise ApiError(400, "missing field 'text'")
-    return ClassifyRequest([_text(body["text"], "text")], False, top_k, ranked)
+    return ClassifyRequest([_text(body["text"], text)], False, top_k, ranked)
+
+
+@cache
+def classify_inputs(max_batch: int) -> tuple[Param, Param, Param, Param]:
+    """Return the forms of the Inference API's "inputs" for a text classifier: a text, texts, a pair, pairs."""
+    return (text_field("inputs"), texts_field("inputs", max_batch), pair_field("inputs"),
+            pairs_field("inputs", max_batch))
 
 
 def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
@@ -210,30 +295,33 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
     values = contract.read(parameters_of(body), CLASSIFY_PARAMETERS)
     function, top_k = values.get("function_to_apply"), values.get("top_k")
     inputs = body["inputs"]
+    text, texts, pair, pairs = classify_inputs(max_batch)
     if isinstance(inputs, str):
-        return ClassifyRequest([_text(inputs, "inputs")], False, top_k, True, function)
+        return ClassifyRequest([_text(inputs, text)], False, top_k, True, function)
     if isinstance(inputs, dict):
-        return ClassifyRequest([_pair(inputs, "inputs")], False, top_k, True, function)
+        return ClassifyRequest([_pair(inputs, pair)], False, top_k, True, function)
     if not isinstance(inputs, list):
         raise ApiError(400, "field 'inputs' must be a string or a list of strings")
     if not inputs or not all(isinstance(item, dict) for item in inputs):
-        texts = _texts(inputs, "inputs", max_batch)  # the common case, with the messages of 'texts'
-        return ClassifyRequest(list(texts), True, top_k, True, function)
-    if len(inputs) > max_batch:
-        raise ApiError(413, f"batch too large: {len(inputs)} texts, the limit is {max_batch} per request")
-    return ClassifyRequest([_pair(item, f"inputs[{i}]") for i, item in enumerate(inputs)], True, top_k, True,
-                           function)
+        return ClassifyRequest(_texts(inputs, texts), True, top_k, True, function)  # the common case
+    contract.check(inputs, pairs)
+    return ClassifyRequest([_pair_of(item) for item in inputs], True, top_k, True, function)
 
 
-def _pair(value: dict[str, Any], field: str) -> Input:
-    """Return (text, text_pair) from {"text": str, "text_pair": str}; without text_pair, the text."""
-    unknown = sorted(set(value) - {"text", "text_pair"})
-    if unknown or "text" not in value:
-        raise ApiError(400, f"field '{field}' must be an object with 'text' and optional 'text_pair'")
-    text = _text(value["text"], f"{field}.text")
+def _pair(value: dict[str, Any], declared: Param) -> Input:
+    """Return (text, text_pair) from {"text": str, "text_pair": str} that meets its declaration; without
+    text_pair, the text."""
+    contract.check(value, declared)
+    return _pair_of(value)
+
+
+def _pair_of(value: dict[str, Any]) -> Input:
+    """Return the text or (text, text_pair) of a pair that meets PAIR, each checked as valid Unicode."""
+    check_unicode(value["text"], "text")
     if value.get("text_pair") is None:
-        return text
-    return text, _text(value["text_pair"], f"{field}.text_pair")
+        return value["text"]
+    check_unicode(value["text_pair"], "text")
+    return value["text"], value["text_pair"]
 
 
 def _refuse_constant(name: str) -> Any:
@@ -241,27 +329,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _text(value: Any, field: str) -> str:
-    """Return a non-blank text."""
-    if not isinstance(value, str):
-        raise ApiError(400, f"field '{field}' must be a string")
-    if not value.strip():
-        raise ApiError(400, "text cannot be empty")
+def _text(value: Any, declared: Param) -> str:
+    """Return a text that meets its declaration (a non-blank string) and is valid Unicode."""
+    contract.check(value, declared)
     check_unicode(value, "text")
     return value
 
 
-def _texts(value: Any, field: str, max_batch: int) -> list[str]:
-    """Return a non-empty list of non-blank texts no longer than max_batch."""
-    if not isinstance(value, list) or not all(isinstance(text, str) for text in value):
-        raise ApiError(400, f"field '{field}' must be a list of strings")
-    if not value:
-        raise ApiError(400, f"field '{field}' cannot be an empty list")
-    if len(value) > max_batch:
-        raise ApiError(413, f"batch too large: {len(value)} texts, the limit is {max_batch} per request")
+def _texts(value: Any, declared: Param) -> list[str]:
+    """Return a list of texts that meets its declaration (1 to max_batch non-blank strings), each valid Unicode."""
+    contract.check(value, declared)
     for index, text in enumerate(value):
-        if not text.strip():
-            raise ApiError(400, f"text at index {index} cannot be empty")
         check_unicode(text, f"text at index {index}")
     return value
 
