@@ -10,7 +10,7 @@ anyOf. A value is checked in a fixed order and the first rule it breaks picks th
   "properties.NAME.RULE";
 - an array's minItems and maxItems, then each item's other rules, named "items.RULE" (with the index);
 - anyOf: the rules of the option whose type the value has.
-A rule may have a message (and a status) of its own, formatted with `index`, `count` and `limit`;
+A rule may have a message (and a status) of its own, formatted with `index`, `path`, `count` and `limit`;
 every other rule takes the declaration's message. A JSON Schema integer is also an integral float (2.0),
 as JSON Schema counts it.
 
@@ -43,10 +43,11 @@ class Param:
     message: str
     fold_case: bool = False  # a string is read in lower case (the schema names the lower-case values)
     messages: Mapping[str, str] = field(default_factory=dict)  # a rule's own message, e.g. "items.pattern"
-    statuses: Mapping[str, int] = field(default_factory=dict)  # a rule's own status, e.g. 413 for maxItems
+    # a rule's own status, e.g. 413 for maxItems, or status and error type, e.g. (400, "Empty") for minItems
+    statuses: Mapping[str, int | tuple[int, str]] = field(default_factory=dict)
 
 
-def problem(value: Any, schema: dict[str, Any]) -> tuple[str, dict[str, int]] | None:
+def problem(value: Any, schema: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """Return the first rule of schema that value breaks, with what its message may quote; None if it conforms."""
     if "anyOf" in schema:
         options = schema["anyOf"]
@@ -98,7 +99,7 @@ def _typed(value: Any, schema: dict[str, Any]) -> bool:
     return True
 
 
-def _object_problem(value: dict[str, Any], schema: dict[str, Any]) -> tuple[str, dict[str, int]] | None:
+def _object_problem(value: dict[str, Any], schema: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """Return the first rule an object breaks: a required property missing, one not declared, then its properties'."""
     properties = schema.get("properties", {})
     if any(name not in value for name in schema.get("required", ())):
@@ -111,8 +112,9 @@ def _object_problem(value: dict[str, Any], schema: dict[str, Any]) -> tuple[str,
     return None
 
 
-def _array_problem(value: list[Any], schema: dict[str, Any]) -> tuple[str, dict[str, int]] | None:
-    """Return the first rule an array breaks: its length, then its items' rules (with the index)."""
+def _array_problem(value: list[Any], schema: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """Return the first rule an array breaks: its length, then its items' rules, with the item's index and its
+    path ("[2]", or "[2][1]" for an item of an item)."""
     if len(value) < schema.get("minItems", 0):
         return "minItems", {"count": len(value), "limit": schema["minItems"]}
     if "maxItems" in schema and len(value) > schema["maxItems"]:
@@ -120,7 +122,7 @@ def _array_problem(value: list[Any], schema: dict[str, Any]) -> tuple[str, dict[
     items = schema.get("items", {})
     for index, item in enumerate(value):
         if (found := problem(item, items)) is not None:
-            return f"items.{found[0]}", {**found[1], "index": index}
+            return f"items.{found[0]}", {**found[1], "index": index, "path": f"[{index}]{found[1].get('path', '')}"}
     return None
 
 
@@ -136,8 +138,9 @@ def check(value: Any, declared: Param, status: int = 400, error_type: str | None
     if found is None:
         return value
     rule, quoted = found
-    raise ApiError(declared.statuses.get(rule, status), declared.messages.get(rule, declared.message).format(**quoted),
-                   error_type)
+    own = declared.statuses.get(rule, status)
+    status, error_type = own if isinstance(own, tuple) else (own, error_type)
+    raise ApiError(status, declared.messages.get(rule, declared.message).format(**quoted), error_type)
 
 
 def read(parameters: dict[str, Any], declared: Sequence[Param], status: int = 400,

@@ -15,7 +15,16 @@ from service.schemas import (
     task_inputs,
 )
 from service.tasks import TAG, ZERO_SHOT, Task, TextClassification
-from service.tei import OPTIONS, RERANK_OPTIONS, TOKENIZE_OPTIONS
+from service.tei import (
+    OPTIONS,
+    RERANK_OPTIONS,
+    STRING,
+    TOKENIZE_OPTIONS,
+    batch_field,
+    sequence_field,
+    string_field,
+    strings_field,
+)
 
 _CONTENT_TYPES = (
     "Request bodies are parsed as JSON whatever their Content-Type (application/json is best; "
@@ -73,28 +82,30 @@ def _tei_errors(locked: tuple[int, ...], *statuses: int) -> dict[str, Any]:
 
 
 def tei_schemas(max_batch: int) -> dict[str, Any]:
-    """Return the schemas of TEI's /predict, /rerank and /tokenize, as TEI's own document has them."""
-    string = {"type": "string"}
-    sequence = {"type": "array", "items": string, "minItems": 1, "maxItems": 2}
+    """Return the schemas of TEI's /predict, /rerank and /tokenize, as TEI's own document has them; their
+    fields come from their declarations in service/tei.py, which also validate them."""
+    string = STRING
     options = contract.schema(OPTIONS)["properties"]
+    predict = [string_field("inputs"), sequence_field("inputs"), batch_field("inputs", max_batch)]
     return {
         "PredictRequest": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"description": "A text; [text, text_pair] for one pair; [[text], [text, text_pair], ...] "
                                       "for a batch.",
-                       "anyOf": [string, sequence,
-                                 {"type": "array", "items": sequence, "minItems": 1, "maxItems": max_batch}]},
+                       "anyOf": [contract.field_schema(form) for form in predict]},
             **options}},
         "PredictResponse": {"description": "Every label sorted by score; a list of those for a batch.",
                             "anyOf": [{"type": "array", "items": _ref("Prediction")},
                                       {"type": "array", "items": {"type": "array", "items": _ref("Prediction")}}]},
         "RerankRequest": {"type": "object", "required": ["query", "texts"], "properties": {
-            "query": string, "texts": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
+            "query": contract.field_schema(string_field("query")),
+            "texts": contract.field_schema(strings_field("texts", max_batch, "`texts` cannot be empty")),
             **contract.schema(RERANK_OPTIONS)["properties"], **options}},
         "Rank": {"type": "object", "required": ["index", "score"], "additionalProperties": False, "properties": {
             "index": {"type": "integer", "minimum": 0}, "score": {"type": "number"}, "text": string}},
         "RerankResponse": {"type": "array", "items": _ref("Rank"), "description": "Best first."},
         "TokenizeRequest": {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": {"anyOf": [string, {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch}]},
+            "inputs": {"anyOf": [contract.field_schema(string_field("inputs")),
+                                 contract.field_schema(strings_field("inputs", max_batch, "Batch is empty"))]},
             **contract.schema(TOKENIZE_OPTIONS)["properties"],
             "prompt_name": {"type": "null", "description": "Not supported: no prompts are applied."}}},
         "SimpleToken": {"type": "object", "required": ["id", "text", "special", "start", "stop"],

@@ -9,7 +9,9 @@ the request says `"truncate": false` (TEI truncates only when started with --aut
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -74,6 +76,50 @@ RERANK_OPTIONS = [
 TOKENIZE_OPTIONS = [_boolean("add_special_tokens", "Add the model's special tokens (default true).")]
 
 
+# The inputs of TEI's bodies, declared once: validation (422 Validation unless a rule says otherwise) and the
+# OpenAPI document. TEI takes empty strings here; an input that is empty as a whole is refused afterwards.
+STRING = {"type": "string"}
+_BATCH_LIMIT = "batch size {count} > maximum allowed batch size {limit}"
+
+
+@cache
+def string_field(name: str) -> Param:
+    """Declare a field holding one text."""
+    return Param(name, STRING, "A text.", f"'{name}' must be a string")
+
+
+@cache
+def sequence_field(name: str) -> Param:
+    """Declare a field holding [text] (one text) or [text, text_pair] (one pair)."""
+    return Param(name, {"type": "array", "items": STRING, "minItems": 1, "maxItems": 2},
+                 "[text] or [text, text_pair].", f"'{name}' must be [text] or [text, text_pair]",
+                 messages={"items.type": f"'{name}{{path}}' must be a string"})
+
+
+@cache
+def batch_field(name: str, max_batch: int) -> Param:
+    """Declare a field holding a batch of 1 to max_batch sequences (400 Empty when empty, 422 beyond)."""
+    sequence = sequence_field(name)
+    return Param(name, {"type": "array", "items": sequence.schema, "minItems": 1, "maxItems": max_batch},
+                 f"[[text], [text, text_pair], ...]: at most {max_batch}.", sequence.message,
+                 messages={"minItems": "Batch is empty", "maxItems": _BATCH_LIMIT,
+                           "items.type": f"'{name}{{path}}' must be [text] or [text, text_pair]",
+                           "items.minItems": f"'{name}{{path}}' must be [text] or [text, text_pair]",
+                           "items.maxItems": f"'{name}{{path}}' must be [text] or [text, text_pair]",
+                           "items.items.type": f"'{name}{{path}}' must be a string"},
+                 statuses={"minItems": (400, EMPTY)})
+
+
+@cache
+def strings_field(name: str, max_batch: int, empty: str) -> Param:
+    """Declare a field holding 1 to max_batch texts (400 Empty with the message `empty` when there are none)."""
+    return Param(name, {"type": "array", "items": STRING, "minItems": 1, "maxItems": max_batch},
+                 f"At most {max_batch} texts.", f"'{name}' must be a list of strings",
+                 messages={"minItems": empty, "maxItems": _BATCH_LIMIT,
+                           "items.type": f"'{name}{{path}}' must be a string"},
+                 statuses={"minItems": (400, EMPTY)})
+
+
 def _options(body: dict[str, Any]) -> Options:
     """Return truncate, truncation_direction and raw_scores of a /predict or /rerank body."""
     values = contract.read(body, OPTIONS, 422, VALIDATION)
@@ -81,46 +127,41 @@ def _options(body: dict[str, Any]) -> Options:
                    values.get("raw_scores", False))
 
 
-def _string(value: Any, name: str) -> str:
-    """Return a string field (TEI accepts empty strings)."""
-    if not isinstance(value, str):
-        raise _invalid(f"'{name}' must be a string")
-    check_unicode(value, name, 422, VALIDATION)
+def _checked(value: Any, declared: Param) -> Any:
+    """Return value if it meets its declaration (as TEI's 422, or the rule's own status), every text in it
+    valid Unicode."""
+    contract.check(value, declared, 422, VALIDATION)
+    for text, where in _texts_in(value, declared.name):
+        check_unicode(text, where, 422, VALIDATION)
     return value
 
 
-def _batch_size(size: int) -> None:
-    """Refuse an empty batch (400) or one over SERVICE_MAX_BATCH (422), as TEI does."""
-    settings = state.settings()
-    if size == 0:
-        raise ApiError(400, "Batch is empty", EMPTY)
-    if size > settings.max_batch:
-        raise _invalid(f"batch size {size} > maximum allowed batch size {settings.max_batch}")
+def _texts_in(value: str | list[Any], name: str) -> Iterator[tuple[str, str]]:
+    """Yield each text of a checked field with its place in the body, e.g. inputs[2][1]."""
+    if isinstance(value, str):
+        yield value, name
+        return
+    for index, item in enumerate(value):
+        yield from _texts_in(item, f"{name}[{index}]")
 
 
-def _sequence(value: Any, name: str) -> Input:
-    """Return ["a"] as a text and ["a", "b"] as a pair."""
-    if not isinstance(value, list) or not 1 <= len(value) <= 2:
-        raise _invalid(f"'{name}' must be [text] or [text, text_pair]")
-    texts = [_string(text, f"{name}[{i}]") for i, text in enumerate(value)]
-    return texts[0] if len(texts) == 1 else (texts[0], texts[1])
+def _input(sequence: list[str]) -> Input:
+    """Return [text] as a text and [text, text_pair] as a pair."""
+    return sequence[0] if len(sequence) == 1 else (sequence[0], sequence[1])
 
 
-def predict_inputs(value: Any) -> tuple[list[Input], bool]:
+def predict_inputs(value: Any, max_batch: int) -> tuple[list[Input], bool]:
     """Return the inputs of /predict and whether they were a batch, read as TEI reads them.
 
     "a" is one text; ["a", "b"] is one pair (not a batch of two); [["a"], ["a", "b"]] is a batch.
     """
     if isinstance(value, str):
-        return _not_empty([_string(value, "inputs")]), False
+        return _not_empty([_checked(value, string_field("inputs"))]), False
     if not isinstance(value, list):
         raise _invalid("'inputs' must be a string, a pair [text, text_pair] or a batch [[text], [text, text_pair]]")
-    if not value:
-        raise ApiError(400, "Batch is empty", EMPTY)
-    if not isinstance(value[0], list):
-        return _not_empty([_sequence(value, "inputs")]), False
-    _batch_size(len(value))
-    return _not_empty([_sequence(item, f"inputs[{i}]") for i, item in enumerate(value)]), True
+    if value and not isinstance(value[0], list):
+        return _not_empty([_input(_checked(value, sequence_field("inputs")))]), False
+    return _not_empty([_input(item) for item in _checked(value, batch_field("inputs", max_batch))]), True
 
 
 def _not_empty(inputs: list[Input]) -> list[Input]:
@@ -155,7 +196,7 @@ def predict() -> Response:
     body = json_object(VALIDATION)
     if "inputs" not in body:
         raise _invalid("missing field 'inputs'")
-    inputs, batch = predict_inputs(body["inputs"])
+    inputs, batch = predict_inputs(body["inputs"], state.settings().max_batch)
     options = _options(body)
     classifier = _classifier("/predict")
     logits = _logits(inputs, options)
@@ -170,14 +211,8 @@ def rerank() -> Response:
     body = json_object(VALIDATION)
     if "query" not in body or "texts" not in body:
         raise _invalid("missing field 'query' or 'texts'")
-    query = _string(body["query"], "query")
-    texts = body["texts"]
-    if not isinstance(texts, list):
-        raise _invalid("'texts' must be a list of strings")
-    texts = [_string(text, f"texts[{i}]") for i, text in enumerate(texts)]
-    if not texts:
-        raise ApiError(400, "`texts` cannot be empty", EMPTY)
-    _batch_size(len(texts))
+    query = _checked(body["query"], string_field("query"))
+    texts = _checked(body["texts"], strings_field("texts", state.settings().max_batch, "`texts` cannot be empty"))
     _not_empty([(query, text) for text in texts])
     values = contract.read(body, RERANK_OPTIONS, 422, VALIDATION)
     top_n, return_text = values.get("top_n"), values.get("return_text", False)
@@ -201,11 +236,10 @@ def tokenize() -> Response:
     if "inputs" not in body:
         raise _invalid("missing field 'inputs'")
     inputs = body["inputs"]
-    texts = [inputs] if isinstance(inputs, str) else inputs
-    if not isinstance(texts, list):
+    if not isinstance(inputs, (str, list)):
         raise _invalid("'inputs' must be a string or a list of strings")
-    texts = [_string(text, f"inputs[{i}]") for i, text in enumerate(texts)]
-    _batch_size(len(texts))
+    texts = [_checked(inputs, string_field("inputs"))] if isinstance(inputs, str) else _checked(
+        inputs, strings_field("inputs", state.settings().max_batch, "Batch is empty"))
     add_special_tokens = contract.read(body, TOKENIZE_OPTIONS, 422, VALIDATION).get("add_special_tokens", True)
     if body.get("prompt_name") is not None:
         raise _invalid("'prompt_name' is not supported: this service applies no prompts")

@@ -143,6 +143,32 @@ def test_predict_errors_are_tei_errors(client: FlaskClient, payload: dict, statu
     assert tei_valid(response.get_json(), "ErrorResponse") and response.get_json()["error_type"] == error_type
 
 
+@pytest.mark.parametrize(("path", "payload", "status", "error_type", "message"), [
+    ("/predict", {"inputs": []}, 400, "Empty", "Batch is empty"),
+    ("/predict", {"inputs": ["a", "b", "c"]}, 422, "Validation", "'inputs' must be [text] or [text, text_pair]"),
+    ("/predict", {"inputs": ["a", 5]}, 422, "Validation", "'inputs[1]' must be a string"),
+    ("/predict", {"inputs": [["a"], "b"]}, 422, "Validation", "'inputs[1]' must be [text] or [text, text_pair]"),
+    ("/predict", {"inputs": [["a"], []]}, 422, "Validation", "'inputs[1]' must be [text] or [text, text_pair]"),
+    ("/predict", {"inputs": [["a"], ["b", None]]}, 422, "Validation", "'inputs[1][1]' must be a string"),
+    ("/predict", {"inputs": [["x"]] * 33}, 422, "Validation", "batch size 33 > maximum allowed batch size 32"),
+    ("/predict", {"inputs": [["a", "\ud800"]]}, 422, "Validation",
+     "inputs[0][1] is not valid Unicode: lone surrogate at character 0"),
+    ("/rerank", {"query": "q", "texts": []}, 400, "Empty", "`texts` cannot be empty"),
+    ("/rerank", {"query": 3, "texts": ["a"]}, 422, "Validation", "'query' must be a string"),
+    ("/rerank", {"query": "q", "texts": ["a", 3]}, 422, "Validation", "'texts[1]' must be a string"),
+    ("/rerank", {"query": "q", "texts": ["a"] * 33}, 422, "Validation",
+     "batch size 33 > maximum allowed batch size 32"),
+    ("/tokenize", {"inputs": []}, 400, "Empty", "Batch is empty"),
+    ("/tokenize", {"inputs": ["a", {}]}, 422, "Validation", "'inputs[1]' must be a string"),
+    ("/tokenize", {"inputs": 3}, 422, "Validation", "'inputs' must be a string or a list of strings"),
+])
+def test_tei_input_errors_name_the_bad_value(client: FlaskClient, path: str, payload: dict, status: int,
+                                             error_type: str, message: str) -> None:
+    # the inputs' declarations in service/tei.py make these answers and the OpenAPI document's schemas
+    response = client.post(path, json=payload)
+    assert (response.status_code, response.get_json()) == (status, {"error": message, "error_type": error_type})
+
+
 def test_invalid_json_is_a_tei_error(client: FlaskClient) -> None:
     for path in ("/predict", "/rerank", "/tokenize"):
         response = client.post(path, data=b"{broken", content_type="application/json")
