@@ -5,14 +5,15 @@ from these declarations, never from a copy).
 A declaration's schema is the JSON Schema subset the service uses: type, enum, minimum, maximum,
 minLength, pattern, items, minItems, maxItems, required, properties, additionalProperties: false and
 anyOf. A value is checked in a fixed order and the first rule it breaks picks the message:
-- its type, then enum, minimum and maximum; a string's minLength and pattern;
+- its type, then enum, minimum and maximum; a string's minLength, pattern and "unicode" (no lone
+  surrogate, which JSON's \ud800 escape can carry and no tokenizer can encode);
 - an object's required and additionalProperties, then each declared property's rules, named
   "properties.NAME.RULE";
 - an array's minItems and maxItems, then each item's other rules, named "items.RULE" (with the index);
 - anyOf: the rules of the option whose type the value has.
-A rule may have a message (and a status) of its own, formatted with `index`, `path`, `count` and `limit`;
-every other rule takes the declaration's message. A JSON Schema integer is also an integral float (2.0),
-as JSON Schema counts it.
+A rule may have a message (and a status) of its own, formatted with `index`, `path`, `count`, `limit`
+and `at`; every other rule takes the declaration's message, except "unicode", which says where the
+surrogate is. A JSON Schema integer is also an integral float (2.0), as JSON Schema counts it.
 
 Parameters (the Inference API's "parameters", TEI's and v2's options) are read with `read`: null or
 absent means the default. Body fields are checked with `check` by their route's reader, which also
@@ -30,6 +31,7 @@ from typing import Any
 from service.errors import ApiError
 
 _TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "boolean": bool, "array": list, "object": dict}
+_UNICODE = "{name}{path} is not valid Unicode: lone surrogate at character {at}"  # path: "" for the value itself
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ def problem(value: Any, schema: dict[str, Any]) -> tuple[str, dict[str, Any]] | 
             return "minLength", {}
         if "pattern" in schema and _compiled(schema["pattern"]).search(value) is None:
             return "pattern", {}
+        try:  # JSON's "\ud800" escape: no tokenizer can encode a lone surrogate
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return "unicode", {"at": exc.start}
     if isinstance(value, dict):
         return _object_problem(value, schema)
     if isinstance(value, list):
@@ -140,7 +146,8 @@ def check(value: Any, declared: Param, status: int = 400, error_type: str | None
     rule, quoted = found
     own = declared.statuses.get(rule, status)
     status, error_type = own if isinstance(own, tuple) else (own, error_type)
-    raise ApiError(status, declared.messages.get(rule, declared.message).format(**quoted), error_type)
+    default = _UNICODE.replace("{name}", declared.name) if rule.endswith("unicode") else declared.message
+    raise ApiError(status, declared.messages.get(rule, default).format(**{"path": "", **quoted}), error_type)
 
 
 def read(parameters: dict[str, Any], declared: Sequence[Param], status: int = 400,

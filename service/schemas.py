@@ -55,13 +55,14 @@ NON_BLANK = "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\
 TEXT = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
 BLANK = "text cannot be empty"
 _ITEM_BLANK = "text at index {index} cannot be empty"
+NOT_UNICODE = "text is not valid Unicode: lone surrogate at character {at}"
 
 
 @cache
 def text_field(name: str) -> Param:
     """Declare a body field holding one non-blank text."""
     return Param(name, TEXT, "A text (not blank).", f"field '{name}' must be a string",
-                 messages={"minLength": BLANK, "pattern": BLANK})
+                 messages={"minLength": BLANK, "pattern": BLANK, "unicode": NOT_UNICODE})
 
 
 @cache
@@ -71,7 +72,9 @@ def texts_field(name: str, max_batch: int) -> Param:
                  f"At most {max_batch} non-blank texts.", f"field '{name}' must be a list of strings",
                  messages={"minItems": f"field '{name}' cannot be an empty list",
                            "maxItems": "batch too large: {count} texts, the limit is {limit} per request",
-                           "items.minLength": _ITEM_BLANK, "items.pattern": _ITEM_BLANK},
+                           "items.minLength": _ITEM_BLANK, "items.pattern": _ITEM_BLANK,
+                           "items.unicode": "text at index {index} is not valid Unicode: lone surrogate at "
+                                            "character {at}"},
                  statuses={"maxItems": 413})
 
 
@@ -86,9 +89,10 @@ def _pair_messages(name: str, rule: str = "") -> dict[str, str]:
     return {f"{rule}{key}": message for key, message in {
         "type": shape, "required": shape, "additionalProperties": shape,
         "properties.text.type": f"field '{name}.text' must be a string",
-        "properties.text.minLength": BLANK, "properties.text.pattern": BLANK,
+        "properties.text.minLength": BLANK, "properties.text.pattern": BLANK, "properties.text.unicode": NOT_UNICODE,
         "properties.text_pair.type": f"field '{name}.text_pair' must be a string",
-        "properties.text_pair.minLength": BLANK, "properties.text_pair.pattern": BLANK}.items()}
+        "properties.text_pair.minLength": BLANK, "properties.text_pair.pattern": BLANK,
+        "properties.text_pair.unicode": NOT_UNICODE}.items()}
 
 
 @cache
@@ -245,9 +249,6 @@ def read_zero_shot_request(body: dict[str, Any], max_batch: int, user_agent: str
         template = parse_template(values.get("hypothesis_template", DEFAULT_TEMPLATE))
     except TaskError as exc:
         raise ApiError(400, str(exc)) from None
-    for index, label in enumerate(labels):
-        check_unicode(label, f"candidate label at index {index}")
-    check_unicode(template, "hypothesis_template")
     multi_label = values.get("multi_label", False)
     response_format = values.get("response_format")
     if len(texts) * len(labels) > max_batch:
@@ -311,17 +312,12 @@ def _inference_api(body: dict[str, Any], max_batch: int) -> ClassifyRequest:
 def _pair(value: dict[str, Any], declared: Param) -> Input:
     """Return (text, text_pair) from {"text": str, "text_pair": str} that meets its declaration; without
     text_pair, the text."""
-    contract.check(value, declared)
-    return _pair_of(value)
+    return _pair_of(contract.check(value, declared))
 
 
 def _pair_of(value: dict[str, Any]) -> Input:
-    """Return the text or (text, text_pair) of a pair that meets PAIR, each checked as valid Unicode."""
-    check_unicode(value["text"], "text")
-    if value.get("text_pair") is None:
-        return value["text"]
-    check_unicode(value["text_pair"], "text")
-    return value["text"], value["text_pair"]
+    """Return the text or (text, text_pair) of a pair that meets PAIR."""
+    return value["text"] if value.get("text_pair") is None else (value["text"], value["text_pair"])
 
 
 def _refuse_constant(name: str) -> Any:
@@ -330,18 +326,13 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _text(value: Any, declared: Param) -> str:
-    """Return a text that meets its declaration (a non-blank string) and is valid Unicode."""
-    contract.check(value, declared)
-    check_unicode(value, "text")
-    return value
+    """Return a text that meets its declaration: a non-blank string of valid Unicode."""
+    return contract.check(value, declared)
 
 
 def _texts(value: Any, declared: Param) -> list[str]:
-    """Return a list of texts that meets its declaration (1 to max_batch non-blank strings), each valid Unicode."""
-    contract.check(value, declared)
-    for index, text in enumerate(value):
-        check_unicode(text, f"text at index {index}")
-    return value
+    """Return a list of texts that meets its declaration: 1 to max_batch non-blank strings of valid Unicode."""
+    return contract.check(value, declared)
 
 
 def check_unicode(text: str, name: str, status: int = 400, error_type: str | None = None) -> None:

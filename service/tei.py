@@ -9,7 +9,6 @@ the request says `"truncate": false` (TEI truncates only when started with --aut
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -32,7 +31,7 @@ from service.classifier import (
 from service.contract import Param
 from service.errors import ApiError, handle_http_exception, request_id
 from service.inference import infer
-from service.schemas import check_unicode, json_object
+from service.schemas import json_object
 from service.tasks import CLASSIFY
 
 bp = Blueprint("tei", __name__)
@@ -128,21 +127,8 @@ def _options(body: dict[str, Any]) -> Options:
 
 
 def _checked(value: Any, declared: Param) -> Any:
-    """Return value if it meets its declaration (as TEI's 422, or the rule's own status), every text in it
-    valid Unicode."""
-    contract.check(value, declared, 422, VALIDATION)
-    for text, where in _texts_in(value, declared.name):
-        check_unicode(text, where, 422, VALIDATION)
-    return value
-
-
-def _texts_in(value: str | list[Any], name: str) -> Iterator[tuple[str, str]]:
-    """Yield each text of a checked field with its place in the body, e.g. inputs[2][1]."""
-    if isinstance(value, str):
-        yield value, name
-        return
-    for index, item in enumerate(value):
-        yield from _texts_in(item, f"{name}[{index}]")
+    """Return value if it meets its declaration, else raise TEI's 422 (or the rule's own status)."""
+    return contract.check(value, declared, 422, VALIDATION)
 
 
 def _input(sequence: list[str]) -> Input:

@@ -377,6 +377,11 @@ def test_without_candidate_labels_an_nli_model_classifies(zs_clients) -> None:
     ({"candidate_labels": [str(i) for i in range(33)]}, 413, "33 text pairs, the limit is 32"),
     ({"candidate_labels": ["a"], "hypothesis_template": "{}{}"}, 400, "must hold the label's place"),
     ({"candidate_labels": ["a"], "hypothesis_template": "{0} " * 200}, 400, "leaves no room for the text"),
+    ({"candidate_labels": ["ok", "x\ud800"]}, 400,
+     "candidate_labels[1] is not valid Unicode: lone surrogate at character 1"),
+    ({"candidate_labels": "ok,\udfff"}, 400, "candidate_labels is not valid Unicode: lone surrogate at character 3"),
+    ({"candidate_labels": ["a"], "hypothesis_template": "{} \ud800"}, 400,
+     "hypothesis_template is not valid Unicode: lone surrogate at character 3"),
 ])
 def test_bad_zero_shot_parameters_are_refused(parameters, status, message, zs_clients) -> None:
     response = zs_clients["bert"].post("/", json={"inputs": ZS_TEXTS[0], "parameters": parameters})
