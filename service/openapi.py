@@ -155,7 +155,8 @@ _V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema"
 def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
     """Return the schemas of the Open Inference Protocol v2 routes (JSON form), with the tensors and parameters
     of the model's task."""
-    from service.v2 import PARAMETERS, input_names, output_names  # v2 imports this module (through api)
+    # v2 imports this module (through api)
+    from service.v2 import ID, PARAMETERS, data_field, input_names, output_names, output_parameters
 
     task = task or TextClassification()
     inputs, outputs = input_names(task), output_names(task)
@@ -187,7 +188,7 @@ def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
                               "to rank). shape[0] must equal the number of strings in data. Without 'outputs', all "
                               "the task's are returned. " + _V2_BINARY),
             "properties": {
-                "id": {"type": ["string", "null"], "description": "Echoed in the response."},
+                "id": contract.schema([ID])["properties"]["id"],
                 "parameters": {"anyOf": [{"type": "null"}, contract.schema([*PARAMETERS, *task_parameters])]},
                 "inputs": {"type": "array", "minItems": 1, "maxItems": len(inputs), "items": {
                     "type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
@@ -195,18 +196,16 @@ def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
                         "datatype": {"const": "BYTES"},
                         "shape": {"type": "array", "minItems": 1, "maxItems": 1,
                                   "items": {"type": "integer", "minimum": 1, "maximum": max_batch}},
-                        "data": {"type": "array", "items": string, "minItems": 1, "maxItems": max_batch},
+                        # as many elements as the shape says: 1 to max_batch
+                        "data": {**contract.field_schema(data_field(inputs[0])), "minItems": 1, "maxItems": max_batch},
                         # the JSON form: binary_data_size (the binary form's instead of data) is absent or null
                         "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
                             "binary_data_size": {"type": "null"}}}]}}}},
                 "outputs": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": len(outputs), "items": {
                     "type": "object", "required": ["name"], "properties": {
                         "name": {"enum": list(outputs)},
-                        "parameters": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                            "binary_data": {"type": ["boolean", "null"]},
-                            "classification": {"type": "integer", "minimum": 0,
-                                               "description": "Top-k as BYTES \"<value>:<index>:<label>\" "
-                                                              "(probabilities and logits only)."}}}]}}}}]},
+                        "parameters": {"anyOf": [{"type": "null"},
+                                                 contract.schema(output_parameters(outputs[0], 0))]}}}}]},
             }},
         "V2Tensor": {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
             "name": string, "datatype": {"enum": ["BYTES", "FP32"]},

@@ -19,6 +19,7 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from service.classifier import Direction, Input, InputTooLong, apply_function
 from service.contract import Param
 from service.errors import ApiError
 from service.inference import infer
-from service.schemas import REFUSED_MIMETYPES, check_unicode, read_tag_request, read_zero_shot_request
+from service.schemas import REFUSED_MIMETYPES, read_tag_request, read_zero_shot_request
 from service.tasks import TAG, ZERO_SHOT, Task
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
@@ -66,6 +67,34 @@ PARAMETERS = [
     Param("truncation_direction", {"type": "string", "enum": list(_DIRECTIONS)}, "Which end is cut (default the "
           "tokenizer's, right for most).", "parameters.truncation_direction must be \"right\" or \"left\""),
 ]
+
+
+# The request's fields that a schema can say all of, declared once: validation and the OpenAPI document.
+# The rest is the protocol's reading: tensor names, datatype and shape (with Triton's wording), JSON data
+# against its shape, the binary form and its sizes.
+ID = Param("id", {"type": "string"}, "Echoed in the response.", "'id' must be a string")
+
+
+@cache
+def data_field(name: str) -> Param:
+    """Declare an input tensor's JSON data: BYTES elements, which are strings in JSON."""
+    return Param("data", {"type": "array", "items": {"type": "string"}},
+                 "The tensor's elements, row-major: as many as its shape says.",
+                 f"input '{name}': 'data' must be a list of strings",
+                 messages={"items.type": f"input '{name}': data[{{index}}] must be a string (BYTES elements are "
+                                         "strings in JSON)",
+                           "items.unicode": f"input '{name}' element {{index}} is not valid Unicode: lone surrogate "
+                                            "at character {at}"})
+
+
+@cache
+def output_parameters(name: str, index: int) -> tuple[Param, Param]:
+    """Declare the parameters of the index-th requested output: top-k as classification, binary_data."""
+    return (Param("classification", {"type": "integer", "minimum": 0},
+                  "Top-k as BYTES \"<value>:<index>:<label>\" (probabilities and logits only).",
+                  f"output '{name}': parameters.classification must be a non-negative integer"),
+            Param("binary_data", {"type": "boolean"}, "This output as binary data (default: binary_data_output).",
+                  f"outputs[{index}].parameters.binary_data must be true or false"))
 
 
 @dataclass(frozen=True)
@@ -251,9 +280,7 @@ def read_body() -> tuple[dict[str, Any], memoryview]:
 def read_request(header: dict[str, Any], binary: memoryview, max_batch: int, model: str,
                  task: Task | None = None) -> InferRequest:
     """Validate an inference request: its id, parameters, inputs (JSON or binary) and requested outputs."""
-    request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise _bad("'id' must be a string")
+    request_id = contract.read(header, [ID]).get("id")
     parameters = _object(header.get("parameters"), "parameters")
     values = contract.read(parameters, PARAMETERS)
     binary_output, truncate = values.get("binary_data_output", False), values.get("truncate", True)
@@ -347,15 +374,9 @@ def _shape(value: Any, name: str, max_batch: int) -> int:
 
 def _json_texts(data: Any, count: int, name: str) -> list[str]:
     """Return the strings of a JSON BYTES tensor of `count` elements."""
-    if not isinstance(data, list):
-        raise _bad(f"input '{name}': 'data' must be a list of strings")
-    if len(data) != count:
+    if isinstance(data, list) and len(data) != count:
         raise _bad(f"input '{name}' has {len(data)} elements in 'data' but shape [{count}]")
-    for index, text in enumerate(data):
-        if not isinstance(text, str):
-            raise _bad(f"input '{name}': data[{index}] must be a string (BYTES elements are strings in JSON)")
-        check_unicode(text, f"input '{name}' element {index}")
-    return data
+    return contract.check(data, data_field(name))
 
 
 def _binary_texts(chunk: memoryview, count: int, name: str) -> list[str]:
@@ -398,14 +419,13 @@ def _outputs(value: Any, binary_output: bool, model: str, names: tuple[str, ...]
         parameters = _object(tensor.get("parameters"), f"outputs[{index}].parameters")
         if any(key in parameters for key in _SHARED_MEMORY):
             raise _bad("shared memory is not supported: outputs are returned in the body")
-        top_k = parameters.get("classification", 0)
-        if not _is_integer(top_k) or top_k < 0:
-            raise _bad(f"output '{name}': parameters.classification must be a non-negative integer")
+        classification, binary_data = output_parameters(name, index)
+        top_k = contract.read(parameters, [classification]).get("classification", 0)
         if top_k and name not in CLASSIFIABLE:
             raise _bad(f"output '{name}': classification is available on "
                        + " and ".join(f"'{output}'" for output in CLASSIFIABLE))
-        binary = _flag(parameters, "binary_data", binary_output, f"outputs[{index}].parameters")
-        requested.append(Requested(name, binary, int(top_k)))
+        binary = contract.read(parameters, [binary_data]).get("binary_data", binary_output)
+        requested.append(Requested(name, binary, top_k))
     return requested
 
 
@@ -478,16 +498,6 @@ def _object(value: Any, field: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise _bad(f"'{field}' must be an object")
-    return value
-
-
-def _flag(parameters: dict[str, Any], key: str, default: bool, field: str) -> bool:
-    """Return an optional boolean parameter (null: the default)."""
-    value = parameters.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _bad(f"{field}.{key} must be true or false")
     return value
 
 
