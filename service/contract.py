@@ -2,18 +2,20 @@
 both the validation of a request and the OpenAPI document (service/openapi.py builds its request schemas
 from these declarations, never from a copy).
 
-A declaration's schema is the JSON Schema subset the service uses: type, enum, minimum, maximum,
-minLength, pattern, items, minItems, maxItems, required, properties, additionalProperties: false and
-anyOf. A value is checked in a fixed order and the first rule it breaks picks the message:
-- its type, then enum, minimum and maximum; a string's minLength, pattern and "unicode" (no lone
-  surrogate, which JSON's \ud800 escape can carry and no tokenizer can encode);
+A declaration's schema is the JSON Schema subset the service uses: type, enum, minimum,
+exclusiveMinimum, maximum, minLength, pattern, items, minItems, maxItems, required, properties,
+additionalProperties: false and anyOf. A value is checked in a fixed order, and the first rule it
+breaks picks the message:
+- its type, then enum, minimum, exclusiveMinimum and maximum; a string's minLength, pattern and
+  "unicode" (no lone surrogate, which JSON's \ud800 escape can carry and no tokenizer can encode);
 - an object's required and additionalProperties, then each declared property's rules, named
   "properties.NAME.RULE";
 - an array's minItems and maxItems, then each item's other rules, named "items.RULE" (with the index);
 - anyOf: the rules of the option whose type the value has.
-A rule may have a message (and a status) of its own, formatted with `index`, `path`, `count`, `limit`
-and `at`; every other rule takes the declaration's message, except "unicode", which says where the
-surrogate is. A JSON Schema integer is also an integral float (2.0), as JSON Schema counts it.
+A rule may have a message (and a status) of its own, formatted with `index`, `path`, `count`, `limit`,
+`value` (a number's, "more" past 12 digits) and `at`; every other rule takes the declaration's message,
+except "unicode", which says where the surrogate is. A JSON Schema integer is also an integral float
+(2.0), as JSON Schema counts it.
 
 Parameters (the Inference API's "parameters", TEI's and v2's options) are read with `read`: null or
 absent means the default. Body fields are checked with `check` by their route's reader, which also
@@ -63,9 +65,10 @@ def problem(value: Any, schema: dict[str, Any]) -> tuple[str, dict[str, Any]] | 
         return "enum", {}
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         for rule, broken in (("minimum", value < schema.get("minimum", value)),
+                             ("exclusiveMinimum", "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]),
                              ("maximum", value > schema.get("maximum", value))):
             if broken:
-                return rule, {}
+                return rule, {"value": _shown(value), "limit": schema.get(rule)}
     if isinstance(value, str):
         if len(value) < schema.get("minLength", 0):
             return "minLength", {}
@@ -130,6 +133,12 @@ def _array_problem(value: list[Any], schema: dict[str, Any]) -> tuple[str, dict[
         if (found := problem(item, items)) is not None:
             return f"items.{found[0]}", {**found[1], "index": index, "path": f"[{index}]{found[1].get('path', '')}"}
     return None
+
+
+def _shown(number: int | float) -> str:
+    """Return a number as a message may quote it: a whole one without ".0", one of over 12 digits as "more"."""
+    text = str(int(number)) if isinstance(number, int) or number.is_integer() else str(number)
+    return text if len(text) <= 12 else "more"
 
 
 def conforms(value: Any, schema: dict[str, Any]) -> bool:

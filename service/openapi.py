@@ -156,7 +156,7 @@ def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
     """Return the schemas of the Open Inference Protocol v2 routes (JSON form), with the tensors and parameters
     of the model's task."""
     # v2 imports this module (through api)
-    from service.v2 import ID, PARAMETERS, data_field, input_names, output_names, output_parameters
+    from service.v2 import ID, PARAMETERS, data_field, input_names, output_names, output_parameters, shape_field
 
     task = task or TextClassification()
     inputs, outputs = input_names(task), output_names(task)
@@ -194,8 +194,7 @@ def v2_schemas(max_batch: int, task: Task | None = None) -> dict[str, Any]:
                     "type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
                         "name": {"enum": list(inputs)},
                         "datatype": {"const": "BYTES"},
-                        "shape": {"type": "array", "minItems": 1, "maxItems": 1,
-                                  "items": {"type": "integer", "minimum": 1, "maximum": max_batch}},
+                        "shape": contract.field_schema(shape_field(inputs[0], max_batch)),
                         # as many elements as the shape says: 1 to max_batch
                         "data": {**contract.field_schema(data_field(inputs[0])), "minItems": 1, "maxItems": max_batch},
                         # the JSON form: binary_data_size (the binary form's instead of data) is absent or null

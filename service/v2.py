@@ -76,6 +76,19 @@ ID = Param("id", {"type": "string"}, "Echoed in the response.", "'id' must be a 
 
 
 @cache
+def shape_field(name: str, max_batch: int) -> Param:
+    """Declare an input tensor's shape: [n], a batch of 1 to max_batch texts."""
+    dimensions = f"input '{name}' has {{count}} dimensions, but the model takes shape [n]: a batch of n texts"
+    return Param("shape", {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                     "type": "integer", "minimum": 0, "exclusiveMinimum": 0, "maximum": max_batch}},
+                 f"[n]: n texts, 1 to {max_batch}.", f"input '{name}': 'shape' must be a list of non-negative integers",
+                 messages={"minItems": dimensions, "maxItems": dimensions,
+                           "items.exclusiveMinimum": f"input '{name}' has shape [0]: send at least one text",
+                           "items.maximum": f"inference request batch-size must be <= {{limit}}: input '{name}' has "
+                                            "shape [{value}]"})
+
+
+@cache
 def data_field(name: str) -> Param:
     """Declare an input tensor's JSON data: BYTES elements, which are strings in JSON."""
     return Param("data", {"type": "array", "items": {"type": "string"}},
@@ -358,18 +371,7 @@ def _inputs(value: Any, binary: memoryview, max_batch: int, model: str,
 
 def _shape(value: Any, name: str, max_batch: int) -> int:
     """Return n of a shape [n], 1 <= n <= max_batch."""
-    if not isinstance(value, list) or not all(_is_integer(d) and d >= 0 for d in value):
-        raise _bad(f"input '{name}': 'shape' must be a list of non-negative integers")
-    if len(value) != 1:
-        raise _bad(f"input '{name}' has {len(value)} dimensions, but the model takes shape [n]: "
-                   "a batch of n texts")
-    count = int(value[0])
-    if count == 0:
-        raise _bad(f"input '{name}' has shape [0]: send at least one text")
-    if count > max_batch:
-        shown = count if count < 10**12 else "more"
-        raise _bad(f"inference request batch-size must be <= {max_batch}: input '{name}' has shape [{shown}]")
-    return count
+    return int(contract.check(value, shape_field(name, max_batch))[0])
 
 
 def _json_texts(data: Any, count: int, name: str) -> list[str]:
