@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     for check in result["targets"]:
         print(f"{'met' if check['met'] else 'MISSED':>8}: {check['target']} ({check['measured']} vs {check['bound']})",
               file=sys.stderr)
-    print(f"wrote bench/results/{stem}.md and .json in {result['meta']['wall_s']:.0f} s", file=sys.stderr)
+    print(f"wrote {args.output_dir / stem}.md and .json in {result['meta']['wall_s']:.0f} s", file=sys.stderr)
     return 0
 
 
