@@ -1,4 +1,9 @@
-"""Request validation in one place: a JSON body becomes a ClassifyRequest or an ApiError."""
+"""Request validation in one place: a JSON body becomes a ClassifyRequest (or a task's request) or an ApiError.
+
+The bodies' fields (a text, texts, a sentence pair) and the Inference API's parameters are declared here
+once, as service.contract declarations: the readers below check a body against them, and
+service/openapi.py writes the same declarations into the OpenAPI document.
+"""
 
 from __future__ import annotations
 
@@ -333,12 +338,3 @@ def _text(value: Any, declared: Param) -> str:
 def _texts(value: Any, declared: Param) -> list[str]:
     """Return a list of texts that meets its declaration: 1 to max_batch non-blank strings of valid Unicode."""
     return contract.check(value, declared)
-
-
-def check_unicode(text: str, name: str, status: int = 400, error_type: str | None = None) -> None:
-    """Refuse a lone surrogate (JSON "\\ud800"): the tokenizer cannot encode it (a 500 before this check)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ApiError(status, f"{name} is not valid Unicode: lone surrogate at character {exc.start}",
-                       error_type) from None
