@@ -61,6 +61,7 @@ TEXT = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
 BLANK = "text cannot be empty"
 _ITEM_BLANK = "text at index {index} cannot be empty"
 NOT_UNICODE = "text is not valid Unicode: lone surrogate at character {at}"
+TOO_MANY = "batch too large: {count} texts, the limit is {limit} per request"  # 413
 
 
 @cache
@@ -76,7 +77,7 @@ def texts_field(name: str, max_batch: int) -> Param:
     return Param(name, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": max_batch},
                  f"At most {max_batch} non-blank texts.", f"field '{name}' must be a list of strings",
                  messages={"minItems": f"field '{name}' cannot be an empty list",
-                           "maxItems": "batch too large: {count} texts, the limit is {limit} per request",
+                           "maxItems": TOO_MANY,
                            "items.minLength": _ITEM_BLANK, "items.pattern": _ITEM_BLANK,
                            "items.unicode": "text at index {index} is not valid Unicode: lone surrogate at "
                                             "character {at}"},
@@ -113,7 +114,7 @@ def pairs_field(name: str, max_batch: int) -> Param:
     """Declare a body field holding a list of 1 to max_batch sentence pairs (413 beyond max_batch)."""
     return Param(name, {"type": "array", "items": PAIR, "minItems": 1, "maxItems": max_batch},
                  f"At most {max_batch} sentence pairs.", f"field '{name}' must be a list of sentence pairs",
-                 messages={"maxItems": "batch too large: {count} texts, the limit is {limit} per request",
+                 messages={"maxItems": TOO_MANY,
                            **_pair_messages(f"{name}[{{index}}]", "items.")},
                  statuses={"maxItems": 413})
 

@@ -99,12 +99,11 @@ def sequence_field(name: str) -> Param:
 def batch_field(name: str, max_batch: int) -> Param:
     """Declare a field holding a batch of 1 to max_batch sequences (400 Empty when empty, 422 beyond)."""
     sequence = sequence_field(name)
+    shape = f"'{name}{{path}}' must be [text] or [text, text_pair]"  # an item that is no sequence
     return Param(name, {"type": "array", "items": sequence.schema, "minItems": 1, "maxItems": max_batch},
                  f"[[text], [text, text_pair], ...]: at most {max_batch}.", sequence.message,
-                 messages={"minItems": "Batch is empty", "maxItems": _BATCH_LIMIT,
-                           "items.type": f"'{name}{{path}}' must be [text] or [text, text_pair]",
-                           "items.minItems": f"'{name}{{path}}' must be [text] or [text, text_pair]",
-                           "items.maxItems": f"'{name}{{path}}' must be [text] or [text, text_pair]",
+                 messages={"minItems": "Batch is empty", "maxItems": _BATCH_LIMIT, "items.type": shape,
+                           "items.minItems": shape, "items.maxItems": shape,
                            "items.items.type": f"'{name}{{path}}' must be a string"},
                  statuses={"minItems": (400, EMPTY)})
 
