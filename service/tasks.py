@@ -154,7 +154,6 @@ def parse_labels(value: Any) -> list[str]:
 
 # windows_over reads at most this many characters a token (English averages 4-5) before it counts windows
 HEAD_CHARS_PER_TOKEN = 8
-WHITESPACE = (" ", "\n", "\t", "\r")
 
 
 class TokenClassification(Task):
@@ -197,17 +196,21 @@ class TokenClassification(Task):
         """Return how many windows the start of a long text already makes, if more than limit; else None.
 
         A request's windows count against its limit of texts, and tokenizing a text of megabytes takes
-        seconds: this reads only as many characters as limit + 1 windows could take, up to the last
-        whitespace among them. Words are tokenized apart from each other, so that start's tokens are the
-        whole text's first tokens, and its windows a lower bound of the text's.
+        seconds: this tokenizes only as many characters as limit + 1 windows could take, less the last word
+        among them, which the cut may have split. The words before it are the whole text's first words (the
+        pre-tokenizer splits at whitespace, and at punctuation or each CJK character where the tokenizer
+        does), so their tokens are the whole text's first tokens, and their windows a lower bound of the
+        text's. A start that is one word (no boundary to cut at) gives no bound: the text is counted whole.
         """
         width = self.max_length - self.specials
-        tokens = width + limit * max(1, width - stride)  # more than this make more than limit windows
+        step = max(1, width - stride)
+        tokens = width + limit * step  # more than this make more than limit windows
         head = text[:tokens * HEAD_CHARS_PER_TOKEN]
-        cut = max(head.rfind(space) for space in WHITESPACE) if len(head) < len(text) else -1
-        if cut <= 0:  # the text is short, or no whitespace to cut at: count its windows whole
+        if len(head) == len(text):
             return None
-        count = len(self.windows(text[:cut], stride))
+        words = self.raw.encode(head, add_special_tokens=False).word_ids
+        kept = words.index(words[-1]) if words else 0  # the tokens before the last word's first
+        count = 1 + -(-max(0, kept - width) // step)  # the windows Encoding.truncate cuts kept tokens into
         return count if count > limit else None
 
     def entities(self, text: str, windows: Sequence[Encoding], rows: Sequence[np.ndarray], strategy: Strategy,

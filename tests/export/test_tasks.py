@@ -213,6 +213,17 @@ def test_texts_over_the_window_limit_are_refused_and_a_huge_one_from_its_start(f
     message = refused(huge)
     least = int(message.split("at least ")[1].split()[0])
     assert limit < least <= windows(huge[:len(huge) // 100]) < windows(huge[:len(huge) // 50])
+    # No whitespace: the start is cut where the pre-tokenizer splits words, each CJK character for WordPiece
+    # and each run of letters or of punctuation for byte-level BPE. Unigram's pre-tokenizer splits at spaces
+    # only, so there the start is one word, no bound, and the text is counted whole.
+    spaceless = "東京は日本の首都です。" * 20_000
+    message = refused(spaceless)
+    if family == "xlm-roberta":
+        assert message == (f"texts too long: they make {windows(spaceless)} windows of "
+                           f"{tokenizer.model_max_length} tokens, the limit is {limit} per request")
+    else:
+        least = int(message.split("at least ")[1].split()[0])
+        assert limit < least <= windows(spaceless[:len(spaceless) // 10]) < windows(spaceless[:len(spaceless) // 5])
 
 
 def test_an_int8_token_classifier_is_gated_on_tokens_and_entities(tmp_path: Path) -> None:
