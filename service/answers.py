@@ -30,7 +30,7 @@ def tag(request: TagRequest) -> list[Any]:
     if count > limit:  # each window is one text against the request and queue limits
         raise ApiError(413, f"texts too long: they make {count} windows of {classifier.max_length} tokens, the limit "
                             f"is {limit} per request")
-    rows = infer_encoded([window for own in windows for window in own])
+    rows = infer_encoded([window for own in windows for window in own], _characters(request.texts))
     answers, position = [], 0
     for text, own in zip(request.texts, windows, strict=True):
         entities = task.entities(text, own, rows[position:position + len(own)], request.strategy,
@@ -48,7 +48,7 @@ def zero_shot(request: ZeroShotRequest) -> Any:
         encodings = classifier.encode(task.pairs(request.texts, request.candidates), only_first=True)
     except TaskError as exc:
         raise ApiError(400, str(exc)) from None
-    ranked = task.rank(infer_encoded(encodings), request.candidates)
+    ranked = task.rank(infer_encoded(encodings, _characters(request.texts)), request.candidates)
     if request.pipeline_shape:
         answers: list[Any] = [{"sequence": text, "labels": labels, "scores": scores}
                               for text, (labels, scores) in zip(request.texts, ranked, strict=True)]
@@ -56,3 +56,8 @@ def zero_shot(request: ZeroShotRequest) -> Any:
         answers = [[{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)]
                    for labels, scores in ranked]
     return answers if request.batch else answers[0]
+
+
+def _characters(texts: list[str]) -> int:
+    """Return the characters of the texts a client sent (not the hypotheses made of them), as TEI counts them."""
+    return sum(len(text) for text in texts)

@@ -46,16 +46,17 @@ def infer(inputs: list[Input], truncate: bool = True, direction: Direction | Non
     return logits
 
 
-def infer_encoded(encodings: list[Encoding]) -> np.ndarray | list[np.ndarray]:
+def infer_encoded(encodings: list[Encoding], characters: int) -> np.ndarray | list[np.ndarray]:
     """Return the logits of inputs the model's task encoded itself (token windows, zero-shot pairs).
 
     Each encoding counts as one text against the queue; a per-token task gets each one's
-    [tokens, labels]. The onnx backend only: the reference backends do not encode.
+    [tokens, labels]. characters: those of the texts the client sent. The onnx backend only: the
+    reference backends do not encode.
     """
     classifier = state.classifier()
     scheduler = state.scheduler()
     timing: Timing = g.timing  # the task encoded already: its time counts as the request's parsing
-    timing.texts = len(encodings)
+    timing.texts, timing.characters = len(encodings), characters
     timing.tokens = sum(len(encoding) for encoding in encodings)
     started = time.perf_counter()
     if scheduler is None:

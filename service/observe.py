@@ -82,7 +82,8 @@ def add_timing_headers(response: Response, timing: Timing, ended: float) -> None
     headers["x-inference-time"] = str(int(timing.inference_seconds * 1000))
     if timing.tokens is not None:
         headers["x-compute-tokens"] = str(timing.tokens)
-    headers["x-compute-characters"] = str(timing.characters)
+    if timing.characters is not None:
+        headers["x-compute-characters"] = str(timing.characters)
 
 
 def log_access(timing: Timing, ended: float, route: str, model: str, status: int, identifier: str) -> None:

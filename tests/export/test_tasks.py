@@ -565,6 +565,21 @@ def test_v2_ranks_candidate_labels_and_classifies_without_them(zs_clients) -> No
     assert [o["name"] for o in plain.get_json()["outputs"]] == ["label", "score", "probabilities", "logits"]
 
 
+def test_both_tasks_answers_carry_teis_timing_headers_with_the_texts_counts(tag_clients, zs_clients) -> None:
+    texts = [LONG, SHORT[2]]  # the long one makes several windows; the hypotheses are not the client's characters
+    tag, zero_shot = tag_clients["bert"], zs_clients["bert"]
+    answers = [
+        tag.post("/", json={"inputs": texts, "parameters": {"aggregation_strategy": "simple"}}),
+        _v2(tag, "ner-bert", [_bytes("text", texts)]),
+        zero_shot.post("/", json={"inputs": texts, "parameters": {"candidate_labels": ZS_LABELS}}),
+        _v2(zero_shot, "nli-bert", [_bytes("text", texts), _bytes("candidate_labels", ZS_LABELS)])]
+    for response in answers:
+        assert response.status_code == 200, response.get_json()
+        assert int(response.headers["x-compute-characters"]) == sum(len(text) for text in texts)
+        assert int(response.headers["x-compute-tokens"]) > 0
+        assert int(response.headers["x-inference-time"]) <= int(response.headers["x-total-time"])
+
+
 def test_tei_routes_refuse_a_token_classifier_as_tei_does(tag_clients) -> None:
     client = tag_clients["bert"]
     for path, body in (("/predict", {"inputs": "a"}), ("/rerank", {"query": "a", "texts": ["b"]})):
