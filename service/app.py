@@ -89,9 +89,12 @@ def _route_models(app: Flask, models: Any) -> None:
 
     @app.after_request
     def count(response: Any) -> Any:
+        # a request to a known model counts under its name, answered or not (503 while unloaded); an
+        # unknown name (404) does not become a label
         model = g.get("model")
-        if model is not None and g.get("started") is not None:
-            models.observe(model, response.status_code, time.perf_counter() - g.started)
+        name = model.name if model is not None else state.asked()
+        if name is not None and g.get("started") is not None and (model is not None or name in models.names()):
+            models.observe(name, response.status_code, time.perf_counter() - g.started)
         return response
 
     @app.teardown_request

@@ -459,10 +459,10 @@ class Models:
             except Exception:  # noqa: BLE001 - never end the thread: the next look may succeed
                 logger.exception("repository sync failed")
 
-    def observe(self, model: Model, status: int, seconds: float) -> None:
-        """Count one answered request of model."""
-        self.requests.labels(model.name, str(status)).inc()
-        self.latency.labels(model.name).observe(seconds)
+    def observe(self, name: str, status: int, seconds: float) -> None:
+        """Count one answered request of the model named so."""
+        self.requests.labels(name, str(status)).inc()
+        self.latency.labels(name).observe(seconds)
 
 
 class Sync:

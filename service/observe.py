@@ -52,7 +52,8 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
             identifier = g.request_id
             if access:
                 served = g.get("model")  # the request's model (service.models), if it reached one
-                log_access(timing, ended, route, served.name if served is not None else model, response.status_code,
+                named = served.name if served is not None else state.named()
+                log_access(timing, ended, route, model if named is None else _shown(named), response.status_code,
                            identifier)
             if tracing is not None:
                 try:
@@ -84,6 +85,11 @@ def add_timing_headers(response: Response, timing: Timing, ended: float) -> None
         headers["x-compute-tokens"] = str(timing.tokens)
     if timing.characters is not None:
         headers["x-compute-characters"] = str(timing.characters)
+
+
+def _shown(name: str) -> str:
+    """Return a model name as a log shows it: a client's unknown name is cut to 64 characters."""
+    return name if len(name) <= 64 else name[:64] + "..."
 
 
 def log_access(timing: Timing, ended: float, route: str, model: str, status: int, identifier: str) -> None:

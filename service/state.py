@@ -77,8 +77,19 @@ def model() -> Model:
     """
     chosen = g.get("model")
     if chosen is None:
-        chosen = g.model = models().enter(g.get("model_name") or models().default)
+        g.model_asked = g.get("model_name") or models().default
+        chosen = g.model = models().enter(g.model_asked)
     return chosen
+
+
+def asked() -> str | None:
+    """Return the model name the request tried to reach (model()), reached or not (404, 503), or None."""
+    return g.get("model_asked")
+
+
+def named() -> str | None:
+    """Return the model name the request concerns, for its records: the one it tried to reach or its path's."""
+    return g.get("model_asked") or g.get("model_name")
 
 
 def select(name: str) -> None:

@@ -201,11 +201,15 @@ def model_metadata(model_name: str, model_version: str | None) -> Response:
 @bp.get("/models/<model_name>/versions/<model_version>/ready")
 def model_ready(model_name: str, model_version: str | None) -> tuple[Response, int]:
     """Say whether the model will serve inference requests: loaded, warmed up, and the server not stopping."""
-    classifier = _model(model_name, model_version)
-    error = _not_ready()
+    try:
+        name, error = _model(model_name, model_version).name, _not_ready()
+    except ApiError as exc:  # a known model that is not loaded: not ready, in the same shape
+        if exc.status != 503:
+            raise
+        name, error = model_name, exc.message
     if error is None:
-        return jsonify(name=classifier.name, ready=True), 200
-    return jsonify(name=classifier.name, ready=False, error=error), 503
+        return jsonify(name=name, ready=True), 200
+    return jsonify(name=name, ready=False, error=error), 503
 
 
 @bp.post("/models/<model_name>/infer", defaults={"model_version": None})

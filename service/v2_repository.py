@@ -50,6 +50,7 @@ def index() -> Response:
 @bp.post("/models/<model_name>/load")
 def load(model_name: str) -> Response:
     """Load a model folder of the repository in every server process; 200 once they all serve it."""
+    state.select(model_name)  # the request's records name it
     parameters = _body().get("parameters") or {}
     overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))
     if overrides:
@@ -62,6 +63,7 @@ def load(model_name: str) -> Response:
 @bp.post("/models/<model_name>/unload")
 def unload(model_name: str) -> Response:
     """Unload a model in every server process once its requests in flight are answered."""
+    state.select(model_name)  # the request's records name it
     _body()  # Triton's unload_dependents has no meaning here: a model has no dependents
     state.models().unload(model_name)
     return jsonify({})

@@ -4,6 +4,7 @@ exactly as when served alone; the default model on the unprefixed routes; unknow
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from flask.testing import FlaskClient
 
 from service.app import create_app
 from service.config import ConfigError
+from service.logs import ACCESS
 from tests.export.tiny import SENTENCES
 from tests.service.conftest import NER, SENTIMENT, TINY, link_copy
 from tests.testkit import NEGATIVE, POSITIVE, REPO, service_env
@@ -102,11 +104,15 @@ UNKNOWN = [
 
 
 @pytest.mark.parametrize(("method", "path", "body"), UNKNOWN)
-def test_an_unknown_model_is_404_json_on_every_contract(method: str, path: str, body: Any,
-                                                        together: FlaskClient) -> None:
-    answer = together.open(path, method=method, json=body)
+def test_an_unknown_model_is_404_json_on_every_contract(method: str, path: str, body: Any, together: FlaskClient,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=ACCESS):
+        answer = together.open(path, method=method, json=body)
     assert answer.status_code == 404
     assert "nope" in answer.get_json()["error"]
+    # the record names the model asked for; a name no model has never becomes a metric's label
+    assert "nope" in next(record.fields["model"] for record in caplog.records if record.name == ACCESS)
+    assert "nope" not in together.get("/metrics").get_data(as_text=True)
 
 
 def test_info_lists_every_model_with_task_labels_state_and_memory(together: FlaskClient) -> None:
@@ -215,15 +221,23 @@ def changing(repository: Path, tmp_path: Path) -> FlaskClient:
 KEY = {"Authorization": "Bearer k3y"}
 
 
-def test_unload_refuses_the_models_requests_and_load_brings_it_back(changing: FlaskClient) -> None:
+def test_unload_refuses_the_models_requests_and_load_brings_it_back(changing: FlaskClient,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     before = changing.post(f"/models/{TINY}/sentiment", json={"texts": TEXTS}, headers=KEY).get_json()
     assert changing.post(f"/v2/repository/models/{TINY}/unload", headers=KEY).status_code == 200
-    for path, body in ((f"/models/{TINY}/sentiment", {"text": "a"}), (f"/models/{TINY}", {"inputs": "a"}),
-                       (f"/models/{TINY}/predict", {"inputs": "a"}), (f"/v2/models/{TINY}/infer", v2_body(["a"]))):
-        answer = changing.post(path, json=body, headers=KEY)
-        assert answer.status_code == 503, path
-        assert answer.get_json()["error"].startswith(f"model '{TINY}' is not available (UNAVAILABLE: unloaded)")
-    assert changing.get(f"/v2/models/{TINY}/ready", headers=KEY).status_code == 503
+    calls = ((f"/models/{TINY}/sentiment", {"text": "a"}), (f"/models/{TINY}", {"inputs": "a"}),
+             (f"/models/{TINY}/predict", {"inputs": "a"}), (f"/v2/models/{TINY}/infer", v2_body(["a"])))
+    with caplog.at_level(logging.INFO, logger=ACCESS):
+        for path, body in calls:
+            answer = changing.post(path, json=body, headers=KEY)
+            assert answer.status_code == 503, path
+            assert answer.get_json()["error"].startswith(f"model '{TINY}' is not available (UNAVAILABLE: unloaded)")
+    # each refusal is the unloaded model's: in its access record and its own count
+    assert [record.fields["model"] for record in caplog.records if record.name == ACCESS] == [TINY] * len(calls)
+    metrics = changing.get("/metrics", headers=KEY).get_data(as_text=True)
+    assert f'service_model_requests_total{{model="{TINY}",status="503"}} {len(calls)}.0' in metrics
+    ready = changing.get(f"/v2/models/{TINY}/ready", headers=KEY)
+    assert ready.status_code == 503 and ready.get_json()["name"] == TINY and ready.get_json()["ready"] is False
     index = changing.post("/v2/repository/index", headers=KEY).get_json()
     assert {"name": TINY, "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"} in index
     # the other models never notice
