@@ -19,12 +19,14 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 class ApiError(Exception):
     """A client-facing error: an HTTP status, a message safe to show and, for TEI's routes, a type."""
 
-    def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
-        """Store the status, the message and TEI's error_type (None: the body has no such key)."""
+    def __init__(self, status: int, message: str, error_type: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        """Store the status, the message, TEI's error_type (None: the body has no such key) and extra headers."""
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        self.headers = headers or {}
 
 
 def request_id() -> str:
@@ -42,8 +44,10 @@ def _json_error(status: int, message: str, error_type: str | None = None) -> tup
 
 
 def handle_api_error(exc: ApiError) -> tuple[Response, int]:
-    """Return an ApiError as JSON."""
-    return _json_error(exc.status, exc.message, exc.error_type)
+    """Return an ApiError as JSON, with its headers."""
+    response, status = _json_error(exc.status, exc.message, exc.error_type)
+    response.headers.update(exc.headers)
+    return response, status
 
 
 def handle_http_exception(exc: HTTPException) -> Response:

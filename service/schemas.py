@@ -35,11 +35,23 @@ class ClassifyRequest:
     function_to_apply: str | None = None  # None: the model's default
 
 
+def check_readable(media_message: str, error_type: str | None = None) -> None:
+    """Raise 415 for a body the service cannot read: of a refused media type, or compressed.
+
+    A compressed body (Content-Encoding other than identity) is refused rather than read as JSON or
+    ignored; the answer's Accept-Encoding says what to send instead (RFC 9110, 415).
+    """
+    if request.mimetype in REFUSED_MIMETYPES:
+        raise ApiError(415, media_message, error_type)
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, "unsupported Content-Encoding: send the body uncompressed", error_type,
+                       {"Accept-Encoding": "identity"})
+
+
 def json_object(error_type: str | None = None) -> dict[str, Any]:
     """Return the current request's JSON body, which must be an object; errors carry error_type."""
-    if request.mimetype in REFUSED_MIMETYPES:
-        raise ApiError(415, "unsupported media type: send a JSON body (Content-Type: application/json)",
-                       error_type)
+    check_readable("unsupported media type: send a JSON body (Content-Type: application/json)", error_type)
     # Read whatever the Content-Type; Werkzeug raises 413 here for a body over MAX_CONTENT_LENGTH.
     data = request.get_data(cache=False)
     try:

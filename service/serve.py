@@ -785,9 +785,10 @@ class JsonErrorTask(ErrorTask):
         if error.code == 413:
             limit = self.channel.server.runner.settings.max_content_length
             message = f"request body too large: the limit is {limit} bytes"
-        elif error.code >= 500:
+        elif error.code == 500:
             message = "internal error"
-        else:  # waitress' parse message, e.g. "Invalid chunk size": about the request, no internals
+        else:  # waitress' parse message, e.g. "Invalid chunk size" or 501's "Transfer-Encoding requested is
+            # not supported": about the request, no internals
             message = f"{error.reason.lower()}: {str(error.body)[:200]}"
         body = json.dumps({"error": message}).encode()
         self.status = f"{error.code} {error.reason}"

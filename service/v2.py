@@ -30,7 +30,7 @@ from service.classifier import Direction, Input, InputTooLong, apply_function
 from service.contract import Param
 from service.errors import ApiError
 from service.inference import infer
-from service.schemas import REFUSED_MIMETYPES, read_tag_request, read_zero_shot_request
+from service.schemas import check_readable, read_tag_request, read_zero_shot_request
 from service.tasks import TAG, ZERO_SHOT, Task
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
@@ -267,11 +267,7 @@ def _task_parameters(body: InferRequest, names: tuple[str, ...]) -> dict[str, An
 
 def read_body() -> tuple[dict[str, Any], memoryview]:
     """Return the request's JSON header and the binary tensor data after it (empty without the extension)."""
-    if request.mimetype in REFUSED_MIMETYPES:
-        raise ApiError(415, "unsupported media type: send JSON, or JSON then binary tensor data")
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiError(415, "unsupported Content-Encoding: send the body uncompressed")
+    check_readable("unsupported media type: send JSON, or JSON then binary tensor data")
     data = request.get_data(cache=False)  # Werkzeug answers 413 above MAX_CONTENT_LENGTH
     declared = request.headers.get(HEADER_LENGTH)
     if declared is None:

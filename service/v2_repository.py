@@ -17,12 +17,14 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from service import state
 from service.errors import ApiError
+from service.schemas import check_readable
 
 bp = Blueprint("v2_repository", __name__, url_prefix="/v2/repository")
 
 
 def _body() -> dict[str, Any]:
     """Return the request's JSON object; tritonclient sends an empty body to the index."""
+    check_readable("unsupported media type: send a JSON body (Content-Type: application/json)")
     data = request.get_data(cache=False)
     if not data.strip():
         return {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 from tests.reliability.kit import POSITIVE, Reply, Server, assert_no_leak, health_ok, raw_exchange, send
@@ -106,6 +108,31 @@ def test_framing_errors_leak_nothing_and_the_server_keeps_serving(live: Server, 
         assert reply is not None and 400 <= reply.status < 500, head[:40]
         assert_no_leak(reply, versions)
         assert health_ok(live)
+
+
+COMPRESSED = "unsupported Content-Encoding: send the body uncompressed"
+JSON_ROUTES = ("/sentiment", "/", "/predict", "/rerank", "/tokenize", "/v2/models/minilm-l6-sentiment/infer")
+
+
+@pytest.mark.parametrize("route", JSON_ROUTES)
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate, gzip"])
+def test_a_compressed_body_is_415_on_every_route_whatever_it_holds(live: Server, route: str, coding: str) -> None:
+    body = gzip.compress(b'{"text": "a lovely film"}') if "gzip" in coding else b'{"text": "a lovely film"}'
+    reply = send(live, "POST", route, body, {**JSON, "Content-Encoding": coding})
+    assert (reply.status, reply.json()["error"]) == (415, COMPRESSED), reply  # TEI's routes add error_type
+    assert reply.headers["accept-encoding"] == "identity"
+    identity = send(live, "POST", "/sentiment", b'{"text": "a lovely film"}', {**JSON, "Content-Encoding": "identity"})
+    assert identity.status == 200
+
+
+def test_a_transfer_coding_the_server_lacks_is_501_json_that_names_it(live: Server, versions: list[str]) -> None:
+    head = (b"POST /sentiment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked(gzip.compress(b'{"text": "fine"}')))
+    reply, _ = raw_exchange(live, head)
+    assert reply is not None and reply.status == 501, reply
+    assert reply.headers["content-type"] == "application/json" and "Transfer-Encoding" in reply.json()["error"]
+    assert_no_leak(reply, versions)
+    assert health_ok(live)
 
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT", "BREW")
