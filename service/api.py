@@ -144,7 +144,9 @@ def openapi() -> Response:
     document = openapi_document(settings.max_batch, settings.max_content_length, settings.api_key is not None,
                                 models.default, task)
     locked = (401,) if settings.api_key is not None else ()
-    return jsonify(with_models(document, models.names(), locked, models.repository is not None))
+    tasks = [model.classifier.task for model in models.loaded() if model.classifier is not None]
+    return jsonify(with_models(document, models.names(), locked, models.repository is not None, tasks,
+                               settings.max_batch))
 
 
 def _version(distribution: str) -> str | None:

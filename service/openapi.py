@@ -54,7 +54,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "Invalid JSON or invalid fields", 401: "Missing or invalid API key",
                404: "Unknown path", 405: "Wrong method (the Allow header lists the right ones)",
                413: "Body over max_content_length, or more texts than max_batch",
-               415: "multipart/form-data body", 500: "Inference failed or internal error",
+               415: "multipart/form-data or compressed body", 500: "Inference failed or internal error",
                503: ("Overloaded (the queue is full, or the request waited longer than the queue "
                      "timeout) or shutting down: retry after Retry-After seconds")}
     responses = {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
@@ -309,13 +309,31 @@ def task_schemas(task: Task, max_batch: int) -> dict[str, Any]:
     return {}
 
 
+def classify_schemas(max_batch: int) -> dict[str, Any]:
+    """Return the Inference API's text-classification body and answer (InferenceRequest, InferenceResponse)."""
+    # the inputs: a text, texts, a pair or pairs, a pair as the TextPair component
+    one_text, many_texts, _, pairs = (contract.field_schema(form) for form in classify_inputs(max_batch))
+    inputs = [one_text, many_texts, _ref("TextPair"), {**pairs, "items": _ref("TextPair")}]
+    return {
+        "InferenceRequest": {
+            "type": "object", "required": ["inputs"],
+            "description": ("The Hugging Face Inference API text-classification body. A sentence pair is "
+                            "{\"text\", \"text_pair\"}, as transformers' pipeline takes it. " + _CONTENT_TYPES),
+            "properties": {
+                "inputs": {"anyOf": inputs},
+                "parameters": {"anyOf": [{"type": "null"}, contract.schema(CLASSIFY_PARAMETERS)]},
+            },
+        },
+        "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
+                              "description": "One Ranked list per input, also for a single string input; "
+                                             "all labels unless top_k is given."},
+    }
+
+
 def openapi_document(max_batch: int, max_content_length: int, api_key_required: bool = False,
                      model_name: str = "model", task: Task | None = None) -> dict[str, Any]:
     """Return the OpenAPI document with this instance's limits, authentication and model's task filled in."""
     text, texts, top_k = sentiment_fields(max_batch)
-    # the Inference API's inputs: a text, texts, a pair or pairs, a pair as the TextPair component
-    one_text, many_texts, _, pairs = (contract.field_schema(form) for form in classify_inputs(max_batch))
-    inputs = [one_text, many_texts, _ref("TextPair"), {**pairs, "items": _ref("TextPair")}]
     # 401 only where this instance can answer it, so a schema-driven fuzzer sees no surprise
     locked = (401,) if api_key_required else ()
     classify_errors = _errors(400, *locked, 413, 415, 500, 503)
@@ -338,21 +356,10 @@ def openapi_document(max_batch: int, max_content_length: int, api_key_required: 
             "anyOf": [_ref("Prediction"), {"type": "array", "items": _ref("Prediction")},
                       {"type": "array", "items": _ref("Ranked")}],
         },
-        "InferenceRequest": {
-            "type": "object", "required": ["inputs"],
-            "description": ("The Hugging Face Inference API text-classification body. A sentence pair is "
-                            "{\"text\", \"text_pair\"}, as transformers' pipeline takes it. " + _CONTENT_TYPES),
-            "properties": {
-                "inputs": {"anyOf": inputs},
-                "parameters": {"anyOf": [{"type": "null"}, contract.schema(CLASSIFY_PARAMETERS)]},
-            },
-        },
+        **classify_schemas(max_batch),
         "TextPair": PAIR,
         **tei_schemas(max_batch),
         **v2_schemas(max_batch, task),
-        "InferenceResponse": {"type": "array", "items": _ref("Ranked"),
-                              "description": "One Ranked list per input, also for a single string input; "
-                                             "all labels unless top_k is given."},
         **task_schemas(task or TextClassification(), max_batch),
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
@@ -464,10 +471,50 @@ _REPOSITORY_SUMMARIES = {"index": "List the repository's models with their state
                          "unload": "Unload a model in every server process once its requests in flight are answered"}
 
 
+# In a repository's document, the Inference API's body and answer of each task, under names of their own
+_TASK_NAMES = {"text-classification": "TextClassification", "token-classification": "TokenClassification",
+               "zero-shot-classification": "ZeroShot"}
+
+
+def _models_tasks(document: dict[str, Any], tasks: list[Task], max_batch: int) -> None:
+    """Describe POST /models/{served_model} and v2's infer for every task the repository's models have.
+
+    Each task's Inference API body and answer become components of their own (TextClassificationRequest,
+    TokenClassificationResponse, ...); the model's path takes any of them, as v2's infer takes any task's
+    tensors. A zero-shot model also classifies without candidate labels.
+    """
+    schemas, requests, answers, v2_requests = document["components"]["schemas"], [], [], []
+    taggers = [task for task in tasks if task.can(TAG)]
+    kinds = {task.name: task for task in tasks if not task.can(TAG)}
+    if taggers:  # the loosest stride: the largest window's
+        kinds[taggers[0].name] = max(taggers, key=lambda task: task.max_stride)
+    if any(task.can(ZERO_SHOT) for task in kinds.values()):
+        kinds.setdefault(TextClassification.name, TextClassification())
+    for name, task in sorted(kinds.items()):
+        own = task_schemas(task, max_batch) if name != TextClassification.name else classify_schemas(max_batch)
+        prefix = _TASK_NAMES.get(name, "Task")
+        for key, schema in own.items():  # InferenceRequest -> TokenClassificationRequest; Entity stays
+            renamed = key.replace("Inference", prefix, 1) if key.startswith("Inference") else key
+            schemas[renamed] = schema
+            if renamed.endswith("Request"):
+                requests.append(_ref(renamed))
+            elif renamed.endswith("Response"):
+                answers.append(_ref(renamed))
+        v2_request = v2_schemas(max_batch, task)["V2InferenceRequest"]
+        if v2_request not in v2_requests:
+            v2_requests.append(v2_request)
+    operation = document["paths"]["/models/{served_model}"]["post"]
+    operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"anyOf": requests}}}}
+    operation["responses"]["200"] = _json({"anyOf": answers}, "The answer of the model's task")
+    operation["summary"] = "Answer the Hugging Face Inference API for the model's task (this model)"
+    schemas["V2InferenceRequest"] = {"anyOf": v2_requests, "description": "The tensors of the model's task."}
+
+
 def with_models(document: dict[str, Any], names: list[str], locked: tuple[int, ...],
-                repository: bool) -> dict[str, Any]:
+                repository: bool, tasks: list[Task] | None = None, max_batch: int = 0) -> dict[str, Any]:
     """Add each model's routes (/models/{served_model}/...) and, when serving a repository, the repository
-    extension to a document of the default model's routes; v2's model_name takes every name."""
+    extension to a document of the default model's routes; v2's model_name takes every name, and the
+    model's path and v2's infer every task of the loaded models (tasks)."""
     paths = document["paths"]
     for item in paths.values():
         for operation in item.values():
@@ -488,6 +535,7 @@ def with_models(document: dict[str, Any], names: list[str], locked: tuple[int, .
                                               "summary": "The model's /info (this model)"}
     if not repository:
         return document
+    _models_tasks(document, tasks or [TextClassification()], max_batch)
     name = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "A folder directly inside the repository (SERVICE_MODEL_DIR)"}
     done = _json({"type": "object"}, "Done: {}")

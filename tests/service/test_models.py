@@ -19,7 +19,7 @@ from service.config import ConfigError
 from service.logs import ACCESS
 from tests.export.tiny import SENTENCES
 from tests.service.conftest import NER, SENTIMENT, TINY, link_copy
-from tests.testkit import NEGATIVE, POSITIVE, REPO, service_env
+from tests.testkit import NEGATIVE, POSITIVE, REPO, schema_errors, service_env
 
 TEXTS = [POSITIVE, NEGATIVE, "an average movie with some good moments"]
 
@@ -84,6 +84,23 @@ def test_each_model_answers_v2_under_its_folder_name_as_when_served_alone(
     metadata = together.get(f"/v2/models/{name}").get_json()
     assert {**metadata, "name": served_alone} == alone[name].get(f"/v2/models/{served_alone}").get_json()
     assert together.get(f"/v2/models/{name}/ready").get_json() == {"name": name, "ready": True}
+
+
+def test_the_document_describes_every_models_requests_and_answers(together: FlaskClient) -> None:
+    document = together.get("/openapi.json").get_json()
+    inference = document["paths"]["/models/{served_model}"]["post"]
+    infer = document["paths"]["/v2/models/{model_name}/infer"]["post"]
+    calls = [(f"/models/{name}", body, inference) for name, path, body in CALLS if path == ""]
+    calls += [(f"/models/{NER}", {"inputs": SENTENCES[:2], "parameters": {"aggregation_strategy": "none"}}, inference)]
+    calls += [(f"/v2/models/{name}/infer", v2_body(TEXTS[:2]), infer) for name in (SENTIMENT, TINY, NER)]
+    calls += [(f"/v2/models/{NER}/infer", {**v2_body(TEXTS[:1]), "parameters": {"aggregation_strategy": "first"}},
+               infer)]
+    for path, body, operation in calls:
+        assert schema_errors(body, operation["requestBody"]["content"]["application/json"]["schema"], document) == []
+        answer = together.post(path, json=body)
+        assert answer.status_code == 200, (path, answer.get_json())
+        schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema_errors(answer.get_json(), schema, document) == [], path
 
 
 UNKNOWN = [
