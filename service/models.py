@@ -125,7 +125,11 @@ def load_model(settings: Settings, name: str, folder: Path) -> Loaded:
     try:
         classifier = load_classifier(replace(settings, model_dir=folder))
     except (ModelLoadError, ConfigError, OSError, ValueError) as exc:
-        return Loaded(name, folder, None, f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+        # clients read the reason (/info, the index, a load's 400): the folder is named as in the repository
+        for path in {str(folder), str(settings.model_dir / name)}:
+            reason = reason.replace(path, name)
+        return Loaded(name, folder, None, reason)
     classifier.name = name  # served under its folder's name, whatever its manifest says
     after = _rss()
     return Loaded(name, folder, classifier, None, {

@@ -286,6 +286,8 @@ def test_load_takes_only_folders_inside_the_repository(changing: FlaskClient, tm
     (folder / "escape").symlink_to(outside)  # a link out of the repository
     (folder / "deeper").mkdir()
     link_copy(tiny_models[2], folder / "deeper" / "model")
+    (folder / "broken").mkdir()
+    (folder / "broken" / "manifest.json").write_text("{}")
     cases = {
         "escape": (400, "not inside the repository"),
         "..": (400, "invalid model name"),
@@ -294,6 +296,7 @@ def test_load_takes_only_folders_inside_the_repository(changing: FlaskClient, tm
         "%2Fetc": (308, None),  # Werkzeug merges the double slash: a redirect to .../models/etc/load, a 404
         "..%2F..%2Fetc": (404, None),
         "deeper": (400, "failed to load 'deeper'"),  # a folder of folders, not a model
+        "broken": (400, "failed to load 'broken': broken/manifest.json lacks"),  # named as in the repository
         "missing": (404, "'missing' is not in the repository"),
     }
     for name, (status, message) in cases.items():
@@ -302,6 +305,7 @@ def test_load_takes_only_folders_inside_the_repository(changing: FlaskClient, tm
         assert status == 308 or "error" in answer.get_json()
         if message:
             assert message in answer.get_json()["error"], name
+            assert str(tmp_path) not in answer.get_json()["error"]  # no path of the machine's
     assert changing.post("/models/escape/sentiment", json={"text": "a"}, headers=KEY).status_code in (404, 503)
     served = {row["name"]: row["state"] for row in changing.post("/v2/repository/index", headers=KEY).get_json()}
     assert served[SENTIMENT] == served[TINY] == "READY" and served.get("escape") != "READY"
