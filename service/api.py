@@ -101,7 +101,8 @@ def info() -> Response:
     classifier = chosen.classifier if chosen is not None and chosen.classifier is not None else None
     backend = classifier.backend if classifier is not None else settings.backend
     names = _RUNTIME + _REFERENCE.get(backend, ())
-    batching = chosen is not None and chosen.scheduler is not None
+    # a model not loaded has no scheduler: say what the settings give it once loaded
+    batching = chosen.scheduler is not None if classifier is not None else settings.batching and backend == "onnx"
     return jsonify(
         model=classifier.info() if classifier is not None else None,  # the path's model, else the default one
         models=models.describe(),

@@ -269,7 +269,14 @@ def test_unloading_the_default_model_refuses_the_unprefixed_routes(changing: Fla
     answer = changing.post("/sentiment", json={"text": "a"}, headers=KEY)
     assert answer.status_code == 503 and f"model '{SENTIMENT}' is not available" in answer.get_json()["error"]
     assert changing.post(f"/models/{TINY}/sentiment", json={"text": "a"}, headers=KEY).status_code == 200
+    # /info says so, in its documented shape, and the settings the model gets back when loaded
+    before = changing.get("/info", headers=KEY)
+    document = changing.get("/openapi.json").get_json()
+    assert before.get_json()["model"] is None
+    assert schema_errors(before.get_json(), {"$ref": "#/components/schemas/Info"}, document) == []
+    assert before.get_json()["batching"]["enabled"] is True
     assert changing.post(f"/v2/repository/models/{SENTIMENT}/load", headers=KEY).status_code == 200
+    assert changing.get("/info", headers=KEY).get_json()["batching"] == before.get_json()["batching"]
     assert changing.post("/sentiment", json={"text": POSITIVE}, headers=KEY).get_json()["label"] == "POSITIVE"
 
 
