@@ -66,7 +66,9 @@ def create_app(config: dict[str, Any] | None = None, classifier: Any = None,
                                          ("", api.info, "GET", "model"),
                                          ("/sentiment", api.sentiment, "POST", "sentiment"),
                                          ("/ready", api.ready, "GET", "ready"), ("/info", api.info, "GET", "info")):
-        app.add_url_rule(prefix + rule, f"models_api.{endpoint}", view_func=view, methods=[method])
+        # strict_slashes=False: a base_url written with a trailing slash (".../models/x/") works too
+        app.add_url_rule(prefix + rule, f"models_api.{endpoint}", view_func=view, methods=[method],
+                         strict_slashes=False if rule == "" else None)
     app.register_blueprint(tei.bp, url_prefix=prefix, name=f"models_{tei.bp.name}")
     app.register_blueprint(v2.bp)  # the Open Inference Protocol v2 (KServe, Triton)
     if models.repository is not None:

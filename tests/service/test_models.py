@@ -73,6 +73,13 @@ def test_each_model_answers_under_its_name_exactly_as_when_served_alone(
         assert (unprefixed.status_code, unprefixed.get_json()) == (expected.status_code, expected.get_json())
 
 
+def test_a_models_url_with_a_trailing_slash_is_the_same_url(together: FlaskClient) -> None:
+    # InferenceClient(base_url=".../models/x/") posts to the base_url as written
+    slash, plain = (together.post(f"/models/{TINY}{end}", json={"inputs": TEXTS}) for end in ("/", ""))
+    assert (slash.status_code, slash.get_json()) == (plain.status_code, plain.get_json()) and plain.status_code == 200
+    assert together.get(f"/models/{TINY}/").get_json() == together.get(f"/models/{TINY}").get_json()
+
+
 @pytest.mark.parametrize("name", [SENTIMENT, TINY, NER])
 def test_each_model_answers_v2_under_its_folder_name_as_when_served_alone(
         name: str, together: FlaskClient, alone: dict[str, FlaskClient]) -> None:
