@@ -36,8 +36,9 @@ def _classify(form: Literal["sentiment", "inference_api"],
     settings = state.settings()
     classifier = state.classifier()
     if not classifier.task.can(CLASSIFY):
+        selected = state.selected()
         raise ApiError(400, f"this model {classifier.task.describe()}: it has no label per text for "
-                            f"{request.path}; send its requests to POST /")
+                            f"{request.path}; send its requests to POST {f'/models/{selected}' if selected else '/'}")
     parsed = read_body(settings.max_batch, form, body)
     logits = infer(parsed.inputs)
     return parsed, classifier.postprocess(logits, parsed.top_k, parsed.function_to_apply)

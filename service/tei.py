@@ -194,8 +194,9 @@ def predict() -> Response:
 def rerank() -> Response:
     """Score each text against the query with a one-label cross-encoder; best first."""
     body = json_object(VALIDATION)
-    if "query" not in body or "texts" not in body:
-        raise _invalid("missing field 'query' or 'texts'")
+    missing = [name for name in ("query", "texts") if name not in body]
+    if missing:
+        raise _invalid(" and ".join(f"missing field '{name}'" for name in missing))
     query = _checked(body["query"], string_field("query"))
     texts = _checked(body["texts"], strings_field("texts", state.settings().max_batch, "`texts` cannot be empty"))
     _not_empty([(query, text) for text in texts])

@@ -73,6 +73,11 @@ def test_each_model_answers_under_its_name_exactly_as_when_served_alone(
         assert (unprefixed.status_code, unprefixed.get_json()) == (expected.status_code, expected.get_json())
 
 
+def test_a_model_of_another_task_says_where_its_requests_go(together: FlaskClient) -> None:
+    answer = together.post(f"/models/{NER}/sentiment", json={"text": "a"})
+    assert answer.status_code == 400 and answer.get_json()["error"].endswith(f"send its requests to POST /models/{NER}")
+
+
 def test_a_models_url_with_a_trailing_slash_is_the_same_url(together: FlaskClient) -> None:
     # InferenceClient(base_url=".../models/x/") posts to the base_url as written
     slash, plain = (together.post(f"/models/{TINY}{end}", json={"inputs": TEXTS}) for end in ("/", ""))

@@ -154,6 +154,8 @@ def test_predict_errors_are_tei_errors(client: FlaskClient, payload: dict, statu
     ("/predict", {"inputs": [["a", "\ud800"]]}, 422, "Validation",
      "inputs[0][1] is not valid Unicode: lone surrogate at character 0"),
     ("/rerank", {"query": "q", "texts": []}, 400, "Empty", "`texts` cannot be empty"),
+    ("/rerank", {"query": "q"}, 422, "Validation", "missing field 'texts'"),
+    ("/rerank", {}, 422, "Validation", "missing field 'query' and missing field 'texts'"),
     ("/rerank", {"query": 3, "texts": ["a"]}, 422, "Validation", "'query' must be a string"),
     ("/rerank", {"query": "q", "texts": ["a", 3]}, 422, "Validation", "'texts[1]' must be a string"),
     ("/rerank", {"query": "q", "texts": ["a"] * 33}, 422, "Validation",
