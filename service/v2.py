@@ -65,7 +65,8 @@ PARAMETERS = [
     Param("truncate", {"type": "boolean"}, "Default true; false refuses a text over the model's max_length tokens "
           "with 400.", "parameters.truncate must be true or false"),
     Param("truncation_direction", {"type": "string", "enum": list(_DIRECTIONS)}, "Which end is cut (default the "
-          "tokenizer's, right for most).", "parameters.truncation_direction must be \"right\" or \"left\""),
+          "tokenizer's, right for most).", "parameters.truncation_direction must be \"right\" or \"left\"",
+          fold_case=True),  # as TEI's routes take Right / Left
 ]
 
 
@@ -337,6 +338,8 @@ def _inputs(value: Any, binary: memoryview, max_batch: int, model: str,
         if name in texts:
             raise _bad(f"input '{name}' is given twice")
         datatype = tensor.get("datatype")
+        if datatype is None:
+            raise _bad(f"inference input '{name}' has no 'datatype': model '{model}' expects 'BYTES'")
         if datatype != "BYTES":
             shown = _shown(datatype) if isinstance(datatype, str) else type(datatype).__name__
             raise _bad(f"inference input '{name}' data-type is '{shown}', but model '{model}' expects 'BYTES'")

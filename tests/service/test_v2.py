@@ -250,6 +250,9 @@ def test_truncate_false_refuses_a_long_text(client: FlaskClient) -> None:
                                     "parameters": {"truncation_direction": "left"}}).get_json()
     right = client.post(INFER, json={"inputs": [text_input([long])]}).get_json()
     assert left["outputs"][3]["data"] != right["outputs"][3]["data"]  # other tokens kept, other logits
+    capital = client.post(INFER, json={"inputs": [text_input([long])],  # as TEI's routes take it
+                                       "parameters": {"truncation_direction": "Left"}}).get_json()
+    assert capital == left
 
 
 # ---- inference: the binary tensor data extension --------------------------------------------------------
@@ -406,8 +409,12 @@ JSON_CASES: list[tuple[Any, str]] = [
     ({"inputs": [text_input(["a"], "text_pair")]}, "input 'text' is missing"),
     ({"inputs": [{**TEXT, "datatype": "FP32"}]},
      f"inference input 'text' data-type is 'FP32', but model '{MODEL}' expects 'BYTES'"),
-    ({"inputs": [{**TEXT, "datatype": None}]},
-     f"inference input 'text' data-type is 'NoneType', but model '{MODEL}' expects 'BYTES'"),
+    ({"inputs": [{**TEXT, "datatype": None}]}, f"inference input 'text' has no 'datatype': model '{MODEL}' expects "
+                                               "'BYTES'"),
+    ({"inputs": [{k: v for k, v in TEXT.items() if k != "datatype"}]},
+     f"inference input 'text' has no 'datatype': model '{MODEL}' expects 'BYTES'"),
+    ({"inputs": [{**TEXT, "datatype": 3}]},
+     f"inference input 'text' data-type is 'int', but model '{MODEL}' expects 'BYTES'"),
     ({"inputs": [{**TEXT, "shape": [1, 1]}]},
      "input 'text' has 2 dimensions, but the model takes shape [n]: a batch of n texts"),
     ({"inputs": [{**TEXT, "shape": []}]},
