@@ -265,6 +265,9 @@ class Models:
             self.entries[model.name] = self._model(model)
         self.sync = Sync.from_environment()
         self._applied = -1
+        # the generation whose load each model here comes from (0: start-up); a later one wants a reload
+        self._stamps: dict[str, int] = {}
+        self._sync_lock = threading.Lock()  # a change this process publishes is its own, not one to follow
         if self.sync is not None and repository is not None:
             self.reconcile()  # a server process restarted after loads or unloads catches up before serving
             threading.Thread(target=self._follow, name="repository-sync", daemon=True).start()
@@ -385,12 +388,14 @@ class Models:
             model = self._model(load_model(self.settings, name, folder))
             with self._cond:
                 self.entries[name] = model
-        if model.state != READY:
+        if model.state == READY:
+            logger.info("model %s loaded from %s", name, folder)
+        else:
             logger.error("model %s failed to load: %s", name, model.reason)
-            raise ApiError(400, f"failed to load '{name}': {model.reason}")
-        logger.info("model %s loaded from %s", name, folder)
-        if share:
+        if share:  # every process (re)loads it from the folder too, and fails alike if it is broken
             self._share(name, True)
+        if model.state != READY:
+            raise ApiError(400, f"failed to load '{name}': {model.reason}")
         return model
 
     def unload(self, name: str, share: bool = True) -> None:
@@ -428,9 +433,11 @@ class Models:
         """Tell the other server processes, and wait until each has applied the change."""
         if self.sync is None:
             return
-        generation = self.sync.publish(name, loaded)
-        self._applied = max(self._applied, generation)
-        self.sync.acknowledge(generation)
+        with self._sync_lock:
+            generation = self.sync.publish(name, loaded)
+            self._applied = max(self._applied, generation)
+            self._stamps[name] = generation
+            self.sync.acknowledge(generation)
         if not self.sync.wait_applied(generation, timeout=self.settings.shutdown_timeout + 60):
             logger.warning("model %s: not every server process had applied the %s within the time allowed",
                            name, "load" if loaded else "unload")
@@ -438,21 +445,25 @@ class Models:
     def reconcile(self) -> None:
         """Load and unload models here until this process matches the wanted state the others share."""
         assert self.sync is not None
-        generation, wanted = self.sync.wanted()
-        if generation <= self._applied:
-            return
-        for name in self.names():
-            model = self.get(name)
-            here = model is not None and model.state == READY
-            try:
-                if name in wanted and not here and generation > 0:  # 0: the models as loaded at start
-                    self.load(name, share=False)
-                elif name not in wanted and here:
-                    self.unload(name, share=False)
-            except ApiError as exc:  # logged by load(); this process serves the others
-                logger.error("model %s: %s", name, exc.message)
-        self._applied = generation
-        self.sync.acknowledge(generation)
+        with self._sync_lock:
+            generation, wanted = self.sync.wanted()
+            if generation <= self._applied:
+                return
+            for name in self.names():
+                model = self.get(name)
+                here = model is not None and model.state == READY
+                stamp = wanted.get(name)
+                try:
+                    # a load published after the one this process applied: load, or reload from the folder
+                    if stamp is not None and stamp > self._stamps.get(name, 0):
+                        self._stamps[name] = stamp
+                        self.load(name, share=False)
+                    elif stamp is None and here:
+                        self.unload(name, share=False)
+                except ApiError as exc:  # logged by load(); this process serves the others
+                    logger.error("model %s: %s", name, exc.message)
+            self._applied = generation
+            self.sync.acknowledge(generation)
 
     def _follow(self) -> None:
         """Apply the other processes' loads and unloads as they come (a daemon thread)."""
@@ -491,25 +502,28 @@ class Sync:
 
     @staticmethod
     def create(folder: Path, loaded: list[str]) -> None:
-        """Write generation 0: the models loaded at start."""
-        (folder / "wanted.json").write_text(json.dumps({"generation": 0, "loaded": sorted(loaded)}))
+        """Write generation 0: the models loaded at start, each from generation 0."""
+        (folder / "wanted.json").write_text(json.dumps({"generation": 0, "loaded": dict.fromkeys(sorted(loaded), 0)}))
 
-    def wanted(self) -> tuple[int, set[str]]:
-        """Return the current generation and the models it wants loaded."""
+    def wanted(self) -> tuple[int, dict[str, int]]:
+        """Return the current generation and the models it wants loaded, each with the generation of its last load."""
         try:
             data = json.loads((self.folder / "wanted.json").read_text())
         except (OSError, ValueError):
-            return -1, set()
-        return int(data["generation"]), set(data["loaded"])
+            return -1, {}
+        return int(data["generation"]), {name: int(stamp) for name, stamp in data["loaded"].items()}
 
     def publish(self, name: str, loaded: bool) -> int:
-        """Write the next generation with model `name` loaded or not; return its number."""
+        """Write the next generation with model `name` (re)loaded from it, or not loaded; return its number."""
         with open(self.folder / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             generation, wanted = self.wanted()
-            (wanted.add if loaded else wanted.discard)(name)
+            if loaded:
+                wanted[name] = generation + 1
+            else:
+                wanted.pop(name, None)
             temporary = self.folder / f"wanted.{os.getpid()}.tmp"
-            temporary.write_text(json.dumps({"generation": generation + 1, "loaded": sorted(wanted)}))
+            temporary.write_text(json.dumps({"generation": generation + 1, "loaded": dict(sorted(wanted.items()))}))
             temporary.replace(self.folder / "wanted.json")  # atomic: a reader sees one generation or the next
             return generation + 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import threading
 import time
 from collections import Counter
@@ -143,6 +144,35 @@ def test_loads_and_unloads_reach_every_process_under_load_with_no_request_lost(s
     served_log = "".join(served.log[logged:])  # each of the two processes unloaded and loaded tiny twice
     assert served_log.count(f"model {TINY} unloaded") == 4 and served_log.count(f"model {TINY} loaded") == 4
     assert "Traceback" not in served_log
+
+
+def test_a_reload_brings_every_process_the_models_new_files(tmp_path: Path, tiny_models: dict[int, Path]) -> None:
+    """Triton's load of a loaded model reloads it from its folder: every process must serve the new files."""
+    folder = tmp_path / "repository"
+    link_copy(tiny_models[2], folder / "swap")
+    with running_server(SERVICE_MODEL_DIR=str(folder), SERVICE_PROCESSES="2") as server:
+        labels = {tuple(sorted(row["label"] for row in post(server, "/models/swap", {"inputs": "a"}, {})[1][0]))
+                  for _ in range(8)}
+        assert labels == {("NEGATIVE", "POSITIVE")}
+        shutil.rmtree(folder / "swap")
+        link_copy(tiny_models[3], folder / "swap")  # new files under the same name
+        assert post(server, "/v2/repository/models/swap/load", {}, {}) == (200, {})
+        labels = {tuple(sorted(row["label"] for row in post(server, "/models/swap", {"inputs": "a"}, {})[1][0]))
+                  for _ in range(16)}  # each on a new connection: both processes answer
+        assert labels == {("negative", "neutral", "positive")}
+        assert "".join(server.log).count("model swap loaded") == 2  # once in each process
+        # a reload from a broken folder fails in every process alike: none keeps serving the old files
+        shutil.rmtree(folder / "swap")
+        (folder / "swap").mkdir()
+        (folder / "swap" / "manifest.json").write_text("{}")
+        status, body = post(server, "/v2/repository/models/swap/load", {}, {})
+        assert status == 400 and "swap/manifest.json lacks" in body["error"]
+        answers = [post(server, "/models/swap", {"inputs": "a"}, {}) for _ in range(16)]
+        assert {status for status, _ in answers} == {503}
+        assert all("swap/manifest.json lacks" in body["error"] for _, body in answers)
+        indexes = [post(server, "/v2/repository/index", {}, {})[1] for _ in range(8)]
+        assert all(index[0]["state"] == "UNAVAILABLE" and "manifest.json lacks" in index[0]["reason"]
+                   for index in indexes), indexes
 
 
 SHORT = "Loved it."
