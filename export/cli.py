@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -89,12 +90,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+MIN_OPSET = 11  # the oldest opset transformers' encoders export to; Optimum picks each architecture's own
+
+
+def _highest_opset() -> int:
+    """Return the highest opset torch's exporter writes (a private constant: an assumed one when it is gone)."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except ImportError:
+        return 21
+    return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
 def parse_args(argv: list[str] | None) -> ExportOptions:
     """Turn the command line into ExportOptions; a value out of range exits 2 with its one-line reason."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.budget is not None and args.budget <= 0:
+    if args.budget is not None and not (0 < args.budget < math.inf):
         parser.error("--budget must be a positive number of minutes")
+    if args.opset is not None and not MIN_OPSET <= args.opset <= _highest_opset():
+        parser.error(f"--opset must lie between {MIN_OPSET} and {_highest_opset()}, the highest this torch exports")
     if not 0.0 <= args.min_agreement <= 1.0:
         parser.error("--min-agreement must lie between 0 and 1")
     if not 0.0 <= args.max_accuracy_drop <= 1.0:

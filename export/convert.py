@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from export.resolve import ExportError
@@ -45,19 +49,57 @@ def export_fp32(checkpoint: Path, output: Path, opset: int | None = None, task: 
 
     try:
         # torch's tracer warns about constants it records (the attention mask's); they are expected here
-        with heartbeat("exporting"), warnings.catch_warnings():
+        with heartbeat("exporting"), warnings.catch_warnings(), _stdout_to_stderr():
             warnings.simplefilter("ignore")
             main_export(str(checkpoint), output=output, task=task, opset=opset,
                         library_name="transformers", local_files_only=True, do_validation=True)
     except ValueError as exc:
         # Optimum raises ValueError for unsupported architectures and for failed output validation.
-        raise ExportError(f"Optimum could not export {checkpoint}: {str(exc).splitlines()[0]}") from None
+        raise ExportError(f"Optimum could not export {checkpoint}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - loading and tracing the user's checkpoint, and the opset asked for
+        raise ExportError(f"Optimum could not export {checkpoint}{f' at --opset {opset}' if opset else ''}: "
+                          f"{_cause(exc)}") from None
     model = output / "model.onnx"
     if not model.is_file():
         raise ExportError(f"Optimum wrote no model.onnx into {output}.")
     return model
 
 
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """Return an exception's first line, cut to limit characters."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def _cause(exc: Exception) -> str:
+    """Say why loading or tracing a checkpoint failed, in one line: what is wrong with its files, where known."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name in ("tensorflow", "flax", "jax"):
+        # transformers falls back to other frameworks' loaders when the weights are not PyTorch's
+        return "its weights file cannot be read as PyTorch weights (is it complete?)"
+    if type(exc).__name__ == "SafetensorError":
+        return f"its safetensors weights cannot be read (is the file complete?): {_first_line(exc)}"
+    if isinstance(exc, RuntimeError) and "size mismatch" in str(exc):
+        mismatch = str(exc)[str(exc).index("size mismatch"):]
+        return f"its weights do not match its config.json: {_first_line(mismatch)}"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what the libraries print to stdout (torch prints a graph when tracing fails) to stderr, at the
+    descriptor: the export's stdout carries only the model folder."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def write_served(model: Path, target: Path) -> list[Path]:
@@ -73,7 +115,10 @@ def write_served(model: Path, target: Path) -> list[Path]:
     proto = onnx.load(str(model))  # with any external data of its own (a model over 2 GB has some)
     onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
-    return [path for path in (target, target.parent / DATA_FILE) if path.is_file()]
+    written = [path for path in (target, target.parent / DATA_FILE) if path.is_file()]
+    for path in written[1:]:  # onnx writes the data file owner-only: readable as the graph is, for the service
+        path.chmod(target.stat().st_mode & 0o777)
+    return written
 
 
 def opset_of(model: Path) -> int:

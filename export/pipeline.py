@@ -101,6 +101,9 @@ class Stages:
         return round(time.monotonic() - self.started, 1)
 
 
+NAME_BYTES = 200  # a folder name, with room for the .tmp- prefixes beside it within the file system's 255
+
+
 def default_name(model: str | None) -> str:
     """Return the folder name for a model: the recipe's name, a hub id's name, or a folder's name."""
     from export.recipe import DEFAULT_NAME
@@ -110,15 +113,28 @@ def default_name(model: str | None) -> str:
     return Path(model.rstrip("/")).name or "model"
 
 
+def _examples(options: ExportOptions) -> list[Example]:
+    """Return the inputs of --validation-file, or raise ExportError saying why they cannot be read."""
+    path = options.validation_file
+    assert path is not None
+    if not path.exists():
+        raise ExportError(f"--validation-file {path} does not exist.")
+    if not path.is_file():
+        raise ExportError(f"--validation-file {path} is not a file.")
+    try:
+        return read_text_file(path, pairs=options.pairs)
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"--validation-file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}).") from None
+    except OSError as exc:
+        raise ExportError(f"--validation-file {path} cannot be read: {exc.strerror or exc}.") from None
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def validation_sets(options: ExportOptions) -> dict[str, list[Example]]:
     """Return the calibration split, the selection split ("validation", the gate) and the test sets."""
     if options.validation_file is not None:
-        if not options.validation_file.is_file():
-            raise ExportError(f"--validation-file {options.validation_file} does not exist.")
-        try:
-            examples = read_text_file(options.validation_file, pairs=options.pairs)
-        except ValueError as exc:
-            raise ExportError(str(exc)) from None
+        examples = _examples(options)
         if len(examples) < 4:
             raise ExportError(f"--validation-file {options.validation_file} needs at least 4 inputs "
                               f"(calibration, selection and test splits are drawn from it); it has {len(examples)}.")
@@ -207,30 +223,81 @@ def _check_task_options(config: dict, task: str, path: Path, options: ExportOpti
                           f"single texts: this export is {task}{' from text pairs' if options.pairs else ''}.")
 
 
-def run(options: ExportOptions) -> Path:
-    """Export, validate and write onnx_models/<name>/; return the folder. Raise ExportError on failure."""
-    name = options.name or default_name(options.model)
-    if not name or name.startswith(".") or "/" in name or name in ("..",):
-        raise ExportError(f"--name {name!r} must be a plain folder name.")
+def _preflight(options: ExportOptions) -> tuple[str, Path]:
+    """Return the folder's name and path, or raise ExportError for what the options alone show to be wrong."""
+    name = options.name if options.name is not None else default_name(options.model)
+    if options.model is not None and options.retrain:
+        raise ExportError("--retrain applies to the default model (no --model): it retrains its recipe.")
+    if options.revision is not None and (options.model is None or Path(options.model).exists()):
+        raise ExportError("--revision applies to a Hugging Face Hub id, not the default model or a local folder.")
+    if not name or name.startswith(".") or "/" in name or "\\" in name or len(name.encode()) > NAME_BYTES:
+        raise ExportError(f"--name {name[:80]!r} must be a plain folder name of at most {NAME_BYTES} bytes, not "
+                          "starting with a dot.")
     if options.pairs and options.validation_file is None:
         raise ExportError("--pairs needs --validation-file with text pairs ('text<TAB>text_pair' or "
                           "'LABEL<TAB>text<TAB>text_pair' per line): the default snippets are single texts.")
+    if options.validation_file is not None:
+        _examples(options)  # read now: a missing or unreadable file fails before minutes of work
     target = (options.output_dir / name).resolve()
     if target.exists() and not options.force:
         raise ExportError(f"{target} already exists; pass --force (make export ... EXPORT_ARGS=--force) "
                           f"to replace it, or choose another --name.")
+    existing = options.output_dir.absolute()
+    while not existing.exists():  # made only once the model is known: a failed export leaves no folder
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"--output-dir {options.output_dir} cannot hold the model folder: {existing} is "
+                          f"{'not a folder' if not existing.is_dir() else 'not writable'}.")
+    return name, target
+
+
+def _work_folder(options: ExportOptions, name: str) -> Path:
+    """Make the output folder and, inside it, the export's temporary folder; return the latter."""
+    try:
+        options.output_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=options.output_dir, prefix=f".tmp-{name}-"))
+    except OSError as exc:
+        raise ExportError(f"--output-dir {options.output_dir} cannot hold the model folder: "
+                          f"{exc.strerror or exc}.") from None
+
+
+def _check_source(options: ExportOptions, source: Source, config: dict, task: str, target: Path) -> None:
+    """Raise ExportError if writing target would delete the checkpoint; warn when the validation file's labels
+    are not the model's."""
+    checkpoint = source.path.resolve()
+    if checkpoint == target or target in checkpoint.parents:
+        raise ExportError(f"{target} holds the checkpoint being exported ({checkpoint}); replacing it would delete "
+                          "the checkpoint. Choose another --output-dir or --name.")
+    if options.validation_file is None or task == tasks.TOKEN_CLASSIFICATION:
+        return
+    labels = [str(label) for label in (config.get("id2label") or {}).values()]
+    known = {label.lower() for label in labels}  # as validate.true_labels matches them
+    labelled = [e.label for e in _examples(options) if e.label is not None]
+    unknown = sorted({label for label in labelled if label.lower() not in known})
+    if unknown:  # such inputs count as unlabelled (a file may serve several models): say so, once
+        left = sum(label.lower() in known for label in labelled)
+        logger.warning("--validation-file %s labels inputs %s%s, which are not the model's labels (%s): those "
+                       "inputs count as unlabelled; %s", options.validation_file, ", ".join(unknown[:5]),
+                       " ..." if len(unknown) > 5 else "", ", ".join(labels),
+                       f"accuracy is measured on the {left} others" if left else
+                       "no input has a label of the model's, so the gate checks agreement only, not accuracy")
+
+
+def run(options: ExportOptions) -> Path:
+    """Export, validate and write onnx_models/<name>/; return the folder. Raise ExportError on failure."""
+    name, target = _preflight(options)
     stages = Stages(total=5)
     stages.next("locating the model")
     source = _locate(options)
     config = check_classifier(source.path)
     task = options.task or tasks.detect(config)
     _check_task_options(config, task, source.path, options)
+    _check_source(options, source, config, task, target)
     logger.info("      %s (%s, %s, labels %s)", source.path, config.get("model_type"), task,
                 ", ".join(str(v) for v in (config.get("id2label") or {}).values()))
 
-    options.output_dir.mkdir(parents=True, exist_ok=True)
     budget_started = time.monotonic()  # the budget covers the export proper, not obtaining the model
-    work = Path(tempfile.mkdtemp(dir=options.output_dir, prefix=f".tmp-{name}-"))
+    work = _work_folder(options, name)
     try:
         stages.next("exporting to ONNX (fp32) with Optimum")
         fp32 = export_fp32(source.path, work / "fp32", opset=options.opset,
@@ -504,5 +571,7 @@ def _replace(folder: Path, target: Path) -> None:
         old = target.with_name(f".tmp-old-{target.name}-{os.getpid()}")
         os.replace(target, old)
     os.replace(folder, target)
-    if old is not None:
+    if old is not None and old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:  # --force over a file or a link of that name
+        old.unlink(missing_ok=True)

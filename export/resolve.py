@@ -65,12 +65,14 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    hint = ("Where the Hub is out of reach, download the model on a machine that has it "
+    hint = (f"No folder {repo_id} exists here either. "
+            "Where the Hub is out of reach, download the model on a machine that has it "
             "(for example with `hf download " + repo_id + " --local-dir DIR`), copy the folder here and "
             "run `make export MODEL=DIR`.")
     try:
@@ -87,6 +89,9 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
         raise ExportError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN.") from None
     except OfflineModeIsEnabled:
         raise ExportError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be fetched. {hint}") from None
+    except HFValidationError as exc:
+        raise ExportError(f"{repo_id!r} is neither an existing folder nor a valid Hugging Face Hub id: "
+                          f"{str(exc).splitlines()[0]}") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         # requests' ConnectionError and Timeout are OSErrors; so are DNS failures.
         reason = type(exc).__name__
@@ -104,7 +109,11 @@ def check_classifier(path: Path) -> dict:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportError(f"{config_path} is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{config_path} is not a JSON object: it is not a model's config.")
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise ExportError(f"{config_path}: 'architectures' must be a list of class names.")
     if not any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
         found = ", ".join(architectures) or "no architecture"
         raise ExportError(f"{path} is not a sequence classifier (config.json names {found}; expected "
@@ -115,4 +124,12 @@ def check_classifier(path: Path) -> dict:
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file() \
             and not any(path.glob("*.model")):
         raise ExportError(f"{path} has no tokenizer files (tokenizer.json, vocab.txt or *.model).")
+    if (path / "tokenizer.json").is_file():  # what the service will load: a broken one fails here, by name
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises its own Exception for any bad file
+            raise ExportError(f"{path / 'tokenizer.json'} cannot be read as a tokenizer: "
+                              f"{str(exc).splitlines()[0][:200]}.") from None
     return config

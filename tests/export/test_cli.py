@@ -52,10 +52,121 @@ def test_bad_model_arguments(run_cli, tmp_path, model, message):
     _assert_clean_failure(run_cli("--model", model, "--output-dir", str(tmp_path)), message)
 
 
-@pytest.mark.parametrize("value", ["0", "-5"])
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
 def test_a_budget_must_be_positive(run_cli, tmp_path, value):
     result = run_cli("--budget", value, "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--budget must be a positive number of minutes" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "9", "99"])
+def test_an_opset_torch_cannot_write_is_refused_first(run_cli, tmp_path, value):
+    result = run_cli("--opset", value, "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "--opset must lie between 11 and" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _bad_checkpoint(source: Path, folder: Path, change) -> Path:
+    """Return a copy of a checkpoint with one thing broken by change(folder)."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    change(folder)
+    return folder
+
+
+def _config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+# (case, how the checkpoint is broken, what the one line says): found before any export work
+BROKEN = [
+    ("config-a-list", lambda f: (f / "config.json").write_text("[]"), "config.json is not a JSON object"),
+    ("architectures-a-string", lambda f: _config(f, architectures="BertForSequenceClassification"),
+     "'architectures' must be a list of class names"),
+    ("tokenizer-json-garbage", lambda f: (f / "tokenizer.json").write_text("garbage{"),
+     "tokenizer.json cannot be read as a tokenizer"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), [case[1:] for case in BROKEN], ids=[case[0] for case in BROKEN])
+def test_a_broken_checkpoint_is_named_in_one_line(run_cli, checkpoints, tmp_path, change, message):
+    broken = _bad_checkpoint(checkpoints("bert"), tmp_path / "broken", change)
+    _assert_clean_failure(run_cli("--model", str(broken), "--output-dir", str(tmp_path / "out")), message)
+    assert not (tmp_path / "out").exists()
+
+
+# (case, how the checkpoint's weights are broken, what Optimum's failure is said to be): in-process, where torch
+# is loaded already, as the export's own code path calls Optimum
+WEIGHTS = [
+    ("truncated-safetensors", lambda f: os.truncate(f / "model.safetensors", 5000),
+     "its safetensors weights cannot be read"),
+    ("labels-the-head-lacks", lambda f: _config(f, id2label={str(i): f"L{i}" for i in range(5)},
+                                                label2id={f"L{i}": i for i in range(5)}),
+     "its weights do not match its config.json: size mismatch"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), [case[1:] for case in WEIGHTS], ids=[case[0] for case in WEIGHTS])
+def test_weights_optimum_cannot_load_are_an_export_error_that_says_why(checkpoints, tmp_path, change, message):
+    from export.convert import export_fp32
+    from export.resolve import ExportError
+
+    broken = _bad_checkpoint(checkpoints("bert"), tmp_path / "broken", change)
+    with pytest.raises(ExportError, match=message):
+        export_fp32(broken, tmp_path / "out")
+
+
+def test_an_opset_too_old_for_the_model_is_an_export_error_and_stdout_stays_clean(checkpoints, tmp_path, capfd):
+    from export.convert import export_fp32
+    from export.resolve import ExportError
+
+    with pytest.raises(ExportError, match="at --opset 12: UnsupportedOperatorError"):
+        export_fp32(checkpoints("bert"), tmp_path / "out", opset=12)
+    captured = capfd.readouterr()
+    assert captured.out == ""  # torch prints the graph it could not export: to stderr, not the folder's line
+    assert "aten::" in captured.err
+
+
+def test_output_and_validation_file_problems_fail_before_any_work(run_cli, checkpoints, tmp_path):
+    model = ("--model", str(checkpoints("bert")))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _assert_clean_failure(run_cli(*model, "--output-dir", str(a_file)), "cannot hold the model folder")
+    for name in ("n" * 201, "", ".hidden", "a\\b"):
+        _assert_clean_failure(run_cli(*model, "--output-dir", str(tmp_path), "--name", name),
+                              "must be a plain folder name of at most 200 bytes")
+    _assert_clean_failure(run_cli(*model, "--retrain"), "--retrain applies to the default model")
+    _assert_clean_failure(run_cli(*model, "--revision", "main"), "--revision applies to a Hugging Face Hub id")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xe8\x00\xff" * 10)
+    labelled = tmp_path / "labelled.txt"
+    labelled.write_text("POSITIVE\tgreat\nFOO\tbad\nBAR\tmeh\nfine\n")
+    for path, fragment in ((tmp_path, "is not a file"), (binary, "is not UTF-8 text")):
+        result = run_cli(*model, "--output-dir", str(tmp_path / "out"), "--validation-file", str(path))
+        _assert_clean_failure(result, f"--validation-file {path}", fragment)
+        assert not (tmp_path / "out").exists()
+    # labels the model lacks: those inputs count as unlabelled, and the export says so before its work
+    result = run_cli(*model, "--output-dir", str(tmp_path / "out"), "--validation-file", str(labelled),
+                     "--quantize", "none")
+    assert result.returncode == 0, result.stderr
+    assert ("labels inputs BAR, FOO, which are not the model's labels (NEGATIVE, POSITIVE): those inputs count as "
+            "unlabelled; accuracy is measured on the 1 others") in result.stderr
+
+
+def test_force_never_replaces_the_checkpoint_it_exports(run_cli, checkpoints, tmp_path):
+    checkpoint = _bad_checkpoint(checkpoints("bert"), tmp_path / "models" / "mine", lambda folder: None)
+    before = sorted(path.name for path in checkpoint.iterdir())
+    for output_dir, name in ((tmp_path / "models", "mine"), (tmp_path, "models")):
+        result = run_cli("--model", str(checkpoint), "--output-dir", str(output_dir), "--name", name, "--force")
+        _assert_clean_failure(result, "holds the checkpoint being exported")
+    assert sorted(path.name for path in checkpoint.iterdir()) == before
+
+
+def test_an_invalid_hub_id_is_not_blamed_on_the_network(run_cli, tmp_path):
+    result = run_cli("--model", "org/na--me", "--output-dir", str(tmp_path))
+    _assert_clean_failure(result, "'org/na--me' is neither an existing folder nor a valid Hugging Face Hub id")
+    assert result.seconds < 30
 
 
 def test_quiet_prints_only_the_folder_and_the_manifest_records_the_plan(run_cli, checkpoints, tmp_path,
@@ -67,6 +178,9 @@ def test_quiet_prints_only_the_folder_and_the_manifest_records_the_plan(run_cli,
     assert quiet.stdout.strip() == str(tmp_path / "quiet") and "[1/5]" not in quiet.stderr
     assert "Traceback" not in quiet.stderr and "budget" not in quiet.stderr
     plan = json.loads((tmp_path / "quiet" / "manifest.json").read_text())["budget"]
+    # every file of the folder is as readable as the graph (onnx writes its data file owner-only)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "quiet").iterdir()}
+    assert modes["model.onnx.data"] == modes["model.onnx"], modes
     # a tiny model fits a 3-minute budget with every input scored
     assert plan["budget_minutes"] == 3 and plan["selection_inputs"] == plan["selection_available"] > 0
     loud = run_cli(*common, "--name", "loud")
