@@ -21,7 +21,7 @@ from export.budget import Plan, plan
 from export.convert import export_fp32, opset_of, write_served
 from export.dataset import Example, load_splits, read_text_file
 from export.gate import Gate
-from export.quantize import CALIBRATION_SIZE, QuantizationSettings, sample
+from export.quantize import CALIBRATION_SIZE, QuantizationSettings, resolve_target, sample
 from export.resolve import ExportError, Source, check_classifier, resolve
 from service import tasks
 from service.config import usable_cores
@@ -233,6 +233,8 @@ def _preflight(options: ExportOptions) -> tuple[str, Path]:
     if not name or name.startswith(".") or "/" in name or "\\" in name or len(name.encode()) > NAME_BYTES:
         raise ExportError(f"--name {name[:80]!r} must be a plain folder name of at most {NAME_BYTES} bytes, not "
                           "starting with a dot.")
+    if options.quantization.mode != "none":
+        resolve_target(options.quantization)  # --reduce-range for a target without it fails now, not after minutes
     if options.pairs and options.validation_file is None:
         raise ExportError("--pairs needs --validation-file with text pairs ('text<TAB>text_pair' or "
                           "'LABEL<TAB>text<TAB>text_pair' per line): the default snippets are single texts.")
@@ -397,6 +399,17 @@ def check_task(config: dict, task: str, path: Path) -> None:
                           "starts with 'entail', so no logit says that a hypothesis follows from the text.")
 
 
+def _tag_why(record: dict[str, Any], on_miss: str) -> str:
+    """Say why a token classifier's export serves what it serves (the manifest's quantization.why)."""
+    if record["mode"] == "none":
+        return "--quantize none serves fp32"
+    if record["passed"]:
+        return f"{record['chosen']} is the first candidate that meets the gate on tokens and entities"
+    if record["chosen"] is None:
+        return "no candidate met the gate; --on-miss fp32 serves fp32"
+    return "no candidate met the gate; the one with the best token agreement is kept (--on-miss best)"
+
+
 def _tag_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Path, work: Path):
     """Quantize and validate a token classifier: the gate on tokens and entity spans, then PyTorch's logits."""
     from export.tagging import Windows, figures, search, texts_of, torch_runner
@@ -425,6 +438,8 @@ def _tag_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Pa
     else:
         record = {"mode": "none"}
     served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
+    record["served"] = "int8" if served == "onnx_int8" else "fp32"
+    record["why"] = _tag_why(record, options.on_miss)
 
     stages.next("validating against the PyTorch model")
     pytorch = windows.logits(torch_runner(source.path))
@@ -497,11 +512,13 @@ def _classify_stages(options: ExportOptions, stages: Stages, source: Source, fp3
         passed, confirmed = bool(quant_record["passed"]), bool(quant_record["test"]["passed"])
     else:  # the fp32 model is the reference the gate measures against
         figures, passed, confirmed = {"agreement": 1.0, "accuracy_drop": 0.0}, True, True
-    report["gate"] = {"metric": f"{served} against onnx_fp32 on the selection split (validation, plus the "
-                                f"out-of-domain snippets past the test cap for the default model): label "
-                                f"agreement and accuracy drop", "min_agreement": options.min_agreement,
-                      "max_accuracy_drop": options.max_accuracy_drop, **figures, "passed": passed,
-                      "confirmed_on_test": confirmed, "enforced": options.enforce_gate}
+    split = ("the selection half of --validation-file" if options.validation_file is not None else
+             "the selection split (validation, plus the out-of-domain snippets past the test cap)")
+    measured = (f"onnx_int8 against onnx_fp32 on {split}" if served == "onnx_int8" else
+                f"none: onnx_fp32, the gate's reference, is served ({split} scored)")
+    report["gate"] = {"metric": f"{measured}: label agreement and accuracy drop",
+                      "min_agreement": options.min_agreement, "max_accuracy_drop": options.max_accuracy_drop,
+                      **figures, "passed": passed, "confirmed_on_test": confirmed, "enforced": options.enforce_gate}
     if ranking is not None and served == "onnx_int8":
         # zero-shot answers rank labels by their entailment logits: the served model must rank as fp32 does
         ranking["passed"] = ranking["top_agreement"] >= options.min_agreement

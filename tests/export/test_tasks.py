@@ -235,6 +235,7 @@ def test_an_int8_token_classifier_is_gated_on_tokens_and_entities(tmp_path: Path
     gate = manifest["validation"]["gate"]
     assert manifest["validation"]["served_model"] == "onnx_int8" and gate["passed"]
     assert manifest["quantization"]["chosen"] and min(gate["token_agreement"], gate["entity_agreement"]) >= 0.7
+    assert manifest["quantization"]["served"] == "int8" and "meets the gate" in manifest["quantization"]["why"]
     client = create_app({"MODEL_DIR": str(folder), "ORT_THREADS": 1}).test_client()
     assert client.post("/", json={"inputs": SHORT[0]}).status_code == 200
     reached = max(min(c["selection"]["token_agreement"], c["selection"]["entity_agreement"])
