@@ -573,9 +573,10 @@ def _log_summary(report: dict, served: str) -> None:
         figures = entry.get(f"{served}_vs_pytorch", {})
         acc = entry["accuracy"]
         sampled = f" (PyTorch: {entry['pytorch_inputs']})" if "pytorch_inputs" in entry else ""
-        logger.info("      %-12s n=%-5d%s agreement %.4f max|d| %.4f accuracy pytorch %s %s %s", set_name,
-                    entry["inputs"], sampled, figures.get("label_agreement", 1.0),
-                    figures.get("max_abs_score_diff", 0.0), acc.get("pytorch"), served, acc.get(served))
+        accuracy = (f"accuracy pytorch {acc.get('pytorch')} {served} {acc.get(served)}"
+                    if acc.get("pytorch") is not None else "accuracy: no input has one of the model's labels")
+        logger.info("      %-12s n=%-5d%s agreement %.4f max|d| %.4f %s", set_name, entry["inputs"], sampled,
+                    figures.get("label_agreement", 1.0), figures.get("max_abs_score_diff", 0.0), accuracy)
     lat = report["latency"]
     logger.info("      latency batch 1 / 8 (ms): %s", ", ".join(
         f"{k} {v['batch1_p50_ms']}/{v['batch8_p50_ms']}" for k, v in lat.items() if isinstance(v, dict)))
