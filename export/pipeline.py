@@ -281,7 +281,7 @@ def _check_source(options: ExportOptions, source: Source, config: dict, task: st
         logger.warning("--validation-file %s labels inputs %s%s, which are not the model's labels (%s): those "
                        "inputs count as unlabelled; %s", options.validation_file, ", ".join(unknown[:5]),
                        " ..." if len(unknown) > 5 else "", ", ".join(labels),
-                       f"accuracy is measured on the {left} others" if left else
+                       f"accuracy is measured on the {left} labelled with them" if left else
                        "no input has a label of the model's, so the gate checks agreement only, not accuracy")
 
 

@@ -151,7 +151,7 @@ def test_output_and_validation_file_problems_fail_before_any_work(run_cli, check
                      "--quantize", "none")
     assert result.returncode == 0, result.stderr
     assert ("labels inputs BAR, FOO, which are not the model's labels (NEGATIVE, POSITIVE): those inputs count as "
-            "unlabelled; accuracy is measured on the 1 others") in result.stderr
+            "unlabelled; accuracy is measured on the 1 labelled with them") in result.stderr
 
 
 def test_force_never_replaces_the_checkpoint_it_exports(run_cli, checkpoints, tmp_path):
