@@ -28,6 +28,7 @@ process' counters, whichever child answers (service/metrics.py).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -35,6 +36,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,10 @@ RESTART_WINDOW = 60.0
 _POLL = 0.1  # seconds between two looks at the children
 _STOPS = {signal.SIGTERM, signal.SIGINT}  # the signals that stop the service
 _STOP_MARGIN = 5.0  # seconds beyond SHUTDOWN_TIMEOUT a child may take to exit before it is killed
+_LINUX = sys.platform.startswith("linux")
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # Linux's value; Python names it on few builds
+_BPF_LDB_ABS, _BPF_JSET_K, _BPF_RET_K = 0x30, 0x45, 0x06  # BPF_LD|BPF_B|BPF_ABS, BPF_JMP|BPF_JSET|BPF_K, BPF_RET|BPF_K
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
 
 
 def can_fork(settings: Settings) -> bool:
@@ -270,7 +276,9 @@ class Supervisor:
         return True
 
     def _stop_all(self) -> None:
-        """Ask every running child to drain."""
+        """Drop new connections on the shared sockets, then ask every running child to drain."""
+        for sock in self.sockets:  # the children's too: a child stopped alone never touches them
+            refuse_new_connections(sock)
         for process in self.children.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -413,6 +421,35 @@ def bind(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def refuse_new_connections(sock: socket.socket) -> bool:
+    """Make a listening TCP socket drop every new connection's SYN; return whether it could (Linux).
+
+    The kernel completes a client's handshake before anyone calls accept(), so a connection that
+    arrives between a server's last accept() and its close() is reset with its request unanswered.
+    With this filter on, a new client's SYN goes unanswered (its connect is refused once the socket
+    is closed), while the last ACK of a handshake already under way still completes it, and
+    connections already queued are sockets of their own, which the filter does not reach. It covers
+    the socket, so every process sharing it is covered: the parent of several processes attaches it
+    when the whole service stops, a single server when it stops.
+    """
+    if not _LINUX:
+        return False
+    # A classic BPF program, attached with SO_ATTACH_FILTER; a TCP socket's filter sees the segment
+    # from its TCP header, whose byte 13 holds the flags.
+    program = [(_BPF_LDB_ABS, 0, 0, 13),  # A = flags
+               (_BPF_JSET_K, 2, 0, _TCP_ACK),  # any ACK (a handshake's last segment): keep
+               (_BPF_JSET_K, 0, 1, _TCP_SYN),  # a SYN without ACK (a new connection): drop
+               (_BPF_RET_K, 0, 0, 0),  # drop: keep no byte
+               (_BPF_RET_K, 0, 0, 0xFFFFFFFF)]  # keep the whole segment
+    instructions = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *step) for step in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(instructions))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True
 
 
 def inherited(fds: list[int]) -> list[socket.socket]:

@@ -36,7 +36,6 @@ answer instead of a reset.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import heapq
 import io
@@ -46,8 +45,6 @@ import math
 import resource
 import selectors
 import socket
-import struct
-import sys
 import threading
 import time
 from collections import Counter
@@ -65,6 +62,7 @@ from werkzeug.wrappers import Response
 
 from service import state
 from service.config import Settings
+from service.processes import refuse_new_connections
 
 if TYPE_CHECKING:
     from service.processes import Shares
@@ -90,10 +88,6 @@ _REPORT_EVERY = 10.0  # seconds between two log lines about slow clients or a fu
 _DISCONNECTED = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED,
                            errno.EPIPE, errno.EBADF})
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-_LINUX = sys.platform.startswith("linux")
-_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # Linux's value; Python names it on few builds
-_BPF_LDB_ABS, _BPF_JSET_K, _BPF_RET_K = 0x30, 0x45, 0x06  # BPF_LD|BPF_B|BPF_ABS, BPF_JMP|BPF_JSET|BPF_K, BPF_RET|BPF_K
-_TCP_SYN, _TCP_ACK = 0x02, 0x10
 
 # What this runner relies on beyond Waitress' documented API (create_server, a listener's channel_class,
 # a channel's task_class and error_task_class, Adjustments), for the Waitress version pinned in
@@ -230,6 +224,7 @@ class GracefulServer:
         self.connection_limit = (settings.connection_limit if sockets is None
                                  else math.ceil(settings.connection_limit / settings.processes))
         self.draining: threading.Event = state.draining(app)
+        self.shared = sockets is not None  # the listening sockets are the parent's, shared with siblings
         dispatcher = LastIdleFirst()
         where: dict[str, Any] = {"sockets": sockets} if sockets else {"host": settings.host, "port": settings.port}
         # A socket shared with other processes wakes all of them for each connection: accepting one
@@ -583,8 +578,10 @@ class GracefulServer:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         self.draining.set()
         # Dropping new connections' SYNs lets the handshakes already under way finish: accepted
-        # while the rest drains, they are answered, with Connection: close, like the backlog.
-        refused = all([refuse_new_connections(listener.socket) for listener in self.listeners])
+        # while the rest drains, they are answered, with Connection: close, like the backlog. A socket
+        # shared with sibling processes is the parent's to close that way, when the whole service stops
+        # (service/processes.py); a child stopped alone leaves new connections to its siblings.
+        refused = self.shared or all([refuse_new_connections(listener.socket) for listener in self.listeners])
         close_listeners_at = time.monotonic() + (_HANDSHAKE_GRACE if refused else 0)
         listening = True
         logger.info("stopping: no longer accepting connections, finishing requests in flight (at most %g s)",
@@ -654,34 +651,6 @@ class GracefulServer:
             except Exception as exc:  # the app's own error handlers make it a JSON answer
                 answer = self.app.handle_user_exception(exc)
             return self.app.finalize_request(answer)
-
-
-def refuse_new_connections(sock: socket.socket) -> bool:
-    """Make a listening TCP socket drop every new connection's SYN; return whether it could (Linux).
-
-    The kernel completes a client's handshake before anyone calls accept(), so a connection that
-    arrives between a server's last accept() and its close() is reset with its request unanswered.
-    With this filter on, a new client's SYN goes unanswered (its connect is refused once the socket
-    is closed), while the last ACK of a handshake already under way still completes it, and
-    connections already queued are sockets of their own, which the filter does not reach. It covers
-    the socket, so every process sharing it is covered.
-    """
-    if not _LINUX:
-        return False
-    # A classic BPF program, attached with SO_ATTACH_FILTER; a TCP socket's filter sees the segment
-    # from its TCP header, whose byte 13 holds the flags.
-    program = [(_BPF_LDB_ABS, 0, 0, 13),  # A = flags
-               (_BPF_JSET_K, 2, 0, _TCP_ACK),  # any ACK (a handshake's last segment): keep
-               (_BPF_JSET_K, 0, 1, _TCP_SYN),  # a SYN without ACK (a new connection): drop
-               (_BPF_RET_K, 0, 0, 0),  # drop: keep no byte
-               (_BPF_RET_K, 0, 0, 0xFFFFFFFF)]  # keep the whole segment
-    instructions = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *step) for step in program))
-    fprog = struct.pack("HL", len(program), ctypes.addressof(instructions))  # struct sock_fprog
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
-    except OSError:
-        return False
-    return True
 
 
 def _handle(dispatcher: Any, events: int, still_open: Callable[[], bool]) -> None:
