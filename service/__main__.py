@@ -25,6 +25,12 @@ def _stopped_while_importing(signum: int, frame: Any) -> None:
 # handler goes back to Python's once they are in (below), and main() catches KeyboardInterrupt.
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _stopped_while_importing)
+# SIGTERM too: as a container's PID 1 the kernel drops a signal that has no handler, so a pod deleted while
+# the service starts would run on until its SIGKILL. A child the parent started (--listen-fd) keeps the
+# default: the parent takes its death by SIGTERM before serving as a clean stop.
+if __name__ == "__main__" and "--listen-fd" not in sys.argv[1:] \
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _stopped_while_importing)
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -282,12 +288,27 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+_stopped_by = signal.SIGINT  # the signal that stopped a start, for its exit code (128 + its number)
+
+
+def _stop_starting(signum: int, frame: Any) -> None:
+    """Stop a start that is loading the model on SIGTERM as on Ctrl-C: a KeyboardInterrupt, caught below.
+
+    Serving replaces this handler with the server's, which drains instead.
+    """
+    global _stopped_by
+    _stopped_by = signal.Signals(signum)
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    # the imports are in: from here a Ctrl-C raises KeyboardInterrupt again, which main() handles
+    # the imports are in: from here a Ctrl-C or SIGTERM raises KeyboardInterrupt, which main() handles
     if signal.getsignal(signal.SIGINT) is _stopped_while_importing:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is _stopped_while_importing:
+        signal.signal(signal.SIGTERM, _stop_starting)
     try:
         raise SystemExit(main())
-    except KeyboardInterrupt:  # Ctrl-C before serving (while the model loads): no traceback
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving (while the model loads): no traceback
         print("stopped before serving", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(128 + _stopped_by) from None
