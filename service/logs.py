@@ -80,8 +80,17 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if not fields:
             return line
-        return line + "".join(f" {key}={'-' if value is None else value}" for key, value in fields.items()
+        return line + "".join(f" {key}={'-' if value is None else _one_line(value)}" for key, value in fields.items()
                               if key not in _IN_MESSAGE)
+
+
+def _one_line(value: Any) -> str:
+    """Return a field's value as text that cannot end its line or forge another: a client's model name may hold
+    a newline. Characters that are not printable are escaped (\\n)."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 class JsonLines:

@@ -29,7 +29,7 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
     if settings.otlp_endpoint is not None:
         from service.tracing import Tracing
 
-        tracing = Tracing(settings.otlp_endpoint, model)
+        tracing = Tracing(settings.otlp_endpoint)
         weakref.finalize(app, tracing.shutdown)  # at exit too: the spans still queued
     state.store(app, tracing=tracing)
     access = settings.access_log
@@ -50,15 +50,15 @@ def init_app(app: Flask, settings: Settings, model: str) -> None:
         if access or tracing is not None:
             route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
             identifier = g.request_id
+            served = g.get("model")  # the request's model (service.models), if it reached one
+            named = served.name if served is not None else state.named()
+            shown = model if named is None else _shown(named)
             if access:
-                served = g.get("model")  # the request's model (service.models), if it reached one
-                named = served.name if served is not None else state.named()
-                log_access(timing, ended, route, model if named is None else _shown(named), response.status_code,
-                           identifier)
+                log_access(timing, ended, route, shown, response.status_code, identifier)
             if tracing is not None:
                 try:
                     tracing.record(timing, ended, request.method, route, response.status_code, identifier,
-                                   request.headers)
+                                   request.headers, shown)
                 except Exception as exc:  # tracing never fails a request: the answer is ready
                     logger.warning("request %s: no spans: %s: %s", identifier, type(exc).__name__, exc)
         return response

@@ -29,22 +29,21 @@ EXIT_FLUSH_SECONDS = 2.0  # at exit, spans the collector has not taken by then a
 class Tracing:
     """One process' tracer provider, its batching exporter, and the spans of each request."""
 
-    def __init__(self, endpoint: str, model: str) -> None:
+    def __init__(self, endpoint: str) -> None:
         """Export to the OTLP/HTTP traces URL endpoint; sampler, headers and timeout come from OTEL_*."""
         named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
         resource = Resource.create({} if named else {"service.name": SERVICE_NAME})
         self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         self.tracer = self.provider.get_tracer("service")
-        self.model = model
         self.closed = False
 
     def record(self, timing: Timing, ended: float, method: str, route: str, status: int, request_id: str,
-               headers: Mapping[str, str]) -> None:
-        """Add the spans of one answered request, continuing the caller's traceparent if it sent one."""
+               headers: Mapping[str, str], model: str) -> None:
+        """Add the spans of one answered request (to `model`), continuing the caller's traceparent if it sent one."""
         attributes: dict[str, Any] = {"http.request.method": method, "http.route": route,
                                       "http.response.status_code": status, "request.id": request_id,
-                                      "model.name": self.model}
+                                      "model.name": model}
         if timing.texts is not None:
             attributes["classify.texts"] = timing.texts
         if timing.tokens is not None:

@@ -425,6 +425,31 @@ def test_spans_reach_the_collector_and_continue_the_callers_trace(model_dir: Pat
     assert order["parse"] <= order["tokenize"] <= order["queue"] <= order["model run"] <= order["postprocess"]
 
 
+def test_each_requests_spans_and_record_name_its_own_model(model_dir: Path, collector: Collector, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from service import state
+    from tests.service.conftest import link_copy
+
+    for name in ("a", "b"):
+        link_copy(model_dir, tmp_path / name)
+    app = create_app({"MODEL_DIR": str(tmp_path), "DEFAULT_MODEL": "a", "OTLP_ENDPOINT": collector.url})
+    client = app.test_client()
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    asked = {"/models/b/sentiment": "b", "/sentiment": "a", "/models/nope/sentiment": "nope",
+             "/models/b%0A2026-12-06 INFO service.access forged/sentiment": "b\n2026-12-06 INFO service.access forged"}
+    for path in asked:
+        client.post(path, json={"text": "Loved it."})
+    state.tracing(app).shutdown()  # exports what is queued
+    spans = [attributes_of(span.attributes) for _, span in collector.spans()
+             if span.kind == span.SPAN_KIND_SERVER]
+    assert [attributes["model.name"] for attributes in spans] == list(asked.values())
+    records = [record for record in caplog.records if record.name == ACCESS]
+    assert [record.fields["model"] for record in records] == list(asked.values())
+    # as a text line, a name a client sent cannot end the record's line or forge another
+    forged = TextFormatter("%(levelname)s %(name)s: %(message)s").format(records[-1])
+    assert "\n" not in forged and "model=b\\n2026-12-06 INFO service.access forged texts=-" in forged
+
+
 def test_with_tracing_off_opentelemetry_is_never_imported(model_dir: Path) -> None:
     probe = ("import json, sys\nimport service.__main__\nfrom service.app import create_app\n"
              "client = create_app().test_client()\n"
