@@ -463,8 +463,10 @@ def resolve_model_dir(value: Any) -> Path:
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
     if not path.is_dir():
-        raise ConfigError(f"SERVICE_MODEL_DIR {str(value)!r} is not a folder "
-                          f"(looked in {Path.cwd()} and {REPO_ROOT})")
+        # an absolute path is looked for once; a relative one from the working folder, then the repo root
+        places = [] if path.is_absolute() else sorted({str(Path.cwd()), str(REPO_ROOT)})
+        raise ConfigError(f"SERVICE_MODEL_DIR {str(value)!r} is not a folder"
+                          + (f" (looked in {' and '.join(places)})" if places else ""))
     return path.resolve()
 
 

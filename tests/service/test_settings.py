@@ -110,8 +110,12 @@ def test_relative_model_dir_falls_back_to_the_repo_root(tmp_path: Path, monkeypa
     assert resolve_model_dir("onnx_models") == (REPO / "onnx_models").resolve()
     (tmp_path / "onnx_models").mkdir()
     assert resolve_model_dir("onnx_models") == (tmp_path / "onnx_models").resolve()  # cwd first
-    with pytest.raises(ConfigError, match="SERVICE_MODEL_DIR 'missing' is not a folder"):
+    with pytest.raises(ConfigError, match="SERVICE_MODEL_DIR 'missing' is not a folder") as relative:
         resolve_model_dir("missing")
+    assert str(relative.value).endswith(f"(looked in {' and '.join(sorted({str(tmp_path), str(REPO)}))})")
+    with pytest.raises(ConfigError) as absolute:  # an absolute path is looked for where it says
+        resolve_model_dir(str(tmp_path / "missing"))
+    assert str(absolute.value) == f"SERVICE_MODEL_DIR {str(tmp_path / 'missing')!r} is not a folder"
 
 
 def test_usable_cores_respects_the_affinity_mask() -> None:
