@@ -108,8 +108,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     args = parser.parse_args(argv)
     if args.budget is not None and not (0 < args.budget < math.inf):
         parser.error("--budget must be a positive number of minutes")
-    if args.opset is not None and not MIN_OPSET <= args.opset <= _highest_opset():
-        parser.error(f"--opset must lie between {MIN_OPSET} and {_highest_opset()}, the highest this torch exports")
+    highest = _highest_opset() if args.opset is not None else None
+    if highest is not None and not MIN_OPSET <= args.opset <= highest:
+        parser.error(f"--opset must lie between {MIN_OPSET} and {highest}, the highest this torch exports")
     if not 0.0 <= args.min_agreement <= 1.0:
         parser.error("--min-agreement must lie between 0 and 1")
     if not 0.0 <= args.max_accuracy_drop <= 1.0:

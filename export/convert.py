@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from export.resolve import ExportError
+from export.resolve import ExportError, first_line
 from service.weights import DATA_FILE
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def export_fp32(checkpoint: Path, output: Path, opset: int | None = None, task: 
                         library_name="transformers", local_files_only=True, do_validation=True)
     except ValueError as exc:
         # Optimum raises ValueError for unsupported architectures and for failed output validation.
-        raise ExportError(f"Optimum could not export {checkpoint}: {_first_line(exc)}") from None
+        raise ExportError(f"Optimum could not export {checkpoint}: {first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - loading and tracing the user's checkpoint, and the opset asked for
         raise ExportError(f"Optimum could not export {checkpoint}{f' at --opset {opset}' if opset else ''}: "
                           f"{_cause(exc)}") from None
@@ -67,23 +67,17 @@ def export_fp32(checkpoint: Path, output: Path, opset: int | None = None, task: 
 
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    """Return an exception's first line, cut to limit characters."""
-    line = (str(exc).strip().splitlines() or [""])[0]
-    return line if len(line) <= limit else line[:limit] + " ..."
-
-
 def _cause(exc: Exception) -> str:
     """Say why loading or tracing a checkpoint failed, in one line: what is wrong with its files, where known."""
     if isinstance(exc, ModuleNotFoundError) and exc.name in ("tensorflow", "flax", "jax"):
         # transformers falls back to other frameworks' loaders when the weights are not PyTorch's
         return "its weights file cannot be read as PyTorch weights (is it complete?)"
     if type(exc).__name__ == "SafetensorError":
-        return f"its safetensors weights cannot be read (is the file complete?): {_first_line(exc)}"
+        return f"its safetensors weights cannot be read (is the file complete?): {first_line(exc)}"
     if isinstance(exc, RuntimeError) and "size mismatch" in str(exc):
         mismatch = str(exc)[str(exc).index("size mismatch"):]
-        return f"its weights do not match its config.json: {_first_line(mismatch)}"
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+        return f"its weights do not match its config.json: {first_line(mismatch)}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 @contextlib.contextmanager

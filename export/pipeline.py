@@ -223,8 +223,9 @@ def _check_task_options(config: dict, task: str, path: Path, options: ExportOpti
                           f"single texts: this export is {task}{' from text pairs' if options.pairs else ''}.")
 
 
-def _preflight(options: ExportOptions) -> tuple[str, Path]:
-    """Return the folder's name and path, or raise ExportError for what the options alone show to be wrong."""
+def _preflight(options: ExportOptions) -> tuple[str, Path, list[Example] | None]:
+    """Return the folder's name and path and the --validation-file's inputs (None without one), or raise
+    ExportError for what the options alone show to be wrong."""
     name = options.name if options.name is not None else default_name(options.model)
     if options.model is not None and options.retrain:
         raise ExportError("--retrain applies to the default model (no --model): it retrains its recipe.")
@@ -238,8 +239,8 @@ def _preflight(options: ExportOptions) -> tuple[str, Path]:
     if options.pairs and options.validation_file is None:
         raise ExportError("--pairs needs --validation-file with text pairs ('text<TAB>text_pair' or "
                           "'LABEL<TAB>text<TAB>text_pair' per line): the default snippets are single texts.")
-    if options.validation_file is not None:
-        _examples(options)  # read now: a missing or unreadable file fails before minutes of work
+    # read now: a missing or unreadable file fails before minutes of work
+    examples = _examples(options) if options.validation_file is not None else None
     target = (options.output_dir / name).resolve()
     if target.exists() and not options.force:
         raise ExportError(f"{target} already exists; pass --force (make export ... EXPORT_ARGS=--force) "
@@ -250,7 +251,7 @@ def _preflight(options: ExportOptions) -> tuple[str, Path]:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ExportError(f"--output-dir {options.output_dir} cannot hold the model folder: {existing} is "
                           f"{'not a folder' if not existing.is_dir() else 'not writable'}.")
-    return name, target
+    return name, target, examples
 
 
 def _work_folder(options: ExportOptions, name: str) -> Path:
@@ -263,18 +264,19 @@ def _work_folder(options: ExportOptions, name: str) -> Path:
                           f"{exc.strerror or exc}.") from None
 
 
-def _check_source(options: ExportOptions, source: Source, config: dict, task: str, target: Path) -> None:
+def _check_source(options: ExportOptions, source: Source, config: dict, task: str, target: Path,
+                  examples: list[Example] | None) -> None:
     """Raise ExportError if writing target would delete the checkpoint; warn when the validation file's labels
-    are not the model's."""
+    (examples: its inputs) are not the model's."""
     checkpoint = source.path.resolve()
     if checkpoint == target or target in checkpoint.parents:
         raise ExportError(f"{target} holds the checkpoint being exported ({checkpoint}); replacing it would delete "
                           "the checkpoint. Choose another --output-dir or --name.")
-    if options.validation_file is None or task == tasks.TOKEN_CLASSIFICATION:
+    if examples is None or task == tasks.TOKEN_CLASSIFICATION:
         return
     labels = [str(label) for label in (config.get("id2label") or {}).values()]
     known = {label.lower() for label in labels}  # as validate.true_labels matches them
-    labelled = [e.label for e in _examples(options) if e.label is not None]
+    labelled = [e.label for e in examples if e.label is not None]
     unknown = sorted({label for label in labelled if label.lower() not in known})
     if unknown:  # such inputs count as unlabelled (a file may serve several models): say so, once
         left = sum(label.lower() in known for label in labelled)
@@ -287,14 +289,14 @@ def _check_source(options: ExportOptions, source: Source, config: dict, task: st
 
 def run(options: ExportOptions) -> Path:
     """Export, validate and write onnx_models/<name>/; return the folder. Raise ExportError on failure."""
-    name, target = _preflight(options)
+    name, target, examples = _preflight(options)
     stages = Stages(total=5)
     stages.next("locating the model")
     source = _locate(options)
     config = check_classifier(source.path)
     task = options.task or tasks.detect(config)
     _check_task_options(config, task, source.path, options)
-    _check_source(options, source, config, task, target)
+    _check_source(options, source, config, task, target, examples)
     logger.info("      %s (%s, %s, labels %s)", source.path, config.get("model_type"), task,
                 ", ".join(str(v) for v in (config.get("id2label") or {}).values()))
 
@@ -399,7 +401,7 @@ def check_task(config: dict, task: str, path: Path) -> None:
                           "starts with 'entail', so no logit says that a hypothesis follows from the text.")
 
 
-def _tag_why(record: dict[str, Any], on_miss: str) -> str:
+def _tag_why(record: dict[str, Any]) -> str:
     """Say why a token classifier's export serves what it serves (the manifest's quantization.why)."""
     if record["mode"] == "none":
         return "--quantize none serves fp32"
@@ -439,7 +441,7 @@ def _tag_stages(options: ExportOptions, stages: Stages, source: Source, fp32: Pa
         record = {"mode": "none"}
     served = "onnx_int8" if "onnx_int8" in models else "onnx_fp32"
     record["served"] = "int8" if served == "onnx_int8" else "fp32"
-    record["why"] = _tag_why(record, options.on_miss)
+    record["why"] = _tag_why(record)
 
     stages.next("validating against the PyTorch model")
     pytorch = windows.logits(torch_runner(source.path))

@@ -91,13 +91,19 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
         raise ExportError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be fetched. {hint}") from None
     except HFValidationError as exc:
         raise ExportError(f"{repo_id!r} is neither an existing folder nor a valid Hugging Face Hub id: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         # requests' ConnectionError and Timeout are OSErrors; so are DNS failures.
         reason = type(exc).__name__
         raise ExportError(f"Could not reach the Hugging Face Hub for {repo_id} ({reason}). {hint}") from None
     provenance = {"kind": "hub", "repo_id": repo_id, "revision": info.sha, "requested_revision": revision}
     return Source(path=Path(path), provenance=provenance)
+
+
+def first_line(message: object, limit: int = 300) -> str:
+    """Return the first line of an exception's (or any) message, cut to limit characters."""
+    line = (str(message).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 def check_classifier(path: Path) -> dict:
@@ -131,5 +137,5 @@ def check_classifier(path: Path) -> dict:
             Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own Exception for any bad file
             raise ExportError(f"{path / 'tokenizer.json'} cannot be read as a tokenizer: "
-                              f"{str(exc).splitlines()[0][:200]}.") from None
+                              f"{first_line(exc, 200)}.") from None
     return config
